@@ -1,0 +1,1 @@
+"""Neural networks of the engine and the loading of their published checkpoints."""

@@ -1,0 +1,225 @@
+"""The causal Wan2.1 video DiT that StreamDiffusionV2 streams.
+
+Wan2.1's text-to-video transformer with two changes that make it causal: every
+latent frame has its own timestep, and self-attention sees only the frames of its
+own call and those in the rolling KV cache (or, offline, a block-causal mask over
+the same window). Parameter names and shapes are Wan2.1's own, so the published
+Wan2.1 and StreamDiffusionV2 checkpoints load with ``strict=True``.
+
+Shapes: ``latents`` [B, C=in_dim, F, H, W]; a patch of (1, 2, 2) makes
+``frame_tokens = H/2 * W/2`` tokens per latent frame, in (f, h, w) order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import CrossAttention, SelfAttention, window_mask
+from .kv_cache import KVCache, WritePlan
+from .rope import RotaryTable, rotary_position
+
+
+def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """[cos, sin] features of raw integer timesteps (e.g. 700), frequencies 10000^(-k/half)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
+    angles = torch.outer(timesteps.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype, as Wan does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class WanBlock(nn.Module):
+    """Modulated self-attention, cross-attention and feed-forward, each residual.
+
+    ``modulation + time_projection(t)`` gives, per frame, the shift, scale and gate
+    of the self-attention input and of the feed-forward input."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, context_kv, *,
+                mask=None, cache: KVCache | None = None, layer_index: int = 0,
+                plan: WritePlan | None = None) -> torch.Tensor:
+        # x: [B, F, T, dim]; time_mod: [B, F, 6, dim] float32 -> six [B, F, 1, dim] terms.
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
+            (self.modulation.float()[:, None] + time_mod).unsqueeze(3).unbind(2))
+        tokens = x.shape[:1] + (-1, x.shape[-1])
+
+        h = (self.norm1(x) * (1 + scale_msa) + shift_msa).type_as(x)
+        y = self.self_attn(h.reshape(tokens), freqs, mask=mask, cache=cache, layer_index=layer_index, plan=plan)
+        x = (x.float() + y.view_as(x).float() * gate_msa).type_as(x)
+
+        x = x + self.cross_attn(self.norm3(x).type_as(x).reshape(tokens), context_kv).view_as(x)
+
+        h = (self.norm2(x) * (1 + scale_ffn) + shift_ffn).type_as(x)
+        return (x.float() + self.ffn(h).float() * gate_ffn).type_as(x)
+
+
+class Head(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        # time_emb: [B, F, dim] float32 -> shift and scale [B, F, 1, dim]
+        shift, scale = (self.modulation.float()[:, None] + time_emb[:, :, None]).unsqueeze(3).unbind(2)
+        return self.head((self.norm(x) * (1 + scale) + shift).type_as(x))
+
+
+class CausalWanDiT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self.rope = RotaryTable(config.head_dim, config.rope_max_positions)
+
+    # -- public helpers ----------------------------------------------------------
+    def frame_tokens(self, height: int, width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (height // ph) * (width // pw)
+
+    def new_cache(self, batch: int, height: int, width: int) -> KVCache:
+        """An empty KV cache for ``batch`` streams of latents of this size."""
+        param = next(self.parameters())
+        return KVCache(self.config, batch, self.frame_tokens(height, width), dtype=param.dtype, device=param.device)
+
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-block cross-attention keys and values of a text context [B, L <= text_len, text_dim]."""
+        pad = self.config.text_len - context.shape[1]
+        context = nn.functional.pad(context, (0, 0, 0, pad))  # zero-padded as Wan does
+        embedded = self.text_embedding(context.to(self.patch_embedding.weight.dtype))
+        return [block.cross_attn.context_kv(embedded) for block in self.blocks]
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
+                cache: KVCache | None = None, block_size: int | None = None) -> torch.Tensor:
+        """Predict the flow of ``latents`` [B, in_dim, F, H, W] at ``timesteps`` [B, F].
+
+        Without ``cache`` the F frames attend to each other (``block_size=k``: in
+        blocks of k frames, block-causal within the cache window). With ``cache``
+        they attend to each other and to the cached frames, and are written into it
+        at the cache's current stream position."""
+        self._check_arguments(latents, timesteps, context, cache, block_size)
+        batch, _, frames, height, width = latents.shape
+        _, ph, pw = self.config.patch_size
+        grid_h, grid_w = height // ph, width // pw
+
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(3).permute(0, 2, 3, 1)  # [B, F, T, dim]
+
+        time_emb = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, timesteps.flatten())
+                                       .to(x.dtype)).float()
+        time_mod = self.time_projection(time_emb.to(x.dtype)).float().view(batch, frames, 6, -1)
+        time_emb = time_emb.view(batch, frames, -1)
+
+        context_kv = self._context_kv(context, batch, cache)
+        if cache is None:
+            frame_ids = [list(range(frames))] * batch
+            mask = None if block_size is None else self._block_mask(frames, block_size, grid_h * grid_w, x.device)
+            plan = None
+        else:
+            frame_ids = cache.frame_numbers(frames)
+            mask, plan = None, cache.begin_write(frames)
+        times = [[rotary_position(f, self.config.num_kv_cache, self.config.rope_refresh_at) for f in row]
+                 for row in frame_ids]
+        freqs = self.rope.frequencies(torch.tensor(times, device=x.device), grid_h, grid_w)
+
+        for index, block in enumerate(self.blocks):
+            x = block(x, time_mod, freqs, context_kv[index], mask=mask, cache=cache, layer_index=index, plan=plan)
+        return self._unpatchify(self.head(x, time_emb), grid_h, grid_w)
+
+    def _context_kv(self, context: torch.Tensor, batch: int, cache: KVCache | None):
+        """Cross-attention K/V, taken from the cache while the same context tensor is passed."""
+        if cache is not None and cache.context is context and cache.context_version == context._version:
+            kv = cache.cross_kv
+        else:
+            kv = self.context_kv(context)
+            if cache is not None:
+                cache.context, cache.context_version, cache.cross_kv = context, context._version, kv
+        return [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in kv]
+
+    def _block_mask(self, frames: int, block_size: int, frame_tokens: int, device) -> torch.Tensor:
+        cfg = self.config
+        visible = window_mask(frames, block_size, cfg.num_sink, cfg.num_kv_cache).to(device)
+        return visible.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+
+    def _unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        # [B, F, h*w, pt*ph*pw*C] -> [B, C, F*pt, h*ph, w*pw]
+        batch, frames = x.shape[:2]
+        pt, ph, pw = self.config.patch_size
+        x = x.view(batch, frames, grid_h, grid_w, pt, ph, pw, self.config.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(batch, self.config.out_dim, frames * pt, grid_h * ph, grid_w * pw)
+
+    def _check_arguments(self, latents, timesteps, context, cache, block_size) -> None:
+        cfg = self.config
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+            raise ValueError(f"latents must be a tensor [batch, {cfg.in_dim}, frames, height, width], "
+                             f"got {_describe(latents)}")
+        batch, channels, frames, height, width = latents.shape
+        _, ph, pw = cfg.patch_size
+        if channels != cfg.in_dim:
+            raise ValueError(f"latents must have {cfg.in_dim} channels (dim 1), got {channels}")
+        if frames < 1:
+            raise ValueError("latents must hold at least one frame (dim 2)")
+        if height % ph or width % pw or height == 0 or width == 0:
+            raise ValueError(f"latents height and width must be positive multiples of the patch "
+                             f"({ph}x{pw}), got {height}x{width}")
+        if not isinstance(timesteps, torch.Tensor) or tuple(timesteps.shape) != (batch, frames):
+            raise ValueError(f"timesteps must be shaped [batch, frames] = [{batch}, {frames}] "
+                             f"(one timestep per latent frame), got {_describe(timesteps)}")
+        if (not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != cfg.text_dim
+                or context.shape[0] not in (1, batch)):
+            raise ValueError(f"context must be shaped [1 or {batch}, length <= {cfg.text_len}, {cfg.text_dim}], "
+                             f"got {_describe(context)}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context is {context.shape[1]} tokens long, more than text_len={cfg.text_len}")
+        if block_size is not None:
+            if cache is not None:
+                raise ValueError("block_size is the offline form; pass either block_size or cache, not both")
+            if not isinstance(block_size, int) or block_size < 1 or frames % block_size:
+                raise ValueError(f"block_size must be a positive divisor of the frame count {frames}, "
+                                 f"got {block_size!r}")
+        if cache is not None:
+            if cache.batch != batch or cache.frame_tokens != (height // ph) * (width // pw):
+                raise ValueError(f"cache was made for batch {cache.batch} and {cache.frame_tokens} tokens per "
+                                 f"frame; latents have batch {batch} and {(height // ph) * (width // pw)}")
+            ring = cfg.num_kv_cache - cfg.num_sink
+            if frames > ring:
+                raise ValueError(f"latents hold {frames} frames; a cached call takes at most "
+                                 f"num_kv_cache - num_sink = {ring}")
+
+
+def _describe(value) -> str:
+    return f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

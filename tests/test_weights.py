@@ -1,0 +1,135 @@
+"""DiT checkpoints in the published layouts; the published key names and shapes."""
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.config import get_preset
+from engine.models.dit import CausalWanDiT
+from engine.models.weights import CheckpointMismatch, load_dit
+
+
+def published_dit_shapes(dim, ffn_dim, layers, text_dim=4096, freq_dim=256, in_dim=16, out_dim=16):
+    """Key -> shape of a Wan2.1 DiT as the fact sheet lists them (reference §1, §7)."""
+    shapes = {
+        "patch_embedding.weight": (dim, in_dim, 1, 2, 2), "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, text_dim), "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, freq_dim), "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+        "head.head.weight": (out_dim * 4, dim), "head.head.bias": (out_dim * 4,),
+        "head.modulation": (1, 2, dim),
+    }
+    for n in range(layers):
+        block = f"blocks.{n}."
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                shapes[f"{block}{attn}.{proj}.weight"] = (dim, dim)
+                shapes[f"{block}{attn}.{proj}.bias"] = (dim,)
+            shapes[f"{block}{attn}.norm_q.weight"] = (dim,)
+            shapes[f"{block}{attn}.norm_k.weight"] = (dim,)
+        shapes[f"{block}norm3.weight"] = shapes[f"{block}norm3.bias"] = (dim,)
+        shapes[f"{block}ffn.0.weight"], shapes[f"{block}ffn.0.bias"] = (ffn_dim, dim), (ffn_dim,)
+        shapes[f"{block}ffn.2.weight"], shapes[f"{block}ffn.2.bias"] = (dim, ffn_dim), (dim,)
+        shapes[f"{block}modulation"] = (1, 6, dim)
+    return shapes
+
+
+@pytest.mark.parametrize("preset, dim, ffn_dim, layers", [
+    ("wan2.1-1.3b", 1536, 8960, 30), ("wan2.1-14b", 5120, 13824, 40)])
+def test_presets_have_the_published_keys_and_shapes(preset, dim, ffn_dim, layers):
+    with torch.device("meta"):
+        model = CausalWanDiT(get_preset(preset))
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert actual == published_dit_shapes(dim, ffn_dim, layers)
+    if preset == "wan2.1-1.3b":
+        assert sum(p.numel() for p in model.parameters()) == 1_418_996_800
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = CausalWanDiT(get_preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def outputs(model):
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 16, 2, 4, 4, generator=g)
+    with torch.no_grad():
+        return model(latents, torch.tensor([[700, 500]]), torch.randn(1, 5, 32, generator=g))
+
+
+def write_layout(layout: str, state: dict, folder):
+    if layout == "safetensors":
+        path = folder / "diffusion_pytorch_model.safetensors"
+        save_file(state, str(path))
+        return path
+    if layout == "sharded":
+        keys = sorted(state)
+        shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+                  "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+        weight_map = {}
+        for shard, shard_keys in shards.items():
+            save_file({k: state[k] for k in shard_keys}, str(folder / shard))
+            weight_map.update({k: shard for k in shard_keys})
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / "config.json").write_text(json.dumps({"dim": 64, "num_layers": 2, "model_type": "t2v"}))
+        return folder
+    # StreamDiffusionV2 model.pt: under a generator key with the wrapper's "model." prefix, or raw
+    prefixed = {f"model.{k}": v for k, v in state.items()}
+    payload = {"raw": state, "raw_prefixed": prefixed}.get(layout, {layout: prefixed})
+    path = folder / "model.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["generator", "generator_ema", "state_dict", "raw", "raw_prefixed",
+                                    "safetensors", "sharded"])
+def test_a_tiny_checkpoint_round_trips_in_each_published_layout(tiny, tmp_path, layout):
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    path = write_layout(layout, state, tmp_path)
+    loaded = load_dit(path, get_preset("tiny")).eval()
+    torch.testing.assert_close(outputs(loaded), outputs(tiny))
+
+
+def test_a_broken_checkpoint_says_what_does_not_fit(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    del state["blocks.1.ffn.2.bias"]
+    state["blocks.1.extra.weight"] = torch.zeros(3)
+    state["head.modulation"] = torch.zeros(1, 3, 64)
+    torch.save({"generator": state}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointMismatch) as error:
+        load_dit(tmp_path / "model.pt", get_preset("tiny"))
+    message = str(error.value)
+    assert "1 missing keys: blocks.1.ffn.2.bias" in message
+    assert "1 unexpected keys: blocks.1.extra.weight" in message
+    assert re.search(r"shape of head\.modulation: model wants \[1, 2, 64\], checkpoint has \[1, 3, 64\]", message)
+
+
+def test_a_checkpoint_of_another_size_fails_readably(tiny, tmp_path):
+    torch.save(tiny.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(CheckpointMismatch, match="missing keys: blocks.2"):
+        load_dit(tmp_path / "model.pt", replace(get_preset("tiny"), num_layers=3))
+
+
+def test_a_folder_for_another_preset_is_refused_before_loading(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"dim": 5120, "num_layers": 40}))
+    with pytest.raises(ValueError, match="dim: folder has 5120, preset 'wan2.1-1.3b' has 1536"):
+        load_dit(tmp_path, get_preset("wan2.1-1.3b"))
+
+
+def test_a_missing_file_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_dit(tmp_path / "model.pt", get_preset("tiny"))
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        load_dit(tmp_path, get_preset("tiny"))

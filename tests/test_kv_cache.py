@@ -54,12 +54,17 @@ def test_an_unlike_frame_replaces_the_least_similar_sink():
     fill(cache)
     # cosine with sink 0 is 0.1 (< 0.2), with sink 1 it is 0.995: sink 0 is replaced
     assert write(cache, [0.1, 1, 0]) == [4, 1, 2, 3]
-    # the ring was left alone; the next ordinary frame takes the ring slot that
-    # comes next in the shared plan (frame 2 stays one turn longer in this layer)
-    assert write(cache, [1, 1, 0]) == [4, 1, 2, 5]
+    # the ring was left alone; the next ordinary frame evicts the oldest ring frame
+    assert write(cache, [1, 1, 0]) == [4, 1, 5, 3]
     # frame 4, now a sink, is compared by its own direction: a frame opposite to it
     # replaces it rather than sink 1 (which the old sink 0 would have lost to)
-    assert write(cache, [-0.1, -1, 0]) == [6, 1, 2, 5]
+    assert write(cache, [-0.1, -1, 0]) == [6, 1, 5, 3]
+    # the host reads each decision at the next write: then its layout has frame 6
+    # in sink 0 and frame 3 back in its ring slot, until frame 7's own decision
+    write(cache, [1, 1, 0])
+    assert cache.slot_frame[0][:3] == [6, 1, 5]
+    cache.begin_write(1)  # frame 8's plan: frame 7 settled in sink 0, frame 8 over frame 3
+    assert cache.slot_frame[0] == [7, 1, 5, 8] and cache.layout == [7, 1, 5, 3]
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0])

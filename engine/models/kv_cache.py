@@ -89,6 +89,19 @@ class KVCache:
     def is_full(self) -> bool:
         return all(EMPTY not in slots for slots in self.slot_frame)
 
+    def repeated(self, batch: int) -> "KVCache":
+        """A cache of ``batch`` elements that all start as copies of element 0
+        (how each stream-batch slot inherits the first chunk's cache)."""
+        copy = object.__new__(KVCache)
+        copy.__dict__.update(self.__dict__)
+        copy.batch = batch
+        copy.keys = [k[:1].repeat(batch, 1, 1, 1) for k in self.keys]
+        copy.values = [v[:1].repeat(batch, 1, 1, 1) for v in self.values]
+        copy.slot_frame = [list(self.slot_frame[0]) for _ in range(batch)]
+        copy.frame_start = [self.frame_start[0]] * batch
+        copy.sink_directions, copy._pending = None, None
+        return copy
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

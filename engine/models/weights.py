@@ -148,3 +148,45 @@ def _check_folder_config(folder: Path, config) -> None:
     if conflicts:
         raise ValueError(f"{config_file} describes another model than preset {config.name!r}:\n  "
                          + "\n  ".join(conflicts) + "\n  Choose the preset that matches the folder.")
+
+
+# Files of a Wan2.1 release folder (``Wan-AI/Wan2.1-T2V-*``) that the engine reads.
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+
+
+def build_models(preset: str, *, weights: str | Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The DiT, VAE and text encoder of a preset, ready to stream.
+
+    ``tiny`` has no published weights: it is built from ``seed`` (the same models on
+    every machine), for tests and the CPU demo. The Wan presets load from a
+    folder: a Wan2.1 release folder, optionally with a StreamDiffusionV2
+    ``model.pt`` for the DiT inside it or given as ``weights``."""
+    from ..config import get_preset
+    from .dit import CausalWanDiT
+    from .text import TinyTextEncoder, UMT5TextEncoder
+    from .vae import TINY_VAE, WanVAE, load_vae
+
+    config = get_preset(preset)
+    if preset == "tiny":
+        torch.manual_seed(seed)
+        dit = CausalWanDiT(config)
+        vae = WanVAE(TINY_VAE)
+        text = TinyTextEncoder(config.text_len, config.text_dim, seed=seed, device=device)
+        return dit.to(device, dtype).eval(), vae.to(device, dtype).eval(), text
+    if weights is None:
+        raise ValueError(f"preset {preset!r} needs its weights: pass the Wan2.1 folder (see `python -m engine "
+                         f"download --model {preset}`)")
+    folder = Path(weights)
+    dit_file = next((p for p in (folder / "model.pt", folder / "wan_causal_dmd_v2v" / "model.pt") if p.exists()),
+                    folder)
+    needed = [folder / WAN_VAE_FILE, folder / WAN_T5_FILE, folder / "google" / "umt5-xxl"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the {preset} weights are incomplete; missing:\n  " + "\n  ".join(missing)
+                                + f"\n  Place the Wan2.1 release files in {folder} (see `python -m engine download`).")
+    dit = load_dit(dit_file, config, device=device, dtype=dtype).eval()
+    vae = load_vae(folder / WAN_VAE_FILE).to(device, dtype).eval()
+    text = UMT5TextEncoder.load(folder, device=device)
+    return dit, vae, text

@@ -1,0 +1,349 @@
+"""StreamPipeline: frames in, stylised frames out, on one device.
+
+One pipeline is one stream. Per chunk of 4 input frames (the first chunk 5, or 1
+in low-latency mode):
+
+1. fit the frames to the model size (crop, letterbox or stretch) and map them to [-1, 1];
+2. VAE stream-encode them to one latent frame (two for a 5-frame first chunk);
+3. the motion controller picks the noise scale s and first timestep t0;
+4. the DiT denoises: with stream batching, slot i of one batched forward holds
+   the chunk that entered i calls ago at step i, each slot with its own KV cache,
+   so every call finishes one chunk after a lag of steps-1 chunks; without, the
+   steps of each chunk run one after another;
+5. the finished latent is decoded (VAE or TAEHV) and mapped back to the host's size.
+
+Only finished frames come out: while the stream batch fills, ``push`` returns an
+empty array, and ``lag_frames`` says how many input frames the output trails by.
+Noise is drawn per chunk and step from the seed, so a run is reproducible
+however its steps are scheduled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
+from .models.dit import CausalWanDiT
+from .models.text import PromptCache, TextEncoder, blend_embeddings
+from .motion import MotionNoiseController, MotionSettings
+
+FIT_MODES = ("crop", "letterbox", "stretch")
+FRAMES_PER_LATENT = 4
+# Text-to-video starts from pure noise, so its steps start at the top of the schedule.
+T2V_STEPS = (1000, 750, 500, 250)
+# Settings that can change between steps; the others rebuild the stream.
+LIVE_SETTINGS = ("prompt", "prompts", "blend", "strength", "seed", "fit")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    height: int = 512
+    width: int = 512
+    steps: int = 2
+    stream_batch: bool = True
+    low_latency_start: bool = False  # first chunk of 1 frame (1 latent) instead of 5 (2 latents)
+    strength: float = 0.8  # noise scale for a still scene: higher follows the prompt more
+    seed: int = 0
+    prompt: str = ""
+    prompts: tuple[tuple[str, float], ...] = ()  # weighted prompts; replace `prompt` when given
+    blend: str = "linear"  # or "slerp"
+    fit: str = "letterbox"
+    mode: str = "v2v"  # or "t2v": no input frames
+    clean_cache_pass: bool = False  # re-run each finished latent at t=0 (no-batch mode only)
+    motion: MotionSettings = field(default_factory=MotionSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
+        denoising_steps(self.steps)  # validates steps
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
+        if self.fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {FIT_MODES}, got {self.fit!r}")
+        if self.mode not in ("v2v", "t2v"):
+            raise ValueError(f"mode must be 'v2v' or 't2v', got {self.mode!r}")
+        if self.blend not in ("linear", "slerp"):
+            raise ValueError(f"blend must be 'linear' or 'slerp', got {self.blend!r}")
+        if self.clean_cache_pass and self.stream_batch:
+            raise ValueError("clean_cache_pass needs stream_batch=False: in a stream batch each slot's "
+                             "cache holds its own noise level by design")
+
+
+class StreamPipeline:
+    def __init__(self, dit: CausalWanDiT, vae, text_encoder: TextEncoder | PromptCache,
+                 settings: StreamSettings = StreamSettings(), *, decoder=None):
+        """``vae`` encodes (and decodes unless ``decoder``, e.g. a TAEHV, is given)."""
+        self.dit, self.vae, self.decoder = dit, vae, decoder or vae
+        self.prompts = text_encoder if isinstance(text_encoder, PromptCache) else PromptCache(text_encoder)
+        param = next(dit.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.settings = settings
+        self.reset()
+
+    # -- settings ---------------------------------------------------------------
+    def update(self, **changes) -> bool:
+        """Change settings between steps. Live ones (prompt, blend, strength, seed,
+        fit) apply at the next chunk and keep the caches; any other change rebuilds
+        the stream. Returns whether the stream was rebuilt."""
+        new = replace(self.settings, **changes)  # validates
+        rebuild = any(getattr(new, k) != getattr(self.settings, k) for k in changes if k not in LIVE_SETTINGS)
+        prompt_changed = any(k in changes for k in ("prompt", "prompts", "blend"))
+        self.settings = new
+        if rebuild:
+            self.reset()
+        else:
+            if prompt_changed:
+                self.context = self._encode_prompt()
+            # a new strength moves the controller's target; its running average goes on
+            self.motion.settings = replace(self.motion.settings, noise_scale=new.strength)
+        return rebuild
+
+    def reset(self) -> None:
+        """Start a new stream: empty caches, nothing in flight."""
+        s = self.settings
+        self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
+        self.motion = MotionNoiseController(replace(s.motion, noise_scale=s.strength))
+        self.context = self._encode_prompt()
+        self.vae_state = self.vae.new_stream()
+        self.decoder_state = self.decoder.new_stream() if self.decoder is not self.vae else self.vae_state
+        self.latent_h, self.latent_w = s.height // 8, s.width // 8
+        self.cache = None  # made by the first chunk
+        self.in_flight = None  # [n, 16, 1, h, w] stream-batch slots, slot i at step i
+        self.chunks_in = 0  # chunks pushed since the first one
+        self.next_latent = 0  # latent frame number of the next chunk
+        self.host_size: tuple[int, int] | None = None
+        self.queued_sizes: list[tuple[int, int]] = []  # host size of each chunk in flight
+
+    @property
+    def lag_frames(self) -> int:
+        """Input frames an output trails by (the stream batch's fill)."""
+        return FRAMES_PER_LATENT * (self.settings.steps - 1) if self.settings.stream_batch else 0
+
+    @property
+    def first_chunk_frames(self) -> int:
+        return 1 if self.settings.low_latency_start else 1 + FRAMES_PER_LATENT
+
+    # -- streaming ----------------------------------------------------------------
+    @torch.no_grad()
+    def push(self, frames) -> np.ndarray:
+        """Take a chunk of frames (uint8 [T, H, W, 3|4], or float in [0, 1]); return
+        the finished frames as uint8 [T', H, W, 3], possibly none while filling.
+
+        The first chunk of a stream has ``first_chunk_frames`` frames, every later
+        one 4. In t2v mode ``frames`` is the number of frames to generate instead."""
+        first = self.cache is None
+        expected = self.first_chunk_frames if first else FRAMES_PER_LATENT
+        if self.settings.mode == "t2v":
+            latents = self._noise_latents(expected, first)
+            size = (self.settings.height, self.settings.width)
+            pixels = None
+        else:
+            pixels, size = self._to_model(frames, expected)
+            latents = self.vae.stream_encode(pixels, self.vae_state)
+        if first:
+            return self._first_chunk(latents, pixels, size)
+        return self._next_chunk(latents, pixels, size)
+
+    def _first_chunk(self, latents, pixels, size) -> np.ndarray:
+        """Denoise the first latents with every step in turn (batch 1), then give
+        each stream-batch slot a copy of the cache, as published."""
+        s = self.settings
+        if s.mode == "t2v":
+            noise_scale, first_t = 1.0, self.steps[0]
+        else:
+            noise_scale, first_t = self.motion.first_chunk(pixels)
+        frames = latents.shape[2]
+        cache = self.dit.new_cache(1, self.latent_h, self.latent_w)
+        x0 = self._denoise_alone(latents, noise_scale, first_t, cache, chunk=0)
+        self.next_latent = frames
+        width = s.steps if s.stream_batch else 1
+        self.cache = cache.repeated(width) if width > 1 else cache
+        self.cache.frame_start = [frames] * width
+        self.chunks_in = 1
+        return self._decode(x0, size)
+
+    def _next_chunk(self, latents, pixels, size) -> np.ndarray:
+        s = self.settings
+        if s.mode == "t2v":
+            noise_scale, first_t = 1.0, self.steps[0]
+        else:
+            noise_scale, first_t = self.motion.update(pixels)
+        chunk = self.chunks_in
+        self.chunks_in += 1
+        if not s.stream_batch:
+            self.cache.frame_start = [self.next_latent]
+            x0 = self._denoise_alone(latents, noise_scale, first_t, self.cache, chunk)
+            self.next_latent += 1
+            return self._decode(x0, size)
+        return self._stream_batch_step(latents, noise_scale, first_t, size, chunk)
+
+    def _denoise_alone(self, latents, noise_scale, first_t, cache, chunk) -> torch.Tensor:
+        """All steps of one chunk in sequence against one cache (re-processing the
+        same frames overwrites their slots)."""
+        x = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
+        steps = [first_t] + self.steps[1:]
+        for i, t in enumerate(steps):
+            x0 = self._x0(x, t, cache)
+            if i + 1 < len(steps):
+                x = add_noise(x0, self._noise(x0.shape, chunk, i + 1), float(sigma_for_timestep(steps[i + 1])))
+        if self.settings.clean_cache_pass:
+            self._x0(x0, 0, cache)
+        return x0
+
+    def _stream_batch_step(self, latents, noise_scale, first_t, size, chunk) -> np.ndarray:
+        """One batched forward: the new chunk enters slot 0 at t0, slot i moves on
+        to step i, the last slot's chunk is finished."""
+        n = self.settings.steps
+        noisy = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
+        if self.in_flight is None:
+            self.in_flight = noisy.repeat(n, 1, 1, 1, 1)  # slots not yet filled compute on a copy
+        else:
+            self.in_flight[0] = noisy[0]
+        # A slot that holds no chunk yet re-processes the first streamed latent's
+        # frame number: the write lands in the slot its real chunk will overwrite.
+        start = self.next_latent
+        filled = self.chunks_in - 1  # chunks streamed so far, this one included
+        self.cache.frame_start = [start - min(i, filled - 1) for i in range(n)]
+        timesteps = [first_t] + self.steps[1:]
+        x0 = self._x0(self.in_flight, timesteps, self.cache)
+        self.next_latent += 1
+        self.queued_sizes.append(size)
+
+        renoised = self.in_flight.clone()
+        for i in range(n - 1):  # slot i's x0 moves to slot i+1 at the next step's level
+            sigma = float(sigma_for_timestep(self.steps[i + 1]))
+            noise = self._noise(x0[i:i + 1].shape, chunk - i, i + 1)
+            renoised[i + 1] = add_noise(x0[i:i + 1], noise, sigma)[0]
+        self.in_flight = renoised
+        if filled < n:
+            return np.zeros((0, *self._out_shape(size)), dtype=np.uint8)
+        return self._decode(x0[n - 1:n], self.queued_sizes.pop(0))
+
+    def _x0(self, x: torch.Tensor, timesteps, cache) -> torch.Tensor:
+        batch = x.shape[0]
+        t = torch.as_tensor(timesteps, device=self.device).reshape(-1, 1).expand(batch, x.shape[2])
+        flow = self.dit(x, t, self.context, cache=cache)
+        sigma = sigma_for_timestep(t[:, 0]).to(self.device)
+        return x0_from_flow(x, flow, sigma)
+
+    # -- noise ----------------------------------------------------------------
+    def _noise(self, shape, chunk: int, step: int) -> torch.Tensor:
+        """Noise for one chunk and step, from the seed alone (not a running generator)."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed((self.settings.seed * 1_000_003 + chunk * 16 + step) % 2**63)
+        return torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def _noise_latents(self, frames: int, first: bool) -> torch.Tensor:
+        count = 1 + (frames - 1) // FRAMES_PER_LATENT if first else frames // FRAMES_PER_LATENT
+        shape = (1, self.dit.config.in_dim, count, self.latent_h, self.latent_w)
+        return self._noise(shape, self.chunks_in, 99)
+
+    # -- prompts --------------------------------------------------------------
+    def _encode_prompt(self) -> torch.Tensor:
+        s = self.settings
+        weighted = s.prompts or ((s.prompt, 1.0),)
+        texts = [p for p, _ in weighted]
+        embeddings = self.prompts.encode(texts)
+        if len(texts) == 1:
+            context = embeddings
+        else:
+            context = blend_embeddings(list(embeddings[:, None]), [w for _, w in weighted], method=s.blend)
+        return context.to(self.device, self.dtype)
+
+    # -- pixels ---------------------------------------------------------------
+    def _to_model(self, frames, expected: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Validate a chunk and fit it to the model: [1, 3, T, h, w] in [-1, 1]."""
+        video = _as_video(frames, expected)
+        size = tuple(video.shape[1:3])
+        video = video.to(self.device)
+        rgb = video[..., :3].permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+        if video.dtype == torch.uint8:
+            rgb = rgb / 255.0
+        fitted = fit_to(rgb, self.settings.height, self.settings.width, self.settings.fit)
+        return (fitted * 2 - 1).permute(1, 0, 2, 3)[None].to(self.dtype), size
+
+    def _decode(self, x0: torch.Tensor, size) -> np.ndarray:
+        frames = self.decoder.stream_decode(x0, self.decoder_state)  # [1, 3, T, h, w] in [-1, 1]
+        rgb = (frames[0].permute(1, 0, 2, 3).float() + 1) / 2
+        restored = fit_back(rgb, *size, self.settings.fit)
+        return (restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _out_shape(self, size) -> tuple[int, int, int]:
+        return (*size, 3)
+
+
+def _as_video(frames, expected: int) -> torch.Tensor:
+    """[T, H, W, C] tensor from a numpy array or tensor, with readable errors."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    if not isinstance(frames, torch.Tensor):
+        raise ValueError(f"frames must be an array [frames, height, width, 3 or 4], got {type(frames).__name__}")
+    if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+        raise ValueError(f"frames must be shaped [frames, height, width, 3 or 4] (RGB or RGBA), "
+                         f"got shape {list(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise ValueError("frames is an empty chunk: expected at least one frame")
+    if frames.shape[0] != expected:
+        raise ValueError(f"frames holds {frames.shape[0]} frames; this chunk of the stream takes {expected}")
+    if frames.dtype != torch.uint8 and not frames.is_floating_point():
+        raise ValueError(f"frames must be uint8 (0-255) or float (0-1), got dtype {frames.dtype}")
+    if frames.is_floating_point() and not torch.isfinite(frames).all():
+        raise ValueError("frames contains NaN or infinite pixels")
+    if frames.shape[1] < 2 or frames.shape[2] < 2:
+        raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]} pixels; at least 2x2 expected")
+    return frames
+
+
+def fit_to(rgb: torch.Tensor, height: int, width: int, fit: str) -> torch.Tensor:
+    """Fit [T, 3, H, W] frames to height x width: crop to the aspect, letterbox
+    (pad with black) or stretch."""
+    src_h, src_w = rgb.shape[-2:]
+    if fit == "crop":
+        top, left, crop_h, crop_w = _crop_box(src_h, src_w, height, width)
+        return _resize(rgb[..., top:top + crop_h, left:left + crop_w], height, width)
+    if fit == "letterbox":
+        top, left, inner_h, inner_w = _letterbox_box(src_h, src_w, height, width)
+        out = rgb.new_zeros(rgb.shape[0], 3, height, width)
+        out[..., top:top + inner_h, left:left + inner_w] = _resize(rgb, inner_h, inner_w)
+        return out
+    return _resize(rgb, height, width)
+
+
+def fit_back(rgb: torch.Tensor, height: int, width: int, fit: str) -> torch.Tensor:
+    """Map model-size frames back to the host's height x width: the inverse of
+    ``fit_to`` (crop: the stylised crop in place, black where the input was cut)."""
+    model_h, model_w = rgb.shape[-2:]
+    if fit == "crop":
+        top, left, crop_h, crop_w = _crop_box(height, width, model_h, model_w)
+        out = rgb.new_zeros(rgb.shape[0], 3, height, width)
+        out[..., top:top + crop_h, left:left + crop_w] = _resize(rgb, crop_h, crop_w)
+        return out
+    if fit == "letterbox":
+        top, left, inner_h, inner_w = _letterbox_box(height, width, model_h, model_w)
+        return _resize(rgb[..., top:top + inner_h, left:left + inner_w], height, width)
+    return _resize(rgb, height, width)
+
+
+def _crop_box(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    scale = min(src_h / height, src_w / width)
+    crop_h, crop_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return (src_h - crop_h) // 2, (src_w - crop_w) // 2, crop_h, crop_w
+
+
+def _letterbox_box(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    scale = min(height / src_h, width / src_w)
+    inner_h, inner_w = max(1, round(src_h * scale)), max(1, round(src_w * scale))
+    return (height - inner_h) // 2, (width - inner_w) // 2, inner_h, inner_w
+
+
+def _resize(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(rgb.shape[-2:]) == (height, width):
+        return rgb
+    return F.interpolate(rgb, size=(height, width), mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,148 @@
+"""StreamPipeline on the tiny preset (CPU): frames in, stylised frames out."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.models.weights import build_models
+from engine.pipeline import StreamPipeline, StreamSettings
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models("tiny")
+
+
+def make(models, **settings) -> StreamPipeline:
+    dit, vae, text = models
+    settings = dict(height=32, width=48, prompt="a cat") | settings
+    return StreamPipeline(dit, vae, text, StreamSettings(**settings))
+
+
+def clip(frames: int, height=40, width=60, seed=0) -> np.ndarray:
+    """A moving gradient with some noise: uint8 RGBA [frames, h, w, 4]."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    out = np.empty((frames, height, width, 4), np.uint8)
+    for f in range(frames):
+        out[f, ..., 0] = (x * 4 + f * 9) % 256
+        out[f, ..., 1] = (y * 5 + f * 3) % 256
+        out[f, ..., 2] = rng.integers(0, 255, (height, width))
+        out[f, ..., 3] = 255
+    return out
+
+
+def stream(pipe: StreamPipeline, video: np.ndarray) -> list[np.ndarray]:
+    first = pipe.first_chunk_frames
+    outputs = [pipe.push(video[:first])]
+    for start in range(first, len(video), 4):
+        outputs.append(pipe.push(video[start:start + 4]))
+    return outputs
+
+
+@pytest.mark.parametrize("stream_batch, steps", [(True, 2), (True, 3), (False, 2)])
+def test_every_frame_after_the_lag_has_one_output_in_order(models, stream_batch, steps):
+    pipe = make(models, steps=steps, stream_batch=stream_batch)
+    video = clip(5 + 4 * 6)
+    outputs = stream(pipe, video)
+    assert pipe.lag_frames == (4 * (steps - 1) if stream_batch else 0)
+    counts = [len(o) for o in outputs]
+    lag_chunks = pipe.lag_frames // 4
+    assert counts == [5] + [0] * lag_chunks + [4] * (6 - lag_chunks)
+    assert sum(counts) == len(video) - pipe.lag_frames
+    for o in outputs:
+        assert o.dtype == np.uint8 and o.shape[1:] == (40, 60, 3)
+
+
+def test_the_same_seed_gives_the_same_video_and_another_seed_another(models):
+    video = clip(13)
+    a = np.concatenate(stream(make(models, seed=7), video))
+    b = np.concatenate(stream(make(models, seed=7), video))
+    c = np.concatenate(stream(make(models, seed=8), video))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_low_latency_start_answers_the_first_frame_alone(models):
+    pipe = make(models, low_latency_start=True, stream_batch=False)
+    video = clip(1 + 4 * 3)
+    counts = [len(o) for o in stream(pipe, video)]
+    assert counts == [1, 4, 4, 4]
+
+
+def test_a_prompt_change_applies_at_the_next_chunk_without_rebuilding(models):
+    video = clip(5 + 4 * 4)
+    kept = make(models)
+    changed = make(models)
+    out_kept, out_changed = [], []
+    for i, (start, end) in enumerate([(0, 5), (5, 9), (9, 13), (13, 17), (17, 21)]):
+        if i == 3:
+            cache = changed.cache
+            assert changed.update(prompt="a watercolour dog") is False
+            assert changed.cache is cache  # the KV cache is kept
+        out_kept.append(kept.push(video[start:end]))
+        out_changed.append(changed.push(video[start:end]))
+    for i in range(3):
+        np.testing.assert_array_equal(out_kept[i], out_changed[i])
+    assert not np.array_equal(out_kept[4], out_changed[4])
+
+
+def test_reload_settings_rebuild_the_stream(models):
+    pipe = make(models)
+    stream(pipe, clip(9))
+    assert pipe.update(steps=1) is True
+    assert pipe.cache is None and pipe.lag_frames == 0
+    assert len(pipe.push(clip(5))) == 5
+
+
+@pytest.mark.parametrize("fit", ["crop", "letterbox", "stretch"])
+def test_each_fit_mode_returns_the_host_size(models, fit):
+    pipe = make(models, fit=fit, stream_batch=False)
+    out = pipe.push(clip(5, height=30, width=90))
+    assert out.shape == (5, 30, 90, 3)
+
+
+def test_text_to_video_needs_no_input(models):
+    pipe = make(models, mode="t2v", stream_batch=False)
+    counts = [len(pipe.push(None)) for _ in range(3)]
+    assert counts == [5, 4, 4]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (clip(5).astype(np.int32), "dtype"),
+    (clip(5)[..., :2], "3 or 4"),
+    (clip(0), "empty"),
+    (np.full((5, 8, 8, 3), np.nan, np.float32), "NaN"),
+    (clip(4), "takes 5"),
+    ("not frames", "array"),
+])
+def test_bad_input_names_the_problem_and_the_pipeline_goes_on(models, bad, problem):
+    pipe = make(models, stream_batch=False)
+    with pytest.raises(ValueError, match=problem):
+        pipe.push(bad)
+    assert len(pipe.push(clip(5))) == 5
+    assert len(pipe.push(clip(4))) == 4
+
+
+@pytest.mark.parametrize("bad", [dict(height=30), dict(steps=5), dict(fit="zoom"), dict(strength=0)])
+def test_bad_settings_are_refused(models, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        make(models, **bad)
+
+
+@pytest.mark.slow
+def test_a_2000_frame_stream_keeps_memory_flat(models):
+    import tracemalloc
+
+    pipe = make(models)
+    video = clip(9)
+    pipe.push(video[:5])
+    sizes = []
+    tracemalloc.start()
+    for i in range(500):  # 4 frames a chunk: 2,000 frames
+        pipe.push(video[1:5] if i % 2 else video[5:9])
+        if i in (100, 499):
+            sizes.append((pipe.cache.nbytes(), pipe.vae_state.nbytes(), tracemalloc.get_traced_memory()[0]))
+    tracemalloc.stop()
+    assert sizes[0][:2] == sizes[1][:2]
+    assert sizes[1][2] - sizes[0][2] < 1_000_000  # Python-side objects do not pile up

@@ -1,4 +1,4 @@
-"""`python -m engine ...`: run a clip through the pipeline (more commands come with the server)."""
+"""`python -m engine ...`: run a clip through the pipeline, download weights."""
 
 from __future__ import annotations
 
@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> None:
         video, fps = read_video(args.source, args.frames)
 
     print(f"loading {args.model} on {device} ...", flush=True)
-    dit, vae, text = build_models(args.model, weights=args.weights, device=device, dtype=dtype)
+    models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
     settings = StreamSettings(height=height, width=width, steps=args.steps, prompt=args.prompt, seed=args.seed,
                               stream_batch=not args.no_stream_batch, strength=args.strength)
-    pipe = StreamPipeline(dit, vae, text, settings)
+    pipe = StreamPipeline(models.dit, models.vae, models.text_encoder, settings, decoder=models.decoder)
 
     outputs, chunk_times = [], []
     first = pipe.first_chunk_frames
@@ -122,9 +122,26 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--strength", type=float, default=0.8)
     run_parser.add_argument("--seed", type=int, default=0)
     run_parser.add_argument("--no-stream-batch", action="store_true", help="run the steps one after another")
+    run_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
     run_parser.add_argument("--device")
     run_parser.add_argument("--output", help="write the result (.mp4)")
     run_parser.set_defaults(handler=run)
 
+    download_parser = commands.add_parser("download", help="fetch the published weights of a model")
+    download_parser.add_argument("--model", required=True, help="wan2.1-1.3b | wan2.1-14b")
+    download_parser.add_argument("--no-taehv", action="store_true", help="skip the TAEHV decoder")
+    download_parser.set_defaults(handler=download)
+
     args = parser.parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except (FileNotFoundError, ValueError) as error:  # the message says what to do next
+        raise SystemExit(f"error: {error}") from None
+
+
+def download(args: argparse.Namespace) -> None:
+    from .models.weights import download_weights
+
+    files = download_weights(args.model, taehv=not args.no_taehv)
+    print(f"{args.model} is ready:\n  DiT {files.dit}\n  VAE {files.vae}\n  text encoder {files.text_encoder}"
+          + (f"\n  TAEHV {files.taehv}" if files.taehv else ""))

@@ -14,9 +14,8 @@ def models():
 
 
 def make(models, **settings) -> StreamPipeline:
-    dit, vae, text = models
     settings = dict(height=32, width=48, prompt="a cat") | settings
-    return StreamPipeline(dit, vae, text, StreamSettings(**settings))
+    return StreamPipeline(models.dit, models.vae, models.text_encoder, StreamSettings(**settings))
 
 
 def clip(frames: int, height=40, width=60, seed=0) -> np.ndarray:
@@ -146,3 +145,11 @@ def test_a_2000_frame_stream_keeps_memory_flat(models):
     tracemalloc.stop()
     assert sizes[0][:2] == sizes[1][:2]
     assert sizes[1][2] - sizes[0][2] < 1_000_000  # Python-side objects do not pile up
+
+
+def test_the_taehv_decoder_streams_the_same_frame_counts():
+    models = build_models("tiny", taehv=True)
+    pipe = StreamPipeline(models.dit, models.vae, models.text_encoder,
+                          StreamSettings(height=32, width=48, steps=1), decoder=models.decoder)
+    counts = [len(o) for o in stream(pipe, clip(5 + 4 * 3))]
+    assert counts == [5, 4, 4, 4]

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
-from engine.models.weights import CheckpointMismatch, load_dit
+from engine.models.weights import CheckpointMismatch, WeightsNotFound, load_dit, locate_weights
 
 
 def published_dit_shapes(dim, ffn_dim, layers, text_dim=4096, freq_dim=256, in_dim=16, out_dim=16):
@@ -133,3 +133,52 @@ def test_a_missing_file_says_where_it_looked(tmp_path):
         load_dit(tmp_path / "model.pt", get_preset("tiny"))
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
         load_dit(tmp_path, get_preset("tiny"))
+
+
+def published_folder(root, with_model=True, with_taehv=False):
+    folder = root / "Wan2.1-T2V-1.3B"
+    (folder / "google" / "umt5-xxl").mkdir(parents=True)
+    for name in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "config.json"):
+        (folder / name).write_bytes(b"")
+    if with_model:
+        (root / "wan_causal_dmd_v2v").mkdir()
+        (root / "wan_causal_dmd_v2v" / "model.pt").write_bytes(b"")
+    if with_taehv:
+        (root / "taew2_1.pth").write_bytes(b"")
+    return folder
+
+
+def test_a_folder_in_the_published_layout_is_found(tmp_path):
+    folder = published_folder(tmp_path, with_taehv=True)
+    files = locate_weights("wan2.1-1.3b", folder, taehv=True)
+    assert files.dit == tmp_path / "wan_causal_dmd_v2v" / "model.pt"
+    assert files.vae == folder / "Wan2.1_VAE.pth" and files.text_encoder == folder
+    assert files.taehv == tmp_path / "taew2_1.pth"
+
+
+def test_an_incomplete_folder_says_which_files_to_place_where(tmp_path):
+    folder = published_folder(tmp_path, with_model=False)
+    (folder / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(WeightsNotFound) as error:
+        locate_weights("wan2.1-1.3b", folder)
+    message = str(error.value)
+    assert "the DiT (StreamDiffusionV2 model.pt)" in message and "the VAE" in message
+    assert "jerryfeng/StreamDiffusionV2: wan_causal_dmd_v2v/model.pt" in message
+    assert "python -m engine download --model wan2.1-1.3b" in message
+
+
+def test_without_network_or_cache_the_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsNotFound, match="not in the Hugging Face cache(.|\n)*--weights"):
+        locate_weights("wan2.1-14b")
+
+
+def test_the_cli_reports_missing_weights_instead_of_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "engine", "run", "--model", "wan2.1-1.3b",
+                             "--weights", str(tmp_path), "--frames", "5"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "lacks files of wan2.1-1.3b" in result.stderr and "Traceback" not in result.stderr

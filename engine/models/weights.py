@@ -15,6 +15,7 @@ listing the missing and unexpected keys and the first shape conflicts.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -150,43 +151,130 @@ def _check_folder_config(folder: Path, config) -> None:
                          + "\n  ".join(conflicts) + "\n  Choose the preset that matches the folder.")
 
 
-# Files of a Wan2.1 release folder (``Wan-AI/Wan2.1-T2V-*``) that the engine reads.
+# -- finding and downloading the published weights --------------------------------
+
+# Files of a Wan2.1 release folder that the engine reads (the base DiT weights are
+# not needed when a StreamDiffusionV2 checkpoint is there, and are not downloaded).
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_TOKENIZER_DIR = "google/umt5-xxl"
+WAN_PATTERNS = ["config.json", WAN_VAE_FILE, WAN_T5_FILE, f"{WAN_TOKENIZER_DIR}/*"]
+SDV2_REPO = "jerryfeng/StreamDiffusionV2"
+TAEHV_REPO, TAEHV_FILE = "madebyollin/taehv", "taew2_1.pth"
+PUBLISHED = {  # preset -> (Wan2.1 repository, StreamDiffusionV2 checkpoint in SDV2_REPO)
+    "wan2.1-1.3b": ("Wan-AI/Wan2.1-T2V-1.3B", "wan_causal_dmd_v2v/model.pt"),
+    "wan2.1-14b": ("Wan-AI/Wan2.1-T2V-14B", "wan_causal_dmd_v2v_14b/model.pt"),
+}
+
+
+class WeightsNotFound(FileNotFoundError):
+    """The published weights are not where the engine looked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    dit: Path  # model.pt, a .safetensors file or a Wan2.1 folder
+    vae: Path
+    text_encoder: Path  # folder with the umT5 checkpoint and google/umt5-xxl/
+    taehv: Path | None = None
+
+
+def locate_weights(preset: str, folder: str | Path | None = None, *, download: bool = False,
+                   taehv: bool = False) -> WeightFiles:
+    """Where the files of ``preset`` are: in ``folder`` when given (a Wan2.1 release
+    folder, with StreamDiffusionV2's ``model.pt`` inside or beside it), else in the
+    Hugging Face cache, fetched there first when ``download`` is set (with
+    huggingface_hub's progress bars)."""
+    if preset not in PUBLISHED:
+        raise ValueError(f"preset {preset!r} has no published weights; choose one of {sorted(PUBLISHED)}")
+    if folder is not None:
+        return _files_in_folder(preset, Path(folder), taehv)
+    wan_repo, sdv2_file = PUBLISHED[preset]
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        wan = Path(snapshot_download(wan_repo, allow_patterns=WAN_PATTERNS, local_files_only=not download))
+        dit = Path(hf_hub_download(SDV2_REPO, sdv2_file, local_files_only=not download))
+        tiny_decoder = Path(hf_hub_download(TAEHV_REPO, TAEHV_FILE, local_files_only=not download)) if taehv else None
+    except Exception as error:  # offline, no cache, gated, or a broken download: say what to do instead
+        raise WeightsNotFound(_missing_message(preset, error, download)) from error
+    return WeightFiles(dit=dit, vae=wan / WAN_VAE_FILE, text_encoder=wan, taehv=tiny_decoder)
+
+
+def _files_in_folder(preset: str, folder: Path, taehv: bool) -> WeightFiles:
+    _, sdv2_file = PUBLISHED[preset]
+    dit_candidates = [folder / "model.pt", folder / sdv2_file, folder.parent / sdv2_file]
+    dit = next((p for p in dit_candidates if p.is_file()), None)
+    if dit is None and list(folder.glob("diffusion_pytorch_model*.safetensors")):
+        dit = folder  # the base Wan2.1 weights: they load, but are not distilled for streaming
+    wanted = {"the DiT (StreamDiffusionV2 model.pt)": dit, "the VAE": folder / WAN_VAE_FILE,
+              "the umT5 encoder": folder / WAN_T5_FILE, "the umT5 tokenizer": folder / WAN_TOKENIZER_DIR}
+    tiny_decoder = next((p for p in (folder / TAEHV_FILE, folder.parent / TAEHV_FILE) if p.is_file()), None)
+    if taehv:
+        wanted["the TAEHV decoder"] = tiny_decoder
+    missing = [f"{what}: {path if path else dit_candidates[0]}" for what, path in wanted.items()
+               if path is None or not path.exists()]
+    if missing:
+        raise WeightsNotFound(f"{folder} lacks files of {preset}:\n  " + "\n  ".join(missing)
+                              + "\n" + _placement(preset))
+    return WeightFiles(dit=dit, vae=folder / WAN_VAE_FILE, text_encoder=folder, taehv=tiny_decoder)
+
+
+def _placement(preset: str) -> str:
+    wan_repo, sdv2_file = PUBLISHED[preset]
+    return (f"Fetch them with `python -m engine download --model {preset}`, or place by hand in one folder:\n"
+            f"  {WAN_VAE_FILE}, {WAN_T5_FILE}, {WAN_TOKENIZER_DIR}/ (from {wan_repo})\n"
+            f"  model.pt (from {SDV2_REPO}: {sdv2_file})\n"
+            f"  {TAEHV_FILE} (from {TAEHV_REPO}, only for the TAEHV decoder)\n"
+            f"and pass that folder with --weights.")
+
+
+def _missing_message(preset: str, error: Exception, download: bool) -> str:
+    cause = f"{type(error).__name__}: {error}".splitlines()[0]
+    what = "could not download" if download else "are not in the Hugging Face cache"
+    return f"the {preset} weights {what} ({cause}).\n" + _placement(preset)
+
+
+def download_weights(preset: str, *, taehv: bool = True) -> WeightFiles:
+    """Fetch the published files of ``preset`` into the Hugging Face cache."""
+    return locate_weights(preset, download=True, taehv=taehv)
+
+
+# -- ready-to-stream models -----------------------------------------------------------
+
+@dataclass
+class Models:
+    dit: nn.Module
+    vae: nn.Module
+    text_encoder: object
+    decoder: nn.Module | None = None  # TAEHV when chosen; the VAE decodes otherwise
 
 
 def build_models(preset: str, *, weights: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0):
-    """The DiT, VAE and text encoder of a preset, ready to stream.
+                 dtype: torch.dtype = torch.float32, taehv: bool = False, seed: int = 0) -> Models:
+    """The DiT, VAE, text encoder (and optional TAEHV decoder) of a preset.
 
     ``tiny`` has no published weights: it is built from ``seed`` (the same models on
-    every machine), for tests and the CPU demo. The Wan presets load from a
-    folder: a Wan2.1 release folder, optionally with a StreamDiffusionV2
-    ``model.pt`` for the DiT inside it or given as ``weights``."""
+    every machine), for tests and the CPU demo. The Wan presets load from
+    ``weights`` (a folder, see :func:`locate_weights`) or the Hugging Face cache."""
     from ..config import get_preset
     from .dit import CausalWanDiT
+    from .taehv import TINY_TAEHV, TAEHV, load_taehv
     from .text import TinyTextEncoder, UMT5TextEncoder
     from .vae import TINY_VAE, WanVAE, load_vae
 
     config = get_preset(preset)
     if preset == "tiny":
         torch.manual_seed(seed)
-        dit = CausalWanDiT(config)
-        vae = WanVAE(TINY_VAE)
+        dit, vae = CausalWanDiT(config), WanVAE(TINY_VAE)
+        decoder = TAEHV(TINY_TAEHV).to(device, dtype).eval() if taehv else None
         text = TinyTextEncoder(config.text_len, config.text_dim, seed=seed, device=device)
-        return dit.to(device, dtype).eval(), vae.to(device, dtype).eval(), text
-    if weights is None:
-        raise ValueError(f"preset {preset!r} needs its weights: pass the Wan2.1 folder (see `python -m engine "
-                         f"download --model {preset}`)")
-    folder = Path(weights)
-    dit_file = next((p for p in (folder / "model.pt", folder / "wan_causal_dmd_v2v" / "model.pt") if p.exists()),
-                    folder)
-    needed = [folder / WAN_VAE_FILE, folder / WAN_T5_FILE, folder / "google" / "umt5-xxl"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"the {preset} weights are incomplete; missing:\n  " + "\n  ".join(missing)
-                                + f"\n  Place the Wan2.1 release files in {folder} (see `python -m engine download`).")
-    dit = load_dit(dit_file, config, device=device, dtype=dtype).eval()
-    vae = load_vae(folder / WAN_VAE_FILE).to(device, dtype).eval()
-    text = UMT5TextEncoder.load(folder, device=device)
-    return dit, vae, text
+        return Models(dit.to(device, dtype).eval(), vae.to(device, dtype).eval(), text, decoder)
+    files = locate_weights(preset, weights, taehv=taehv)
+    if files.dit.is_dir():
+        print(f"note: {files.dit} holds the base Wan2.1 DiT, not the StreamDiffusionV2 one; "
+              "streaming quality needs model.pt", flush=True)
+    dit = load_dit(files.dit, config, device=device, dtype=dtype).eval()
+    vae = load_vae(files.vae).to(device, dtype).eval()
+    text = UMT5TextEncoder.load(files.text_encoder, device=device)
+    decoder = load_taehv(files.taehv).to(device, dtype).eval() if taehv else None
+    return Models(dit, vae, text, decoder)

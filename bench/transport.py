@@ -1,0 +1,194 @@
+"""Frame round-trip times through the bridge transports, against a plain copy.
+
+    .venv/bin/python bench/transport.py
+
+For each frame size (RGBA), a frame goes out and comes back through:
+
+  shm   a ring to an echo process, which writes each frame it reads into a second
+        ring that this process reads: four copies of the frame (write, read, write,
+        read), each read into a reused buffer, both processes polling without sleeping.
+  zmq   a HostSocket to an echo process serving an EngineSocket on loopback TCP,
+        which sends each frame straight back.
+
+The floor is one in-process numpy copy of the same bytes into a reused buffer; the
+shm target is judged against the four copies its round trip makes. Times are medians
+over many round trips after a warm-up. This is a measurement, never a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bridge.protocol import Bye, FrameHeader  # noqa: E402
+from bridge.shm import RingReader, RingWriter  # noqa: E402
+from bridge.zmq_io import EngineSocket, HostSocket  # noqa: E402
+
+SIZES = [(512, 512), (1920, 1080)]
+WARMUP = 10
+ROUND_TRIPS = {(512, 512): 300, (1920, 1080): 60}
+SHM_COPIES = 4  # copies of the frame in one shm round trip
+SHM_TARGET_RATIO = 3.0  # shm round trip within 3x of the copy floor (for its four copies)
+ZMQ_TARGET_MS_512 = 5.0  # zmq round trip under 5 ms at 512x512
+TIMEOUT_S = 10.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--echo", choices=["shm", "zmq"], help=argparse.SUPPRESS)  # the echo process's role
+    parser.add_argument("--ring", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo == "shm":
+        echo_shm(args.ring)
+    elif args.echo == "zmq":
+        echo_zmq()
+    else:
+        run_benchmark()
+
+
+def run_benchmark() -> None:
+    rows = []
+    for width, height in SIZES:
+        frame = np.random.default_rng(0).integers(0, 256, (height, width, 4), dtype=np.uint8)
+        count = ROUND_TRIPS[(width, height)]
+        floor = copy_floor(frame, count)
+        rows.append((width, height, floor, shm_round_trip(frame, count), zmq_round_trip(frame, count)))
+
+    print(f"Round trip of one RGBA frame: median of {' / '.join(map(str, ROUND_TRIPS.values()))} trips; "
+          "the echo peers are separate processes.")
+    print(f"copy: one in-process numpy copy of the frame (the floor). A shm round trip is {SHM_COPIES} copies "
+          f"(write, read, echo write, read back), so its own floor is {SHM_COPIES} x copy.")
+    print()
+    print(f"{'frame':>10} {'MB':>6} {'copy':>9} {'shm rt':>9} {'/ copy':>7} {f'/ {SHM_COPIES} copies':>11}"
+          f" {'zmq rt':>9} {'/ copy':>7}")
+    for width, height, floor, shm, zmq in rows:
+        print(f"{f'{width}x{height}':>10} {width * height * 4 / 1e6:6.2f} {ms(floor):>9} {ms(shm):>9} "
+              f"{shm / floor:6.1f}x {shm / (SHM_COPIES * floor):10.1f}x {ms(zmq):>9} {zmq / floor:6.1f}x")
+    print()
+    for width, height, floor, shm, _ in rows:
+        ratio = shm / (SHM_COPIES * floor)
+        print(f"target: shm round trip within {SHM_TARGET_RATIO:g}x of its copy floor at {width}x{height}: "
+              f"{ratio:.1f}x  {'met' if ratio <= SHM_TARGET_RATIO else 'NOT met'}")
+    zmq_512 = next(zmq for width, height, _, _, zmq in rows if (width, height) == (512, 512))
+    print(f"target: zmq round trip under {ZMQ_TARGET_MS_512:g} ms at 512x512: "
+          f"{ms(zmq_512)}  {'met' if zmq_512 * 1e3 < ZMQ_TARGET_MS_512 else 'NOT met'}")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def copy_floor(frame: np.ndarray, count: int) -> float:
+    target = np.empty_like(frame)
+    times = []
+    for _ in range(WARMUP + count):
+        start = time.perf_counter()
+        np.copyto(target, frame)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[WARMUP:])
+
+
+def shm_round_trip(frame: np.ndarray, count: int) -> float:
+    height, width, _ = frame.shape
+    outbound = RingWriter.create(width, height)
+    echo = start_echo("shm", "--ring", outbound.name)
+    try:
+        with RingReader.attach(wait_for_line(echo)) as returning:  # the echo's ring
+            received = np.empty_like(frame)
+            times = []
+            for seq in range(WARMUP + count):
+                start = time.perf_counter()
+                outbound.write(frame, seq, time.monotonic_ns())
+                while (got := returning.read_latest(received)) is None or got.seq != seq:
+                    check_deadline(start)
+                times.append(time.perf_counter() - start)
+    finally:
+        outbound.close()  # the echo sees the shutdown flag and exits
+        finish(echo)
+    return statistics.median(times[WARMUP:])
+
+
+def echo_shm(ring_name: str) -> None:
+    """Echo process: copy every frame from the given ring into a ring of its own."""
+    inbound = RingReader.attach(ring_name)
+    with RingWriter.create(inbound.width, inbound.height, inbound.format) as outbound:
+        print(outbound.name, flush=True)
+        received = np.empty((inbound.height, inbound.width, 4), np.uint8)
+        while inbound.writer_alive(TIMEOUT_S):
+            got = inbound.read_latest(received)
+            if got is not None:
+                outbound.write(got.pixels, got.seq, got.t_capture_ns)
+    inbound.close()
+
+
+def zmq_round_trip(frame: np.ndarray, count: int) -> float:
+    echo = start_echo("zmq")
+    try:
+        with HostSocket(wait_for_line(echo)) as host:  # the echo's address
+            host.ping(TIMEOUT_S)  # connected
+            times = []
+            for seq in range(WARMUP + count):
+                header = FrameHeader.for_array(frame, session="bench", seq=seq, t_capture_ns=time.monotonic_ns())
+                start = time.perf_counter()
+                while not host.send_frame(header, frame):
+                    check_deadline(start)
+                while (got := host.recv_latest_frame(TIMEOUT_S)) is None or got.header.seq != seq:
+                    check_deadline(start)
+                times.append(time.perf_counter() - start)
+            host.request(Bye(session="bench"), TIMEOUT_S)  # the echo exits
+    finally:
+        finish(echo)
+    return statistics.median(times[WARMUP:])
+
+
+def echo_zmq() -> None:
+    """Echo process: send every frame straight back to the host it came from, until bye."""
+    engine = EngineSocket("tcp://127.0.0.1:*")
+    print(engine.address, flush=True)
+    while True:
+        inbox = engine.poll(0.1)
+        for received in inbox.frames:
+            engine.send_frame(received.sender, received.header, received.pixels)
+        for request in inbox.requests:
+            engine.reply_ok(request)
+            if isinstance(request.message, Bye):
+                engine.close(linger_s=TIMEOUT_S)  # the reply goes out first
+                return
+
+
+def start_echo(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--echo", *args], stdout=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen) -> str:
+    line = process.stdout.readline().strip()
+    if not line:
+        raise RuntimeError(f"echo process exited early with status {process.wait()}")
+    return line
+
+
+def finish(process: subprocess.Popen) -> None:
+    """Wait for an echo process to exit by itself (so it cleans up), else kill it."""
+    try:
+        process.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    process.stdout.close()
+
+
+def check_deadline(start: float) -> None:
+    if time.perf_counter() - start > TIMEOUT_S:
+        raise TimeoutError("the echo process stopped answering")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""What host applications import to talk to the engine: light (numpy, pyzmq, msgpack), never torch.
+
+    bridge.protocol   message and frame-header schema, validation, error codes
+    bridge.shm        shared-memory frame ring
+    bridge.zmq_io     ZeroMQ sockets for control and frames
+
+Import the module you need; this package imports nothing itself, so loading the
+protocol alone does not load ZeroMQ.
+"""

@@ -1,0 +1,404 @@
+"""ZeroMQ transport for control messages and frames between hosts and the engine.
+
+The engine binds one ROUTER socket (EngineSocket); each host connects one DEALER
+(HostSocket). Two kinds of message travel over the pair:
+
+    control   one part: an encoded protocol message (a request, or a reply)
+    frame     two parts: an encoded FrameHeader, then the raw pixel bytes
+
+How it behaves:
+- Latest frame wins. Every queue is QUEUE_DEPTH messages deep, a sender drops a frame
+  rather than wait when its queue is full, and a receiver drains everything that has
+  arrived and keeps only the newest frame per sender and session, counting the rest
+  as dropped. (ZMQ_CONFLATE would keep only the newest message, but it cannot carry
+  multipart messages.) TCP buffers can still hold a few frames between the queues, so
+  receive from a loop that does little else (an IO thread owning the socket): a
+  receiver that only looks between long GPU steps gets frames that waited there.
+- Requests carry an id and replies echo it. A host waits for its own id, with a
+  timeout, and discards replies to requests it has given up on, so a peer restarting
+  mid-request never leaves the two sides out of step, as strict REQ/REP would.
+- The DEALER reconnects by itself after the engine restarts. ZMQ_IMMEDIATE keeps it
+  from queueing messages while no engine is connected, so a restarted engine never
+  receives stale frames or requests.
+- Liveness: a host pings the engine (HostSocket.ping, a request with a timeout); the
+  engine answers pings itself and notes when it last heard from each host
+  (EngineSocket.forget_silent_peers). ZMTP heartbeats also drop dead TCP connections.
+- ZeroMQ sockets are not thread-safe: use each object from one thread only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .protocol import (
+    DEFAULT_PARAMS,
+    MAX_FRAME_BYTES,
+    REPLY_TYPES,
+    REQUEST_TYPES,
+    ErrorCode,
+    ErrorReply,
+    FrameHeader,
+    Message,
+    Ok,
+    Ping,
+    ProtocolError,
+    ValueSpec,
+    check_pixels,
+    decode_frame_header,
+    decode_message,
+    encode_frame_header,
+    encode_message,
+    frame_array,
+)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"  # loopback only; wider binds need authentication
+QUEUE_DEPTH = 2  # messages queued per peer and direction (ZeroMQ high-water marks)
+MAX_MESSAGES_PER_POLL = 256  # so a flooding peer cannot keep a receive call busy forever
+MAX_UNSENT_REPLIES = 1024
+MAX_NOTICES = 64
+
+_HEARTBEAT_MS = 1000  # ZMTP ping interval on idle connections
+_HEARTBEAT_TIMEOUT_MS = 5000  # a connection silent this long is dropped (and redialled)
+_RECONNECT_MS = 100
+_RECONNECT_MAX_MS = 1000
+
+log = logging.getLogger(__name__)
+
+
+class RemoteError(ProtocolError):
+    """The engine answered a request with an error reply."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request from a host, for the engine to answer with reply_ok or reply_error."""
+
+    sender: bytes  # the host's identity on the engine's socket
+    message: Message
+
+
+@dataclass(frozen=True)
+class ReceivedFrame:
+    header: FrameHeader
+    pixels: np.ndarray  # [height, width, channels] view of the received bytes, no copy
+    dropped: int = 0  # older frames of the same sender and session discarded for this one
+    sender: bytes | None = None  # the host's identity (engine side); None on the host side
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message the engine refused; the error reply has already been sent."""
+
+    sender: bytes
+    error: ProtocolError
+
+
+@dataclass
+class Inbox:
+    """What one EngineSocket.poll took in."""
+
+    requests: list[Request] = field(default_factory=list)
+    frames: list[ReceivedFrame] = field(default_factory=list)  # the newest per sender and session
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+class EngineSocket:
+    """The engine's end: serves many hosts, each known by its identity (bytes)."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        params_schema: Mapping[str, ValueSpec] = DEFAULT_PARAMS,
+        context: zmq.Context | None = None,
+    ):
+        self._params_schema = params_schema
+        self._context = context or zmq.Context()
+        self._owns_context = context is None
+        self._socket = self._context.socket(zmq.ROUTER)
+        _configure(self._socket)
+        # Report full queues and departed hosts to us instead of dropping silently.
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError:  # e.g. the port is taken: another engine is running there
+            self.close()
+            raise
+        self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)  # with the real port
+        self._last_heard: dict[bytes, float] = {}
+        # Replies waiting for room in a host's queue (it may be full of frames).
+        self._unsent: deque[tuple[bytes, bytes]] = deque(maxlen=MAX_UNSENT_REPLIES)
+
+    def poll(self, timeout_s: float) -> Inbox:
+        """Wait up to timeout_s for messages, then take everything that has arrived.
+
+        Pings are answered here. Bad messages are answered with an error reply and
+        listed in inbox.rejected; they never stop the messages after them.
+        """
+        self._send_unsent()
+        inbox = Inbox()
+        if not self._socket.poll(_ms(timeout_s), zmq.POLLIN):
+            return inbox
+        newest: dict[tuple[bytes, str], ReceivedFrame] = {}
+        for _ in range(MAX_MESSAGES_PER_POLL):
+            try:
+                sender, *body = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            sender = sender.bytes
+            self._last_heard[sender] = time.monotonic()
+            try:
+                self._take(sender, body, inbox, newest)
+            except ProtocolError as error:
+                inbox.rejected.append(Rejected(sender, error))
+                self._send_reply(sender, ErrorReply.from_error(error, error.request_id))
+        inbox.frames = list(newest.values())
+        return inbox
+
+    def _take(self, sender: bytes, body: list, inbox: Inbox, newest: dict) -> None:
+        if len(body) == 1:
+            message = decode_message(body[0].bytes, self._params_schema)
+            if isinstance(message, Ping):
+                self._send_reply(sender, Ok(id=message.id))
+            elif isinstance(message, REQUEST_TYPES):
+                inbox.requests.append(Request(sender, message))
+            else:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "type", f"hosts send requests, not {message.TYPE!r}")
+        elif len(body) == 2:
+            header = decode_frame_header(body[0].bytes)
+            pixels = frame_array(header, body[1].buffer)  # checks the size first
+            older = newest.get((sender, header.session))
+            dropped = 0 if older is None else older.dropped + 1
+            newest[(sender, header.session)] = ReceivedFrame(header, pixels, dropped, sender)
+        else:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, None, f"expected 1 part (control) or 2 (frame header, pixels), got {len(body)}"
+            )
+
+    def reply_ok(self, request: Request, payload: Mapping[str, Any] | None = None) -> None:
+        """Answer a request with success. Never blocks."""
+        self._send_reply(request.sender, Ok(payload or {}, id=request.message.id))
+
+    def reply_error(self, to: Request | ReceivedFrame, error: ProtocolError) -> None:
+        """Answer a request, or report a problem with a frame, with an error. Never blocks."""
+        request_id = to.message.id if isinstance(to, Request) else None
+        self._send_reply(to.sender, ErrorReply.from_error(error, request_id))
+
+    def send_frame(self, recipient: bytes, header: FrameHeader, pixels: np.ndarray) -> bool:
+        """Send a frame to a host without copying it; don't modify pixels afterwards.
+
+        Returns False, dropping the frame, when the host's queue is full (latest
+        wins: a newer frame will follow) or the host has gone.
+        """
+        pixels = check_pixels(header, pixels)
+        try:
+            self._socket.send_multipart([recipient, encode_frame_header(header), pixels], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as error:
+            if error.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+        return True
+
+    def forget_silent_peers(self, timeout_s: float) -> list[bytes]:
+        """Identities of hosts not heard from in timeout_s, which are then forgotten."""
+        cutoff = time.monotonic() - timeout_s
+        silent = [peer for peer, heard in self._last_heard.items() if heard < cutoff]
+        for peer in silent:
+            del self._last_heard[peer]
+        return silent
+
+    def _send_reply(self, recipient: bytes, reply: Ok | ErrorReply) -> None:
+        self._unsent.append((recipient, encode_message(reply)))
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Send queued replies in order; those for a host whose queue is full wait."""
+        waiting: list[tuple[bytes, bytes]] = []
+        full: set[bytes] = set()
+        while self._unsent:
+            recipient, data = self._unsent.popleft()
+            if recipient in full:
+                waiting.append((recipient, data))
+                continue
+            try:
+                self._socket.send_multipart([recipient, data], zmq.NOBLOCK)
+            except zmq.Again:
+                full.add(recipient)
+                waiting.append((recipient, data))
+            except zmq.ZMQError as error:
+                if error.errno != zmq.EHOSTUNREACH:  # a departed host's replies go with it
+                    raise
+        self._unsent.extend(waiting)
+
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket. linger_s > 0 gives queued replies (say, to a last bye) up to
+        that long to go out before close returns; by default they are dropped."""
+        if linger_s > 0:
+            self._send_unsent()
+        self._socket.close(linger=_ms(linger_s))
+        if self._owns_context:
+            self._context.term()  # returns once lingering messages are out
+
+    def __enter__(self) -> EngineSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class HostSocket:
+    """A host's end: requests with timeouts, frames out, newest frame in."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, context: zmq.Context | None = None):
+        self.address = address
+        self._context = context or zmq.Context()
+        self._owns_context = context is None
+        self._socket = self._context.socket(zmq.DEALER)
+        _configure(self._socket)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing while no engine is connected
+        self._socket.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
+        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
+        self._socket.connect(address)
+        self._request_ids = itertools.count(1)
+        self._awaited_id: int | None = None  # the request now waiting for its reply
+        self._reply: Ok | ErrorReply | None = None
+        self._newest_frame: ReceivedFrame | None = None
+        self._notices: deque[Message] = deque(maxlen=MAX_NOTICES)
+
+    def request(self, message: Message, timeout_s: float = 5.0) -> dict:
+        """Send a request and return the payload of its ok reply.
+
+        Raises RemoteError when the engine answers with an error, and TimeoutError when
+        no answer comes within timeout_s (engine not running, restarting, or busy).
+        Frames arriving meanwhile are kept for recv_latest_frame (the newest only).
+        """
+        request_id = next(self._request_ids)
+        data = encode_message(dataclasses.replace(message, id=request_id))
+        deadline = time.monotonic() + timeout_s
+        self._socket.setsockopt(zmq.SNDTIMEO, _ms(timeout_s))
+        try:
+            self._socket.send(data)
+        except zmq.Again:
+            raise TimeoutError(f"cannot reach the engine at {self.address}; is it running?") from None
+        self._awaited_id, self._reply = request_id, None
+        try:
+            while self._reply is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._socket.poll(_ms(remaining), zmq.POLLIN):
+                    raise TimeoutError(f"no reply from the engine at {self.address} within {timeout_s} s")
+                self._receive_available()
+        finally:
+            self._awaited_id = None
+        reply, self._reply = self._reply, None
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply.code, reply.field, reply.message)
+        return dict(reply.payload)
+
+    def ping(self, timeout_s: float = 2.0) -> float:
+        """Round-trip time to the engine in seconds; TimeoutError if it does not answer."""
+        start = time.perf_counter()
+        self.request(Ping(), timeout_s)
+        return time.perf_counter() - start
+
+    def send_frame(self, header: FrameHeader, pixels: np.ndarray) -> bool:
+        """Send a frame without copying it; don't modify pixels afterwards.
+
+        Returns False, dropping the frame, when the queue to the engine is full or no
+        engine is connected (latest wins: send the next frame when it comes).
+        """
+        pixels = check_pixels(header, pixels)
+        try:
+            self._socket.send_multipart([encode_frame_header(header), pixels], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def recv_latest_frame(self, timeout_s: float) -> ReceivedFrame | None:
+        """The newest frame from the engine, waiting up to timeout_s for one; None if none came.
+
+        Older frames that arrived since the last call are discarded and counted in
+        ReceivedFrame.dropped.
+        """
+        deadline = time.monotonic() + timeout_s
+        self._receive_available()
+        while self._newest_frame is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(_ms(remaining), zmq.POLLIN):
+                break
+            self._receive_available()
+        frame, self._newest_frame = self._newest_frame, None
+        return frame
+
+    def take_notices(self) -> list[Message]:
+        """Messages the engine sent unasked (e.g. an error about a frame), oldest first.
+
+        They are collected while request and recv_latest_frame receive.
+        """
+        notices = list(self._notices)
+        self._notices.clear()
+        return notices
+
+    def _receive_available(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_POLL):
+            try:
+                parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._take(parts)
+            except ProtocolError as error:
+                log.warning("dropped a bad message from the engine at %s: %s", self.address, error)
+
+    def _take(self, parts: list) -> None:
+        if len(parts) == 2:
+            header = decode_frame_header(parts[0].bytes)
+            pixels = frame_array(header, parts[1].buffer)
+            older = self._newest_frame
+            self._newest_frame = ReceivedFrame(header, pixels, 0 if older is None else older.dropped + 1)
+        elif len(parts) == 1:
+            message = decode_message(parts[0].bytes)
+            if message.id is None:
+                self._notices.append(message)
+            elif message.id == self._awaited_id and isinstance(message, REPLY_TYPES):
+                self._reply = message
+            # Otherwise it answers a request we gave up on: drop it.
+        else:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, None, f"expected 1 or 2 message parts, got {len(parts)}")
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        if self._owns_context:
+            self._context.term()
+
+    def __enter__(self) -> HostSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _configure(socket: zmq.Socket) -> None:
+    """Options both ends share."""
+    socket.setsockopt(zmq.LINGER, 0)  # closing never waits on undelivered messages
+    socket.setsockopt(zmq.SNDHWM, QUEUE_DEPTH)
+    socket.setsockopt(zmq.RCVHWM, QUEUE_DEPTH)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a peer sending a bigger part is disconnected
+    socket.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, math.ceil(seconds * 1000))

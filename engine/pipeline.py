@@ -78,10 +78,15 @@ class StreamSettings:
 
 class StreamPipeline:
     def __init__(self, dit: CausalWanDiT, vae, text_encoder: TextEncoder | PromptCache,
-                 settings: StreamSettings = StreamSettings(), *, decoder=None):
-        """``vae`` encodes (and decodes unless ``decoder``, e.g. a TAEHV, is given)."""
+                 settings: StreamSettings = StreamSettings(), *, decoder=None, offload_text_encoder: bool = False):
+        """``vae`` encodes (and decodes unless ``decoder``, e.g. a TAEHV, is given).
+
+        ``offload_text_encoder`` moves the text encoder to the CPU after each new
+        prompt (umT5-XXL holds about 11 GB of GPU memory); a prompt change then
+        costs a move back, so prompts already seen come from the prompt cache."""
         self.dit, self.vae, self.decoder = dit, vae, decoder or vae
         self.prompts = text_encoder if isinstance(text_encoder, PromptCache) else PromptCache(text_encoder)
+        self.offload_text_encoder = offload_text_encoder
         param = next(dit.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.settings = settings
@@ -251,6 +256,8 @@ class StreamPipeline:
         weighted = s.prompts or ((s.prompt, 1.0),)
         texts = [p for p, _ in weighted]
         embeddings = self.prompts.encode(texts)
+        if self.offload_text_encoder and not self.prompts.encoder.offloaded:
+            self.prompts.encoder.offload()
         if len(texts) == 1:
             context = embeddings
         else:

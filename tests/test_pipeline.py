@@ -153,3 +153,15 @@ def test_the_taehv_decoder_streams_the_same_frame_counts():
                           StreamSettings(height=32, width=48, steps=1), decoder=models.decoder)
     counts = [len(o) for o in stream(pipe, clip(5 + 4 * 3))]
     assert counts == [5, 4, 4, 4]
+
+
+def test_the_text_encoder_can_leave_the_device_after_encoding(models):
+    pipe = StreamPipeline(models.dit, models.vae, models.text_encoder, StreamSettings(height=32, width=48),
+                          offload_text_encoder=True)
+    encoder = pipe.prompts.encoder
+    assert encoder.offloaded
+    before = pipe.context.clone()
+    pipe.update(prompt="another prompt")
+    assert encoder.offloaded and not torch.equal(before, pipe.context)
+    pipe.update(prompt="")  # seen before: from the cache, the encoder stays off
+    torch.testing.assert_close(pipe.context, before)

@@ -107,7 +107,30 @@ def session_ring_names(session: str) -> tuple[str, str]:
     return f"sdb_{digest}_in", f"sdb_{digest}_out"
 
 
-class RingWriter:
+class _MappedRing:
+    """The geometry both ends read from the frame block they currently map."""
+
+    _frames: "_FrameBlock"
+
+    @property
+    def width(self) -> int:
+        return self._frames.width
+
+    @property
+    def height(self) -> int:
+        return self._frames.height
+
+    @property
+    def format(self) -> str:
+        return self._frames.format
+
+    @property
+    def generation(self) -> int:
+        """The generation of the frame block mapped now (bumped by each resize)."""
+        return self._frames.generation
+
+
+class RingWriter(_MappedRing):
     """The writing end of a ring. Create with RingWriter.create(); close() removes it."""
 
     def __init__(self, name: str, control: shared_memory.SharedMemory, frames: _FrameBlock):
@@ -137,22 +160,6 @@ class RingWriter:
         writer.heartbeat()
         writer._control["magic"] = _CONTROL_MAGIC  # last: a reader that sees it sees the rest
         return writer
-
-    @property
-    def width(self) -> int:
-        return self._frames.width
-
-    @property
-    def height(self) -> int:
-        return self._frames.height
-
-    @property
-    def format(self) -> str:
-        return self._frames.format
-
-    @property
-    def generation(self) -> int:
-        return self._frames.generation
 
     def write(self, frame: np.ndarray, seq: int, t_capture_ns: int) -> None:
         """Copy a [height, width, channels] uint8 frame into the ring; never blocks."""
@@ -210,7 +217,7 @@ class RingWriter:
         self.close()
 
 
-class RingReader:
+class RingReader(_MappedRing):
     """The reading end of a ring, in any process. Attach with RingReader.attach(name)."""
 
     def __init__(self, name: str, control: shared_memory.SharedMemory):
@@ -237,23 +244,6 @@ class RingReader:
                 return reader
         reader.close()
         raise FileNotFoundError(f"ring {name!r} has no frame block; its writer is resizing or gone")
-
-    @property
-    def width(self) -> int:
-        return self._frames.width
-
-    @property
-    def height(self) -> int:
-        return self._frames.height
-
-    @property
-    def format(self) -> str:
-        return self._frames.format
-
-    @property
-    def generation(self) -> int:
-        """The generation of the frame block this reader currently maps."""
-        return self._frames.generation
 
     @property
     def owner_pid(self) -> int:

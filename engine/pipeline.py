@@ -228,7 +228,7 @@ class StreamPipeline:
             renoised[i + 1] = add_noise(x0[i:i + 1], noise, sigma)[0]
         self.in_flight = renoised
         if filled < n:
-            return np.zeros((0, *self._out_shape(size)), dtype=np.uint8)
+            return np.zeros((0, *size, 3), dtype=np.uint8)
         return self._decode(x0[n - 1:n], self.queued_sizes.pop(0))
 
     def _x0(self, x: torch.Tensor, timesteps, cache) -> torch.Tensor:
@@ -281,9 +281,6 @@ class StreamPipeline:
         rgb = (frames[0].permute(1, 0, 2, 3).float() + 1) / 2
         restored = fit_back(rgb, *size, self.settings.fit)
         return (restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    def _out_shape(self, size) -> tuple[int, int, int]:
-        return (*size, 3)
 
 
 def _as_video(frames, expected: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ class WritePlan:
     """What one forward writes, decided before the first layer runs."""
 
     targets: torch.Tensor  # [B, F] slot of each new frame (the first layer may redirect to a sink)
+    rows: torch.Tensor  # [B, 1] batch index, to pair with targets
     mask: torch.Tensor | None  # [B, 1, 1, L] filled positions, None once every slot is filled
     adapt: bool  # adaptive sink replacement may fire (one fresh frame per element, cache full)
     planned: list[list[int]] | None = None  # host copy of the targets before any redirect
@@ -132,7 +133,8 @@ class KVCache:
             mask = filled.repeat_interleave(self.frame_tokens, dim=1)[:, None, None, :]
         adapt = (self.num_sink > 0 and self.adapt_sink_threshold > -1 and full_before
                  and frames == 1 and all_fresh)
-        plan = WritePlan(targets=torch.tensor(targets, device=self.device), mask=mask, adapt=adapt)
+        plan = WritePlan(targets=torch.tensor(targets, device=self.device),
+                         rows=torch.arange(self.batch, device=self.device)[:, None], mask=mask, adapt=adapt)
         plan.planned, plan.previous_layout = targets, previous
         return plan
 
@@ -162,15 +164,14 @@ class KVCache:
         """Store one layer's new roped keys and values [B, F*frame_tokens, heads, head_dim];
         return that layer's whole buffer and the mask of filled positions."""
         batch, frames = plan.targets.shape
-        rows = torch.arange(batch, device=k.device)[:, None]
         k_slots = self.keys[layer].view(batch, self.num_frames, self.frame_tokens, *k.shape[2:])
         v_slots = self.values[layer].view(batch, self.num_frames, self.frame_tokens, *v.shape[2:])
         k_new = k.view(batch, frames, self.frame_tokens, *k.shape[2:])
         v_new = v.view(batch, frames, self.frame_tokens, *v.shape[2:])
         if plan.adapt and layer == 0:
             self._choose_sink_replacements(k_slots, v_slots, k_new[:, 0], v_new[:, 0], plan)
-        k_slots[rows, plan.targets] = k_new.to(k_slots.dtype)
-        v_slots[rows, plan.targets] = v_new.to(v_slots.dtype)
+        k_slots[plan.rows, plan.targets] = k_new.to(k_slots.dtype)
+        v_slots[plan.rows, plan.targets] = v_new.to(v_slots.dtype)
         return self.keys[layer], self.values[layer], plan.mask
 
     def _choose_sink_replacements(self, k_slots, v_slots, k_new, v_new, plan: WritePlan) -> None:

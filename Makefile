@@ -26,7 +26,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 		echo "no NVIDIA GPU found: installing the CPU build of torch $(TORCH_VERSION)"; \
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[engine,wan,video,dev]"
+	$(PY) -m pip install --quiet -e ".[engine,wan,video,virtualcam,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,0 +1,107 @@
+"""`python -m engine.devices`: the video paths this machine offers, and why each does or does not work.
+
+Lists Spout senders (Windows), Syphon servers (macOS) and virtual-camera backends, one
+row each, with whether the engine can use it and, when it cannot, the reason and the
+fix. Needs neither torch nor a GPU, so it runs on any machine a user is setting up.
+
+    kind            name          usable  why
+    spout           -             no      Spout is Windows-only (...) and this machine runs Linux
+                                          fix: use the shm or zmq transport here
+    virtual camera  v4l2loopback  no      'v4l2loopback' backend: No v4l2 loopback device found (...)
+                                          fix: install v4l2loopback (...) and load it: sudo modprobe ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.spout import SpoutUnavailable, list_senders
+from bridge.syphon import SyphonUnavailable, list_servers
+from bridge.virtualcam import VirtualCameraUnavailable, backends_for_this_platform, open_virtual_camera
+
+# The size a virtual-camera backend is tried at; any size a backend accepts would do.
+PROBE_WIDTH, PROBE_HEIGHT, PROBE_FPS = 640, 480, 30
+
+
+@dataclass(frozen=True)
+class Device:
+    """One video path: a Spout sender, a Syphon server or a virtual-camera backend."""
+
+    kind: str  # "spout", "syphon" or "virtual camera"
+    name: str  # the sender, server or backend; "-" when the whole kind is missing
+    usable: bool
+    why: str
+    fix: str = ""  # what to do, when it is not usable
+
+
+def find_devices() -> list[Device]:
+    """Every Spout sender, Syphon server and virtual-camera backend on this machine."""
+    return [*spout_devices(), *syphon_devices(), *virtual_camera_devices()]
+
+
+def spout_devices() -> list[Device]:
+    try:
+        senders = list_senders()
+    except SpoutUnavailable as error:
+        return [Device("spout", "-", False, error.reason, error.fix)]
+    devices = [Device("spout", "(output)", True, "SpoutGL works: the engine can publish a Spout sender")]
+    for sender in senders:
+        size = f"sender, {sender.width}x{sender.height}"
+        devices.append(Device("spout", sender.name, True, size + (", active" if sender.active else "")))
+    if not senders:
+        devices.append(Device("spout", "(input)", False, "no application is sending over Spout right now"))
+    return devices
+
+
+def syphon_devices() -> list[Device]:
+    try:
+        servers = list_servers()
+    except SyphonUnavailable as error:
+        return [Device("syphon", "-", False, error.reason, error.fix)]
+    devices = [Device("syphon", "(output)", True, "syphon-python works: the engine can publish a Syphon server")]
+    for server in servers:
+        devices.append(Device("syphon", server.name or "(unnamed)", True, f"server of {server.app_name}"))
+    if not servers:
+        devices.append(Device("syphon", "(input)", False, "no application is sharing over Syphon right now"))
+    return devices
+
+
+def virtual_camera_devices() -> list[Device]:
+    """Each of this platform's backends, tried by opening (and closing) a camera."""
+    backends = backends_for_this_platform()
+    if not backends:
+        return [Device("virtual camera", "-", False, "pyvirtualcam has no backend on this system")]
+    devices = []
+    for backend in backends:
+        camera = open_virtual_camera(PROBE_WIDTH, PROBE_HEIGHT, PROBE_FPS, backend=backend)
+        if isinstance(camera, VirtualCameraUnavailable):
+            devices.append(Device("virtual camera", backend, False, camera.reason, camera.fix))
+        else:
+            devices.append(Device("virtual camera", backend, True, f"device {camera.device}"))
+            camera.close()
+    return devices
+
+
+def format_table(devices: list[Device]) -> str:
+    """One line per device; a device's fix goes on the line below it, under "why"."""
+    header = ("kind", "name", "usable")
+    cells = [(device.kind, device.name, "yes" if device.usable else "no") for device in devices]
+    widths = [max(len(row[column]) for row in (header, *cells)) for column in range(len(header))]
+
+    def line(row: tuple[str, ...], last: str) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + last
+
+    lines = [line(header, "why")]
+    for device, row in zip(devices, cells):
+        lines.append(line(row, device.why))
+        if device.fix:
+            lines.append(line(("", "", ""), f"fix: {device.fix}"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(format_table(find_devices()))
+
+
+if __name__ == "__main__":
+    main()

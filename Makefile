@@ -38,7 +38,7 @@ test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m engine run --model tiny --source testpattern --frames 65 --output out/demo.mp4
+	$(PY) -m engine demo --model tiny --output out/demo.mp4
 
 bench: setup
 	$(PY) bench/dit.py

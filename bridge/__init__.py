@@ -3,6 +3,7 @@
     bridge.protocol   message and frame-header schema, validation, error codes
     bridge.shm        shared-memory frame ring
     bridge.zmq_io     ZeroMQ sockets for control and frames
+    bridge.client     EngineClient: a session on the engine for a host application
 
 Import the module you need; this package imports nothing itself, so loading the
 protocol alone does not load ZeroMQ.

@@ -70,6 +70,8 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_PARAM = "unknown_param"  # a parameter name the engine does not have
     SIZE_MISMATCH = "size_mismatch"  # pixel bytes disagree with the frame header
     UNKNOWN_SESSION = "unknown_session"  # for the engine: no such session
+    MODEL_UNAVAILABLE = "model_unavailable"  # the engine does not serve that model, or could not load it
+    SESSION_FAILED = "session_failed"  # a step failed (out of memory, say); the engine closed the session
 
 
 class ProtocolError(Exception):
@@ -132,6 +134,17 @@ class ValueSpec:
             raise ProtocolError(ErrorCode.BAD_VALUE, name, f"{name} must match {self.pattern}; got {value!r:.80}")
         return value
 
+    def describe(self) -> dict:
+        """This spec as plain data, for a peer to build a UI from: type, and bounds and
+        choices where it has them."""
+        described: dict[str, Any] = {"type": _KIND_WORDS[self.kind]}
+        for name in ("minimum", "maximum", "pattern"):
+            if getattr(self, name) is not None:
+                described[name] = getattr(self, name)
+        if self.choices:
+            described["choices"] = list(self.choices)
+        return described
+
     def _convert(self, name: str, value: Any) -> Any:
         kind = self.kind
         if kind is bool and isinstance(value, bool):
@@ -153,6 +166,7 @@ class ValueSpec:
 
 
 _KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_KIND_WORDS = {bool: "bool", int: "int", float: "float", str: "str"}
 
 
 # Which ValueSpec kind a plain value is; bool comes first because True is also an int.
@@ -267,7 +281,11 @@ class _Validated:
 
 @dataclass(frozen=True)
 class Hello(_Validated):
-    """Open a session. The engine answers ok with at least {"session": <id>}."""
+    """Open a session. The engine answers ok with at least {"session": <id>}.
+
+    model names a preset, or is "default" for whichever model the engine serves;
+    width and height are the size of the frames the host will send.
+    """
 
     TYPE: ClassVar[str] = "hello"
     _SPECS: ClassVar[Mapping[str, ValueSpec]] = {

@@ -31,11 +31,13 @@ Portability:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import operator
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 from multiprocessing import resource_tracker, shared_memory
@@ -55,6 +57,7 @@ _FRAMES_MAGIC = b"SDBFRMS1"
 _NAME_PATTERN = re.compile(rf"[A-Za-z0-9_]{{1,{MAX_NAME_CHARS}}}")
 _ALIGN = 64  # pixel slots start on cache-line boundaries
 _READ_ATTEMPTS = 8  # seqlock retries before a read gives up until next time
+_DEV_SHM = "/dev/shm"  # where Linux keeps POSIX shared memory
 
 _CONTROL = np.dtype(
     [
@@ -226,6 +229,7 @@ class RingReader(_MappedRing):
         self._control = np.ndarray((), _CONTROL, buffer=control.buf)
         self._frames: _FrameBlock | None = None
         self._last_publish = 0  # the publish count of the last frame we returned
+        self.skipped = 0  # frames written but never returned to this reader (it fell behind)
 
     @classmethod
     def attach(cls, name: str) -> RingReader:
@@ -293,6 +297,7 @@ class RingReader(_MappedRing):
                 pixels = out
                 np.copyto(out, block.pixels[slot])
             if int(block.slots["lock"][slot]) == lock:  # nobody wrote the slot during our copy
+                self.skipped += publish - self._last_publish - 1
                 self._last_publish = publish
                 return RingFrame(pixels, seq, t_capture_ns)
         return None
@@ -432,9 +437,25 @@ def _checked_name(name: str) -> str:
 
 
 def _create_segment(name: str, size: int) -> shared_memory.SharedMemory:
+    _check_room(size)
     segment = shared_memory.SharedMemory(name, create=True, size=size)
     _created_here.add(name)
     return segment
+
+
+def _check_room(size: int) -> None:
+    """Refuse a segment that does not fit in what is free of /dev/shm (Linux). Its pages
+    are handed out only when written, so an oversized segment would be created fine and
+    then kill its writer with SIGBUS in the middle of a frame."""
+    if os.path.isdir(_DEV_SHM):
+        free = shutil.disk_usage(_DEV_SHM).free
+        if size > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"shared memory is full: a {size / 1e6:.1f} MB frame block does not fit in the "
+                f"{free / 1e6:.1f} MB free in {_DEV_SHM}; use smaller frames, or give it more room "
+                "(docker run --shm-size=...)",
+            )
 
 
 def _attach_segment(name: str) -> shared_memory.SharedMemory:

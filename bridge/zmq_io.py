@@ -20,8 +20,9 @@ How it behaves:
 - The DEALER reconnects by itself after the engine restarts. ZMQ_IMMEDIATE keeps it
   from queueing messages while no engine is connected, so a restarted engine never
   receives stale frames or requests.
-- Liveness: a host pings the engine (HostSocket.ping, a request with a timeout); the
-  engine answers pings itself and notes when it last heard from each host
+- Liveness: a host pings the engine (HostSocket.ping, a request with a timeout), or
+  posts requests without waiting (HostSocket.post) and watches HostSocket.last_heard;
+  the engine answers pings itself and notes when it last heard from each host
   (EngineSocket.forget_silent_peers). ZMTP heartbeats also drop dead TCP connections.
 - ZeroMQ sockets are not thread-safe: use each object from one thread only.
 """
@@ -195,6 +196,11 @@ class EngineSocket:
         request_id = to.message.id if isinstance(to, Request) else None
         self._send_reply(to.sender, ErrorReply.from_error(error, request_id))
 
+    def notify(self, recipient: bytes, error: ProtocolError) -> None:
+        """Tell a host about a problem no request of its asked about (its session
+        failed, say): an error reply without an id. Never blocks."""
+        self._send_reply(recipient, ErrorReply.from_error(error))
+
     def send_frame(self, recipient: bytes, header: FrameHeader, pixels: np.ndarray) -> bool:
         """Send a frame to a host without copying it; don't modify pixels afterwards.
 
@@ -275,8 +281,10 @@ class HostSocket:
         self._request_ids = itertools.count(1)
         self._awaited_id: int | None = None  # the request now waiting for its reply
         self._reply: Ok | ErrorReply | None = None
+        self._posted_ids: deque[int] = deque(maxlen=MAX_NOTICES)  # posted requests whose replies we keep
         self._newest_frame: ReceivedFrame | None = None
         self._notices: deque[Message] = deque(maxlen=MAX_NOTICES)
+        self.last_heard: float | None = None  # time.monotonic() of the engine's last message
 
     def request(self, message: Message, timeout_s: float = 5.0) -> dict:
         """Send a request and return the payload of its ok reply.
@@ -306,6 +314,20 @@ class HostSocket:
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.field, reply.message)
         return dict(reply.payload)
+
+    def post(self, message: Message) -> int | None:
+        """Send a request without waiting for its reply; never blocks.
+
+        Returns the request's id, or None when it could not go (no engine connected,
+        or the queue to it is full). Its reply comes back through take_notices.
+        """
+        request_id = next(self._request_ids)
+        try:
+            self._socket.send(encode_message(dataclasses.replace(message, id=request_id)), zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        self._posted_ids.append(request_id)
+        return request_id
 
     def ping(self, timeout_s: float = 2.0) -> float:
         """Round-trip time to the engine in seconds; TimeoutError if it does not answer."""
@@ -343,10 +365,13 @@ class HostSocket:
         return frame
 
     def take_notices(self) -> list[Message]:
-        """Messages the engine sent unasked (e.g. an error about a frame), oldest first.
+        """Messages the engine sent unasked (e.g. an error about a frame) and replies to
+        posted requests, oldest first, up to MAX_NOTICES of the newest.
 
-        They are collected while request and recv_latest_frame receive.
+        Everything that has arrived is taken in first (newer frames included, for
+        recv_latest_frame).
         """
+        self._receive_available()
         notices = list(self._notices)
         self._notices.clear()
         return notices
@@ -357,6 +382,7 @@ class HostSocket:
                 parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            self.last_heard = time.monotonic()
             try:
                 self._take(parts)
             except ProtocolError as error:
@@ -370,7 +396,7 @@ class HostSocket:
             self._newest_frame = ReceivedFrame(header, pixels, 0 if older is None else older.dropped + 1)
         elif len(parts) == 1:
             message = decode_message(parts[0].bytes)
-            if message.id is None:
+            if message.id is None or message.id in self._posted_ids:
                 self._notices.append(message)
             elif message.id == self._awaited_id and isinstance(message, REPLY_TYPES):
                 self._reply = message

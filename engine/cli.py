@@ -1,13 +1,16 @@
-"""`python -m engine ...`: run a clip through the pipeline, download weights."""
+"""`python -m engine ...`: run a clip through the pipeline, serve hosts, run the demo, download weights."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bridge.zmq_io import DEFAULT_ADDRESS
 
 
 def test_pattern(frames: int, height: int, width: int) -> np.ndarray:
@@ -60,15 +63,18 @@ def write_video(path: str, frames: list[np.ndarray], fps: float) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: the DiT's blocks over the ranks
+        from .parallel import run_cli
+        return run_cli(args)
+
     import torch
 
     from .models.weights import build_models
     from .pipeline import StreamPipeline, StreamSettings
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    size = args.size or ("64x64" if args.model == "tiny" else "512x512")
-    height, width = (int(v) for v in size.lower().split("x"))
+    device, dtype = _device_and_dtype(args.device)
+    height, width = model_size(args.model, args.size)
     if args.source == "testpattern":
         video, fps = test_pattern(args.frames, height, width), args.fps
     else:
@@ -106,6 +112,56 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
 
 
+def serve(args: argparse.Namespace) -> None:
+    import zmq
+
+    from .config import get_preset
+    from .models.weights import build_models
+    from .server import EngineServer, check_loopback
+
+    check_loopback(args.bind)
+    get_preset(args.model)  # an unknown name fails now, not in the worker
+    device, dtype = _device_and_dtype(args.device)
+    size = model_size(args.model, args.size)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+
+    def load_models():
+        logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
+        return build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+
+    try:
+        server = EngineServer(load_models, model=args.model, address=args.bind, model_size=size,
+                              session_timeout_s=args.session_timeout, max_sessions=args.max_sessions)
+    except zmq.ZMQError as error:
+        raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
+                         "Choose another port with --bind") from None
+    print(f"engine {args.model} on {device}: listening at {server.address} (Ctrl-C stops it)", flush=True)
+    server.serve_forever()
+    print("engine stopped", flush=True)
+    if server.failed:
+        raise SystemExit(1)
+
+
+def demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+def _device_and_dtype(device: str | None):
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def model_size(model: str, size: str | None) -> tuple[int, int]:
+    """(height, width) from an HxW option, or the model's default size."""
+    size = size or ("64x64" if model == "tiny" else "512x512")
+    height, width = (int(v) for v in size.lower().split("x"))
+    return height, width
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine", description="StreamDiffusionV2 engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +182,33 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--device")
     run_parser.add_argument("--output", help="write the result (.mp4)")
     run_parser.set_defaults(handler=run)
+
+    serve_parser = commands.add_parser("serve", help="serve host applications over shared memory and ZeroMQ")
+    serve_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
+    serve_parser.add_argument("--bind", default=DEFAULT_ADDRESS,
+                              help="where hosts connect; loopback only (tcp://127.0.0.1:PORT or ipc://PATH)")
+    serve_parser.add_argument("--weights", help="folder with the Wan2.1 release files (not needed for tiny)")
+    serve_parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    serve_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    serve_parser.add_argument("--size", help="default model size HxW for sessions (tiny: 64x64, else 512x512); "
+                                             "a session can set model_width and model_height")
+    serve_parser.add_argument("--session-timeout", type=float, default=10.0, metavar="SECONDS",
+                              help="close a session whose host is silent this long")
+    serve_parser.add_argument("--max-sessions", type=int, default=8)
+    serve_parser.set_defaults(handler=serve)
+
+    demo_parser = commands.add_parser("demo", help="the whole loop: an engine, a host streaming a test pattern "
+                                                   "through it in real time, the video that comes back")
+    demo_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
+    demo_parser.add_argument("--weights", help="folder with the Wan2.1 release files (not needed for tiny)")
+    demo_parser.add_argument("--transport", choices=["shm", "zmq"], default="shm")
+    demo_parser.add_argument("--frames", type=int, default=160)
+    demo_parser.add_argument("--fps", type=float, default=16.0, help="frame rate the test pattern is sent at")
+    demo_parser.add_argument("--size", default="256x256", help="host frame size HxW")
+    demo_parser.add_argument("--model-size", help="model size HxW, multiples of 16 (tiny: 64x64, else 512x512)")
+    demo_parser.add_argument("--prompt", default="a watercolour painting")
+    demo_parser.add_argument("--output", default="out/demo.mp4")
+    demo_parser.set_defaults(handler=demo)
 
     download_parser = commands.add_parser("download", help="fetch the published weights of a model")
     download_parser.add_argument("--model", required=True, help="wan2.1-1.3b | wan2.1-14b")

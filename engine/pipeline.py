@@ -75,6 +75,15 @@ class StreamSettings:
             raise ValueError("clean_cache_pass needs stream_batch=False: in a stream batch each slot's "
                              "cache holds its own noise level by design")
 
+    @property
+    def lag_frames(self) -> int:
+        """Input frames an output trails by (the stream batch's fill)."""
+        return FRAMES_PER_LATENT * (self.steps - 1) if self.stream_batch else 0
+
+    @property
+    def first_chunk_frames(self) -> int:
+        return 1 if self.low_latency_start else 1 + FRAMES_PER_LATENT
+
 
 class StreamPipeline:
     def __init__(self, dit: CausalWanDiT, vae, text_encoder: TextEncoder | PromptCache,
@@ -129,11 +138,16 @@ class StreamPipeline:
     @property
     def lag_frames(self) -> int:
         """Input frames an output trails by (the stream batch's fill)."""
-        return FRAMES_PER_LATENT * (self.settings.steps - 1) if self.settings.stream_batch else 0
+        return self.settings.lag_frames
 
     @property
     def first_chunk_frames(self) -> int:
-        return 1 if self.settings.low_latency_start else 1 + FRAMES_PER_LATENT
+        return self.settings.first_chunk_frames
+
+    @property
+    def next_chunk_frames(self) -> int:
+        """How many frames the next ``push`` takes."""
+        return self.first_chunk_frames if self.cache is None else FRAMES_PER_LATENT
 
     # -- streaming ----------------------------------------------------------------
     @torch.no_grad()
@@ -240,10 +254,7 @@ class StreamPipeline:
 
     # -- noise ----------------------------------------------------------------
     def _noise(self, shape, chunk: int, step: int) -> torch.Tensor:
-        """Noise for one chunk and step, from the seed alone (not a running generator)."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed((self.settings.seed * 1_000_003 + chunk * 16 + step) % 2**63)
-        return torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return chunk_noise(shape, self.settings.seed, chunk, step, device=self.device, dtype=self.dtype)
 
     def _noise_latents(self, frames: int, first: bool) -> torch.Tensor:
         count = 1 + (frames - 1) // FRAMES_PER_LATENT if first else frames // FRAMES_PER_LATENT
@@ -252,35 +263,58 @@ class StreamPipeline:
 
     # -- prompts --------------------------------------------------------------
     def _encode_prompt(self) -> torch.Tensor:
-        s = self.settings
-        weighted = s.prompts or ((s.prompt, 1.0),)
-        texts = [p for p, _ in weighted]
-        embeddings = self.prompts.encode(texts)
+        context = prompt_context(self.prompts, self.settings)
         if self.offload_text_encoder and not self.prompts.encoder.offloaded:
             self.prompts.encoder.offload()
-        if len(texts) == 1:
-            context = embeddings
-        else:
-            context = blend_embeddings(list(embeddings[:, None]), [w for _, w in weighted], method=s.blend)
         return context.to(self.device, self.dtype)
 
     # -- pixels ---------------------------------------------------------------
     def _to_model(self, frames, expected: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Validate a chunk and fit it to the model: [1, 3, T, h, w] in [-1, 1]."""
-        video = _as_video(frames, expected)
-        size = tuple(video.shape[1:3])
-        video = video.to(self.device)
-        rgb = video[..., :3].permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-        if video.dtype == torch.uint8:
-            rgb = rgb / 255.0
-        fitted = fit_to(rgb, self.settings.height, self.settings.width, self.settings.fit)
-        return (fitted * 2 - 1).permute(1, 0, 2, 3)[None].to(self.dtype), size
+        return model_frames(frames, expected, self.settings, device=self.device, dtype=self.dtype)
 
     def _decode(self, x0: torch.Tensor, size) -> np.ndarray:
-        frames = self.decoder.stream_decode(x0, self.decoder_state)  # [1, 3, T, h, w] in [-1, 1]
-        rgb = (frames[0].permute(1, 0, 2, 3).float() + 1) / 2
-        restored = fit_back(rgb, *size, self.settings.fit)
-        return (restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return host_frames(self.decoder.stream_decode(x0, self.decoder_state), size, self.settings.fit)
+
+
+# Parts of a step that the pipeline-parallel stream (parallel.py) shares.
+
+def chunk_noise(shape, seed: int, chunk: int, step: int, *, device, dtype) -> torch.Tensor:
+    """Noise for one chunk and denoising step, from the seed alone (not a running
+    generator), so a stream is the same however its steps are scheduled."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + chunk * 16 + step) % 2**63)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def prompt_context(prompts: PromptCache, settings: StreamSettings) -> torch.Tensor:
+    """The text context [1, text_len, text_dim] of the settings' prompt, or of their
+    weighted prompts blended."""
+    weighted = settings.prompts or ((settings.prompt, 1.0),)
+    texts = [p for p, _ in weighted]
+    embeddings = prompts.encode(texts)
+    if len(texts) == 1:
+        return embeddings
+    return blend_embeddings(list(embeddings[:, None]), [w for _, w in weighted], method=settings.blend)
+
+
+def model_frames(frames, expected: int, settings: StreamSettings, *, device, dtype
+                 ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Validate a chunk and fit it to the model: [1, 3, T, h, w] in [-1, 1], and the host's (H, W)."""
+    video = _as_video(frames, expected)
+    size = tuple(video.shape[1:3])
+    video = video.to(device)
+    rgb = video[..., :3].permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    if video.dtype == torch.uint8:
+        rgb = rgb / 255.0
+    fitted = fit_to(rgb, settings.height, settings.width, settings.fit)
+    return (fitted * 2 - 1).permute(1, 0, 2, 3)[None].to(dtype), size
+
+
+def host_frames(decoded: torch.Tensor, size: tuple[int, int], fit: str) -> np.ndarray:
+    """Decoded frames [1, 3, T, h, w] in [-1, 1] back at the host's size: uint8 [T, H, W, 3]."""
+    rgb = (decoded[0].permute(1, 0, 2, 3).float() + 1) / 2
+    restored = fit_back(rgb, *size, fit)
+    return (restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _as_video(frames, expected: int) -> torch.Tensor:

@@ -105,6 +105,12 @@ def test_numbers_convert_only_without_loss():
     assert rejection(decode_message, raw(**{**HELLO, "width": 640.5})).field == "width"
 
 
+def test_a_value_spec_describes_itself_as_plain_data_for_host_uis():
+    assert DEFAULT_PARAMS["strength"].describe() == {"type": "float", "minimum": 0.0, "maximum": 1.0}
+    assert DEFAULT_PARAMS["fit"].describe() == {"type": "str", "choices": ["crop", "stretch", "letterbox"]}
+    assert msgpack.unpackb(msgpack.packb({k: v.describe() for k, v in DEFAULT_PARAMS.items()}))  # travels as is
+
+
 def test_the_engine_can_extend_the_parameter_table():
     schema = {**DEFAULT_PARAMS, "noise_scale": ValueSpec(float, 0.0, 2.0)}
     update = params_message(noise_scale=1.5)

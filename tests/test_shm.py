@@ -1,12 +1,14 @@
 """Shared-memory frame ring: real segments, and a real second process where it matters."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,6 +92,16 @@ def test_a_reader_that_falls_behind_skips_to_the_newest_frame():
         got = reader.read_latest()
         assert got.seq == 9 and (got.pixels == 9).all()
         assert reader.read_latest() is None
+        assert reader.skipped == 9  # counted, so the reader can report them as dropped
+
+
+@linux_only
+def test_a_ring_that_does_not_fit_in_free_shared_memory_is_refused_before_it_is_made(monkeypatch):
+    # An oversized segment would be made fine, then kill its writer with SIGBUS mid-frame.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    with pytest.raises(OSError, match="shared memory is full"):
+        RingWriter.create(64, 64, name="sdb_too_big")
+    assert not any(name.startswith("sdb_too_big") for name in ring_segments())
 
 
 def test_readers_are_independent():

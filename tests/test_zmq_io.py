@@ -148,6 +148,30 @@ def test_an_error_reply_names_the_field_and_the_session_goes_on():
         engine_thread.stop()
 
 
+def test_a_posted_request_does_not_wait_and_its_reply_comes_as_a_notice(engine_thread):
+    with HostSocket(engine_thread.address) as host:
+        host.ping(PATIENCE_S)  # connected
+        heard = host.last_heard
+        request_id = host.post(StatsRequest(session="s"))
+        assert request_id is not None
+        deadline = time.monotonic() + PATIENCE_S
+        notices = []
+        while not notices and time.monotonic() < deadline:
+            time.sleep(0.01)
+            notices = host.take_notices()
+        assert [(type(n), n.id, dict(n.payload)) for n in notices] == [(Ok, request_id, {"type": "stats"})]
+        assert host.last_heard > heard
+
+
+def test_a_posted_request_without_an_engine_is_not_sent():
+    engine = EngineSocket(ANY_PORT)
+    address = engine.address
+    engine.close()
+    with HostSocket(address) as host:
+        assert host.post(StatsRequest(session="s")) is None
+        assert host.last_heard is None
+
+
 def test_params_are_checked_against_the_engines_table():
     schema = {**DEFAULT_PARAMS, "noise_scale": ValueSpec(float, 0.0, 1.0)}
     engine_thread = EngineThread(handler=lambda message: dict(message.params), params_schema=schema)
@@ -285,12 +309,14 @@ def test_the_engine_can_report_a_problem_with_a_frame_to_its_host(engine):
         send_once_connected(host, *frame(1, session="unknown"))
         received = poll_until(engine, lambda inbox: inbox.frames, "the frame").frames[0]
         engine.reply_error(received, ProtocolError(ErrorCode.UNKNOWN_SESSION, "session", "say hello first"))
+        engine.notify(received.sender, ProtocolError(ErrorCode.SESSION_FAILED, None, "out of memory"))
         deadline = time.monotonic() + PATIENCE_S
         notices = []
-        while not notices and time.monotonic() < deadline:
+        while len(notices) < 2 and time.monotonic() < deadline:
             host.recv_latest_frame(0.05)
-            notices = host.take_notices()
-        assert [(n.code, n.field, n.id) for n in notices] == [("unknown_session", "session", None)]
+            notices += host.take_notices()
+        assert [(n.code, n.field, n.id) for n in notices] == [
+            ("unknown_session", "session", None), ("session_failed", None, None)]
 
 
 # ---------------------------------------------------------------------- frames

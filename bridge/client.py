@@ -1,0 +1,349 @@
+"""EngineClient: what a host application uses to stream frames through the engine.
+
+    from bridge.client import EngineClient
+
+    with EngineClient("tcp://127.0.0.1:5555", transport="shm", width=640, height=480,
+                      prompt="a watercolour painting", strength=0.7) as engine:
+        while running:
+            engine.send(camera_frame)               # uint8 [480, 640, 3 or 4]
+            output = engine.receive(timeout=0.01)   # the newest stylised frame, or None
+            if output is not None:
+                show(output.pixels, f"{output.latency_ms:.0f} ms glass to glass")
+
+Frames go through shared memory (transport="shm": same machine, fastest) or ZeroMQ
+(transport="zmq"); control messages always go over ZeroMQ. Latest wins everywhere:
+send never blocks, a frame the engine has no time for is dropped there, and receive
+returns the newest finished frame. Outputs trail inputs by `lag_frames`.
+
+The client needs no thread of its own. Every call also tends the connection: twice a
+second it asks the engine for the session's stats, which keeps the session open and
+keeps `state` current. When the engine stops answering, `state` becomes
+"disconnected" (and a warning is logged); once an engine answers again at the same
+address the client opens a new session with the same parameters and carries on. A
+host that makes no call for longer than the engine's session timeout loses its session
+the same way, and gets a new one on its next call. Use a client from one thread.
+
+No torch here: this module loads in TouchDesigner, OBS and any plain Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .protocol import (
+    FORMATS,
+    Bye,
+    ErrorCode,
+    ErrorReply,
+    FrameHeader,
+    Hello,
+    Ok,
+    ParamsUpdate,
+    Ping,
+    ProtocolError,
+    StatsRequest,
+    check_geometry,
+    check_params,
+)
+from .shm import RingReader, RingWriter
+from .zmq_io import DEFAULT_ADDRESS, HostSocket, RemoteError
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("shm", "zmq")
+KEEPALIVE_S = 0.5  # how often the client asks for stats (and so shows the engine it is alive)
+ENGINE_TIMEOUT_S = 3.0  # no answer for this long: the engine is gone
+POLL_S = 0.001  # receive's wait between looks at the output ring
+TEND_EVERY_S = 0.05  # the longest receive waits without tending the connection
+MAX_STATS_POSTED = 16
+
+
+@dataclass(frozen=True)
+class Output:
+    pixels: np.ndarray  # [height, width, channels] uint8, in the format its input was sent in
+    seq: int  # the seq of the input frame it was made from
+    t_capture_ns: int  # that input's capture time, as sent
+    latency_ms: float  # glass to glass: from t_capture_ns to its arrival here (same clock: time.monotonic_ns)
+
+
+class EngineClient:
+    """A session on an engine. Open it with `with` (or open() and close())."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        transport: str = "shm",
+        width: int,
+        height: int,
+        model: str = "default",
+        timeout_s: float = 5.0,
+        engine_timeout_s: float = ENGINE_TIMEOUT_S,
+        **session_params: Any,
+    ):
+        """width and height are the size of the frames you will send; session_params are
+        the engine's parameters (prompt, strength, steps, seed, fit, model_width, ...:
+        see `info["schema"]` once open). timeout_s bounds each request to the engine."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.address = address
+        self.transport = transport
+        self.width, self.height, _, _ = check_geometry(width, height, "rgba8")
+        self.model = model
+        self.timeout_s = timeout_s
+        self.engine_timeout_s = engine_timeout_s
+        self._prompt = str(session_params.pop("prompt", ""))
+        self._params = check_params(session_params, None)  # the engine checks them against its table
+        self._socket: HostSocket | None = None
+        self.session: str | None = None
+        self.info: dict[str, Any] = {}  # the engine's answer to hello: lag_frames, schema, ...
+        self.error: RemoteError | None = None  # the last error the engine reported
+        self._state = "closed"
+        self._next_seq = 0
+        self._input_ring: RingWriter | None = None
+        self._output_ring: RingReader | None = None
+        self._stats_posted: dict[int, str] = {}  # request id -> session, for stats requests not answered yet
+        self._last_keepalive = 0.0
+        self._waiting_since: float | None = None  # time of the oldest request the engine has not answered
+        self._lost_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def open(self) -> EngineClient:
+        """Connect and open a session. Raises TimeoutError when no engine answers, and
+        RemoteError when the engine refuses the session (the message says why)."""
+        if self._socket is None:
+            self._socket = HostSocket(self.address)
+        try:
+            self._open_session()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Close the session (telling the engine) and the connection. Safe to call twice."""
+        if self._socket is None:
+            return
+        if self.session is not None and self._state != "disconnected":
+            try:
+                self._socket.request(Bye(session=self.session), timeout_s=min(self.timeout_s, 1.0))
+            except (TimeoutError, RemoteError):
+                pass  # the engine is gone, or forgot the session already
+        self._drop_session()
+        self._socket.close()
+        self._socket = None
+        self._state = "closed"
+
+    def __enter__(self) -> EngineClient:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def state(self) -> str:
+        """The session's state as the engine last reported it (starting, loading, ready,
+        streaming, error), or disconnected (no engine answers) or closed."""
+        return self._state
+
+    # -- frames -----------------------------------------------------------------------------
+    def send(self, frame: np.ndarray, t_capture_ns: int | None = None, *, format: str | None = None) -> int:
+        """Send a uint8 [height, width, 3 or 4] frame; returns its seq. Never blocks.
+
+        format is rgb8 for 3 channels and rgba8 for 4 unless given (bgra8). t_capture_ns
+        defaults to now on time.monotonic_ns, the clock latency_ms is measured with.
+        While there is no session (the engine is away) the frame is dropped.
+        """
+        self._check_open()
+        if not isinstance(frame, np.ndarray):
+            raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}")
+        format = format or ("rgb8" if frame.shape[-1:] == (3,) else "rgba8")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        expected = (self.height, self.width, FORMATS[format])
+        if frame.dtype != np.uint8 or frame.shape != expected:
+            raise ValueError(
+                f"frame must be uint8 {expected} ({format}) for this client, got {frame.dtype} {frame.shape}"
+            )
+        seq = self._next_seq
+        self._next_seq += 1
+        t_capture_ns = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
+        self._tend()
+        if self.session is None:
+            return seq
+        if self.transport == "shm":
+            self._input_ring_for(format).write(frame, seq, t_capture_ns)
+        else:
+            header = FrameHeader.for_array(frame, session=self.session, seq=seq, t_capture_ns=t_capture_ns,
+                                           format=format)
+            self._socket.send_frame(header, frame)
+        return seq
+
+    def receive(self, timeout: float = 0.0) -> Output | None:
+        """The newest finished frame not returned yet, waiting up to timeout seconds for one."""
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._tend()
+            remaining = deadline - time.monotonic()
+            output = self._take_output(min(max(remaining, 0.0), TEND_EVERY_S))
+            if output is not None:
+                self._state = "streaming"  # before the next stats reply says so
+                return output
+            if time.monotonic() >= deadline:
+                return None
+
+    # -- control ------------------------------------------------------------------------------
+    def set(self, **params: Any) -> dict[str, Any]:
+        """Change session parameters; they apply between steps. Returns the engine's answer:
+        params (all current values) and restarts (whether a reload parameter restarted the
+        stream). Raises RemoteError naming the parameter the engine refused. While there
+        is no session they are kept for the next one, and {} is returned."""
+        self._check_open()
+        params = check_params(params, None)
+        self._tend()
+        if self.session is not None:
+            reply = self._socket.request(ParamsUpdate(session=self.session, params=params), self.timeout_s)
+            self.info.update(lag_frames=reply["lag_frames"], first_chunk_frames=reply["first_chunk_frames"])
+        else:
+            reply = {}
+        # Kept, so that a session opened after an engine restart starts with them.
+        self._prompt = params.pop("prompt", self._prompt)
+        self._params.update(params)
+        return reply
+
+    def stats(self) -> dict[str, Any]:
+        """The session's state, parameters and counters, from the engine."""
+        self._check_open()
+        self._tend()
+        if self.session is None:
+            raise ConnectionError(f"no session: the engine at {self.address} is {self._state}")
+        stats = self._socket.request(StatsRequest(session=self.session), self.timeout_s)
+        self._state = stats["state"]
+        return stats
+
+    # -- the connection --------------------------------------------------------------------------
+    def _open_session(self) -> None:
+        hello = Hello(model=self.model, width=self.width, height=self.height, prompt=self._prompt,
+                      transport=self.transport, params=self._params)
+        reply = self._socket.request(hello, self.timeout_s)
+        self.session = reply["session"]
+        self.info = reply
+        self._state = reply["state"]
+        self.error = None
+        self._waiting_since = None
+        if self.transport == "shm":
+            self._output_ring = RingReader.attach(reply["output_ring"])
+        log.info("session %s open on the engine at %s", self.session, self.address)
+
+    def _tend(self) -> None:
+        """Take in the engine's notices, keep the session alive, notice the engine going and coming back."""
+        now = time.monotonic()
+        for notice in self._socket.take_notices():
+            self._take_notice(notice)
+        if now - self._last_keepalive >= KEEPALIVE_S:
+            self._last_keepalive = now
+            self._post_keepalive()
+            if self._waiting_since is None:
+                self._waiting_since = now
+        heard = self._socket.last_heard or 0.0
+        if self._waiting_since is not None and heard >= self._waiting_since:
+            self._waiting_since = None
+        if self._state == "disconnected":
+            if heard > self._lost_at:  # an engine answers again
+                self._reopen()
+        elif self._waiting_since is not None and now - self._waiting_since > self.engine_timeout_s:
+            log.warning("the engine at %s stopped answering; its session is lost. A new one opens when an "
+                        "engine answers there again", self.address)
+            self._drop_session()
+            self._state = "disconnected"
+            self._lost_at = now
+
+    def _post_keepalive(self) -> None:
+        """Ask for the session's stats without waiting (a ping while there is no session)."""
+        if self.session is None:
+            self._socket.post(Ping())
+            return
+        request_id = self._socket.post(StatsRequest(session=self.session))
+        if request_id is not None:
+            self._stats_posted[request_id] = self.session
+            while len(self._stats_posted) > MAX_STATS_POSTED:  # the oldest will never be answered
+                del self._stats_posted[next(iter(self._stats_posted))]
+
+    def _take_notice(self, notice: Ok | ErrorReply) -> None:
+        if notice.id is not None:  # the reply to a posted request
+            about = self._stats_posted.pop(notice.id, None)
+            if about is None or about != self.session:
+                return  # a ping's, or about an earlier session
+            if isinstance(notice, Ok):
+                self._state = notice.payload.get("state", self._state)
+                return
+            if notice.code == ErrorCode.UNKNOWN_SESSION:
+                # No such session any more: a new engine, or we were silent too long.
+                log.warning("the engine at %s no longer knows session %s; opening a new one", self.address, about)
+                self._drop_session()
+                self._reopen()
+                return
+        error = RemoteError(notice.code, notice.field, notice.message)
+        if notice.code == ErrorCode.SESSION_FAILED:
+            log.warning("the engine ended session %s: %s", self.session, notice.message)
+            self._drop_session()
+            self._state = "error"
+        else:
+            log.warning("the engine reported: %s", error)
+        self.error = error
+
+    def _reopen(self) -> None:
+        try:
+            self._open_session()
+        except (TimeoutError, RemoteError, ProtocolError, FileNotFoundError) as error:
+            log.warning("could not open a new session on the engine at %s: %s", self.address, error)
+            self.error = error if isinstance(error, RemoteError) else None
+            self._state = "disconnected"
+            self._lost_at = time.monotonic()
+
+    def _drop_session(self) -> None:
+        """Forget the session and free its rings (the engine frees its side)."""
+        self.session = None
+        if self._input_ring is not None:
+            self._input_ring.close()
+            self._input_ring = None
+        if self._output_ring is not None:
+            self._output_ring.close()
+            self._output_ring = None
+
+    def _input_ring_for(self, format: str) -> RingWriter:
+        """The ring to the engine, made on the first frame and remade for a new format."""
+        ring = self._input_ring
+        if ring is None:
+            ring = self._input_ring = RingWriter.create(self.width, self.height, format, name=self.info["input_ring"])
+        elif ring.format != format:
+            ring.resize(self.width, self.height, format)
+        return ring
+
+    def _take_output(self, wait_s: float) -> Output | None:
+        if self.session is None:
+            time.sleep(wait_s)
+            return None
+        if self.transport == "zmq":
+            frame = self._socket.recv_latest_frame(wait_s)
+            if frame is None or frame.header.session != self.session:
+                return None
+            return _output(np.array(frame.pixels), frame.header.seq, frame.header.t_capture_ns)
+        deadline = time.monotonic() + wait_s
+        while (frame := self._output_ring.read_latest()) is None and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        return None if frame is None else _output(frame.pixels, frame.seq, frame.t_capture_ns)
+
+    def _check_open(self) -> None:
+        if self._socket is None:
+            raise RuntimeError("the client is not open: use it in a with block, or call open() first")
+
+
+def _output(pixels: np.ndarray, seq: int, t_capture_ns: int) -> Output:
+    return Output(pixels, seq, t_capture_ns, (time.monotonic_ns() - t_capture_ns) / 1e6)

@@ -1,0 +1,357 @@
+"""The engine server: host applications open sessions and stream frames through them.
+
+    python -m engine serve --model tiny --bind tcp://127.0.0.1:5555
+
+Two threads, each with one job:
+
+    IO thread   owns the ZeroMQ socket and every shared-memory ring. It answers control
+                requests, puts received frames into their session's inbox, sends
+                finished frames when they are due, tells a host when its session
+                failed, and closes sessions whose host went silent. It never waits on
+                the device, so frames keep coming in (and stale ones are dropped) while
+                a step runs.
+    worker      runs on the device: loads the models, builds pipelines, runs steps
+                (engine/worker.py).
+
+The main thread starts both and waits for a stop (Ctrl-C, SIGTERM, or stop()); closing
+unlinks every shared-memory segment the engine made. Sessions, their inboxes and
+outboxes are described in engine/session.py.
+
+What a host sees (messages as in bridge/protocol.py):
+
+- hello opens a session. The ok payload holds: session (its id), state, model,
+  params (the session's parameter values), schema (each parameter's type, bounds and
+  whether it applies "live" at the next step or "reload"s the stream), lag_frames and
+  first_chunk_frames (outputs trail inputs by lag_frames; the first chunk takes
+  first_chunk_frames, later ones 4), session_timeout_s, and with transport "shm" the
+  ring names: the host creates input_ring (its frames, at the hello's size) and reads
+  output_ring, which the engine creates.
+- Frames go over the session's transport; each output echoes its input's seq and
+  t_capture_ns, in the input's pixel format, at the host's size.
+- params changes parameters between steps; the payload says which applied live and
+  whether the stream restarts. stats returns the session's state, parameters and
+  counters. bye closes the session.
+- States: starting, loading (the model is still loading), ready, streaming, error.
+- When a step fails the host gets an error without an id, code session_failed, and
+  the session is closed.
+- A host not heard from for session_timeout_s (no request, ping or frame over ZeroMQ)
+  loses its session; hosts streaming over shared memory keep it with a ping or stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from bridge.protocol import Bye, ErrorCode, FrameHeader, Hello, ParamsUpdate, ProtocolError, StatsRequest
+from bridge.shm import RingReader, RingWriter, session_ring_names
+from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request
+
+from .models.weights import Models
+from .pipeline import StreamSettings
+from .session import PARAMS, InputFrame, Session, apply_params, current_params, params_schema, to_rgb
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+SERVED_TRANSPORTS = ("shm", "zmq")
+DEFAULT_SESSION_TIMEOUT_S = 10.0
+DEFAULT_MAX_SESSIONS = 8
+POLL_S = 0.002  # IO loop period while sessions are open: shared memory has no wake-up, so it is polled
+IDLE_POLL_S = 0.05  # with no session open
+REAP_EVERY_S = 0.25  # how often silent hosts are looked for
+JOIN_TIMEOUT_S = 10.0  # how long close() waits for a step (or a model load) in progress
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_loopback(address: str) -> None:
+    """Refuse a bind address other hosts could reach: the engine has no authentication."""
+    parts = urlsplit(address)
+    host = parts.hostname or ""
+    if parts.scheme == "ipc" or (parts.scheme == "tcp" and (host in LOOPBACK_HOSTS or host.startswith("127."))):
+        return
+    raise ValueError(
+        f"--bind {address} is not a loopback address; the engine takes no authentication, so it listens only "
+        "on tcp://127.0.0.1:PORT, tcp://localhost:PORT, tcp://[::1]:PORT or ipc://PATH"
+    )
+
+
+class EngineServer:
+    """Serves sessions of one model. Binds in the constructor (a taken port fails there);
+    start() runs it, stop() asks it to stop, close() stops it and cleans up."""
+
+    def __init__(
+        self,
+        load_models: Callable[[], Models],
+        *,
+        model: str,
+        address: str = DEFAULT_ADDRESS,
+        model_size: tuple[int, int] = (512, 512),
+        session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+    ):
+        self.model = model
+        height, width = model_size
+        self._default_settings = StreamSettings(height=height, width=width)  # validates the size
+        self._session_timeout_s = session_timeout_s
+        self._max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}  # changed by the IO thread only
+        self._sessions_lock = threading.Lock()  # the worker reads the table from its thread
+        self._worker = Worker(load_models, self._open_sessions)
+        self._stopping = threading.Event()
+        self.failed = False  # set when a thread died of an unexpected error
+        self._socket = EngineSocket(address, params_schema=PARAMS)
+        self.address = self._socket.address
+        self._threads = [
+            threading.Thread(target=self._guarded(self._serve_io), name="engine-io", daemon=True),
+            threading.Thread(target=self._guarded(lambda: self._worker.run(self._stopping)), name="engine-worker",
+                             daemon=True),
+        ]
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Ask the engine to stop; safe from a signal handler or any thread."""
+        self._stopping.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for a stop; True once one was asked for."""
+        return self._stopping.wait(timeout_s)
+
+    def close(self) -> None:
+        """Stop, wait for the threads, close every session (unlinking its rings) and the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(JOIN_TIMEOUT_S)
+        for session in self._open_sessions():
+            self._close_session(session, "the engine is stopping")
+        self._socket.close()
+
+    def serve_forever(self) -> None:
+        """Run until Ctrl-C or SIGTERM (call from the main thread), then close."""
+        previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            while not self.wait(0.5):  # a timed wait, so the signal handlers get to run
+                pass
+        finally:
+            self.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _guarded(self, target: Callable[[], None]) -> Callable[[], None]:
+        """A thread body that stops the whole engine if it fails, rather than leave it half working."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException:
+                log.exception("the engine stops: %s failed", threading.current_thread().name)
+                self.failed = True
+                self.stop()
+
+        return run
+
+    def _open_sessions(self) -> list[Session]:
+        with self._sessions_lock:
+            return list(self._sessions.values())
+
+    # -- IO thread ------------------------------------------------------------------------
+    def _serve_io(self) -> None:
+        next_reap = time.monotonic()
+        while not self._stopping.is_set():
+            inbox = self._socket.poll(POLL_S if self._sessions else IDLE_POLL_S)
+            for request in inbox.requests:
+                self._answer(request)
+            for frame in inbox.frames:
+                self._take_zmq_frame(frame)
+            for rejected in inbox.rejected:
+                log.debug("refused a message: %s", rejected.error)  # the host got an error reply
+            now_ns = time.monotonic_ns()
+            for session in self._open_sessions():
+                if session.failure is not None:  # closed (its memory freed) before the host hears of it
+                    self._close_session(session, "it failed")
+                    self._socket.notify(session.owner, ProtocolError(ErrorCode.SESSION_FAILED, None, session.failure))
+                    continue
+                if session.transport == "shm":
+                    self._read_input_ring(session)
+                self._send_due_outputs(session, now_ns)
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + REAP_EVERY_S
+                self._close_silent_sessions()
+
+    def _answer(self, request: Request) -> None:
+        handlers = {Hello: self._hello, ParamsUpdate: self._params, StatsRequest: self._stats, Bye: self._bye}
+        try:
+            payload = handlers[type(request.message)](request)
+        except ProtocolError as error:
+            self._socket.reply_error(request, error)
+        else:
+            self._socket.reply_ok(request, payload)
+
+    def _hello(self, request: Request) -> dict[str, Any]:
+        hello: Hello = request.message
+        if hello.transport not in SERVED_TRANSPORTS:
+            raise ProtocolError(ErrorCode.BAD_VALUE, "transport",
+                                f"this engine takes frames over {' or '.join(SERVED_TRANSPORTS)}; "
+                                f"{hello.transport} is not supported yet")
+        if hello.model not in (self.model, "default"):
+            raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, "model",
+                                f"this engine serves {self.model!r}, not {hello.model!r}; ask for 'default', or "
+                                f"start an engine with python -m engine serve --model {hello.model}")
+        if self._worker.load_error is not None:
+            raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, "model",
+                                f"{self.model} failed to load ({self._worker.load_error}); "
+                                "fix that and restart the engine")
+        if len(self._sessions) >= self._max_sessions:
+            raise ProtocolError(ErrorCode.TOO_LARGE, None,
+                                f"this engine serves at most {self._max_sessions} sessions at once; close one, "
+                                "or start the engine with a larger --max-sessions")
+        settings, targets = apply_params(replace(self._default_settings, prompt=hello.prompt), {}, hello.params)
+        session_id = secrets.token_hex(8)
+        state = "starting" if self._worker.state == "ready" else "loading"
+        session = Session(session_id, request.sender, hello.transport, hello.width, hello.height, settings, targets,
+                          state)
+        reply = {
+            "session": session_id,
+            "state": state,
+            "model": self.model,
+            "params": current_params(settings, targets),
+            "schema": params_schema(),
+            "lag_frames": settings.lag_frames,
+            "first_chunk_frames": settings.first_chunk_frames,
+            "session_timeout_s": self._session_timeout_s,
+        }
+        if hello.transport == "shm":
+            input_ring, output_ring = session_ring_names(session_id)
+            try:
+                session.output_ring = RingWriter.create(hello.width, hello.height, "rgba8", name=output_ring)
+            except OSError as error:  # shared memory is full
+                raise ProtocolError(ErrorCode.TOO_LARGE, "width", str(error)) from None
+            reply.update(input_ring=input_ring, output_ring=output_ring)
+        with self._sessions_lock:
+            self._sessions[session_id] = session
+        self._worker.wake()
+        log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, hello.transport, hello.width,
+                 hello.height, settings.width, settings.height)
+        return reply
+
+    def _params(self, request: Request) -> dict[str, Any]:
+        message: ParamsUpdate = request.message
+        session = self._owned_session(request.sender, message.session)
+        settings, targets = apply_params(session.settings, session.targets, message.params)
+        restarts = session.change(settings, targets)
+        self._worker.wake()
+        return {
+            "params": current_params(settings, targets),
+            "restarts": restarts,  # a reload parameter changed: the stream starts over (lag and first chunk again)
+            "lag_frames": settings.lag_frames,
+            "first_chunk_frames": settings.first_chunk_frames,
+        }
+
+    def _stats(self, request: Request) -> dict[str, Any]:
+        return self._owned_session(request.sender, request.message.session).stats()
+
+    def _bye(self, request: Request) -> dict[str, Any]:
+        session = self._owned_session(request.sender, request.message.session)
+        self._close_session(session, "the host said bye")
+        return {"session": session.id}
+
+    def _owned_session(self, sender: bytes, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != sender:
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "session",
+                                f"no session {session_id!r} on this connection; open one with hello")
+        return session
+
+    def _take_zmq_frame(self, frame: ReceivedFrame) -> None:
+        header = frame.header
+        try:
+            session = self._owned_session(frame.sender, header.session)
+            _check_size(session, header.width, header.height)
+        except ProtocolError as error:
+            self._socket.reply_error(frame, error)
+            return
+        rgb = to_rgb(frame.pixels, header.format)
+        if session.put(InputFrame(rgb, header.format, header.seq, header.t_capture_ns), frame.dropped):
+            self._worker.wake()
+
+    def _read_input_ring(self, session: Session) -> None:
+        if session.input_ring is None:
+            try:
+                session.input_ring = RingReader.attach(session_ring_names(session.id)[0])
+            except FileNotFoundError:
+                return  # the host has not made it yet
+            except ProtocolError as error:
+                if error.field != "magic":  # e.g. the host's bridge writes another ring layout version
+                    session.fail(f"the input ring is unusable: {error.message}")
+                return  # no magic yet: the host is still making the ring
+        ring = session.input_ring
+        frame = ring.read_latest()
+        if frame is None:
+            return
+        try:
+            _check_size(session, ring.width, ring.height)
+        except ProtocolError as error:
+            if session.bad_ring_generation != ring.generation:  # reported once per ring size
+                session.bad_ring_generation = ring.generation
+                self._socket.notify(session.owner, error)
+            return
+        if session.put(InputFrame(to_rgb(frame.pixels, ring.format), ring.format, frame.seq, frame.t_capture_ns)):
+            self._worker.wake()
+
+    def _send_due_outputs(self, session: Session, now_ns: int) -> None:
+        while (output := session.due_output(now_ns)) is not None:
+            if session.transport == "shm":
+                ring = session.output_ring
+                if ring.format != output.format:
+                    try:
+                        ring.resize(session.width, session.height, output.format)
+                    except OSError as error:  # shared memory is full
+                        session.fail(f"cannot make the output ring: {error}")
+                        return
+                ring.write(output.pixels, output.seq, output.t_capture_ns)
+            else:
+                header = FrameHeader(session=session.id, seq=output.seq, t_capture_ns=output.t_capture_ns,
+                                     width=session.width, height=session.height, format=output.format)
+                if not self._socket.send_frame(session.owner, header, output.pixels):
+                    return  # the host's queue is full; the frame waits for room (or a newer chunk)
+            session.output_sent(output)
+
+    def _close_silent_sessions(self) -> None:
+        silent = set(self._socket.forget_silent_peers(self._session_timeout_s))
+        for session in self._open_sessions():
+            if session.owner in silent:
+                self._close_session(session, f"its host was silent for {self._session_timeout_s:g} s")
+
+    def _close_session(self, session: Session, reason: str) -> None:
+        with self._sessions_lock:
+            self._sessions.pop(session.id, None)
+        session.close()
+        if session.input_ring is not None:
+            session.input_ring.close()
+        if session.output_ring is not None:
+            session.output_ring.close()  # unlinks it
+        self._worker.wake()  # to free the session's pipeline
+        log.info("session %s closed: %s", session.id, reason)
+
+
+def _check_size(session: Session, width: int, height: int) -> None:
+    if (width, height) != (session.width, session.height):
+        raise ProtocolError(ErrorCode.SIZE_MISMATCH, "width",
+                            f"this session takes {session.width}x{session.height} frames, as its hello said; "
+                            f"got {width}x{height}. Open a new session for another size")

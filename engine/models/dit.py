@@ -110,16 +110,83 @@ class CausalWanDiT(nn.Module):
         return (height // ph) * (width // pw)
 
     def new_cache(self, batch: int, height: int, width: int) -> KVCache:
-        """An empty KV cache for ``batch`` streams of latents of this size."""
+        """An empty KV cache for ``batch`` streams of latents of this size, over the
+        blocks this model holds (all of them unless :meth:`keep_only` dropped some)."""
         param = next(self.parameters())
-        return KVCache(self.config, batch, self.frame_tokens(height, width), dtype=param.dtype, device=param.device)
+        return KVCache(self.config, batch, self.frame_tokens(height, width), layers=self.held_layers,
+                       dtype=param.dtype, device=param.device)
 
     def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-block cross-attention keys and values of a text context [B, L <= text_len, text_dim]."""
+        kv = self.blocks_context_kv(self.embed_context(context), self.held_layers)
+        return [kv.get(index) for index in range(len(self.blocks))]  # None for a block not held
+
+    def embed_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The text context [B, L <= text_len, text_dim] zero-padded to text_len, as Wan
+        does, and embedded: [B, text_len, dim], what every block's cross-attention reads."""
         pad = self.config.text_len - context.shape[1]
-        context = nn.functional.pad(context, (0, 0, 0, pad))  # zero-padded as Wan does
-        embedded = self.text_embedding(context.to(self.patch_embedding.weight.dtype))
-        return [block.cross_attn.context_kv(embedded) for block in self.blocks]
+        context = nn.functional.pad(context, (0, 0, 0, pad))
+        return self.text_embedding(context.to(self.patch_embedding.weight.dtype))
+
+    def blocks_context_kv(self, embedded: torch.Tensor, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values of an embedded context for the blocks ``layers``."""
+        return {index: self.blocks[index].cross_attn.context_kv(embedded) for index in layers}
+
+    # -- pipeline stages -----------------------------------------------------------
+    # A pipeline stage runs part of the model: the first stage embeds, every stage
+    # runs its range of blocks, the last stage applies the head. ``forward`` is the
+    # same parts in one process.
+    @property
+    def held_layers(self) -> list[int]:
+        """Numbers of the blocks this model holds."""
+        return [index for index, block in enumerate(self.blocks) if block is not None]
+
+    def keep_only(self, layers, *, embeddings: bool, head: bool) -> "CausalWanDiT":
+        """Drop what one pipeline stage does not run: the blocks outside ``layers``,
+        the patch/text/time embeddings unless ``embeddings``, the head unless ``head``.
+        Dropped parts become None; the kept ones keep their numbers and parameter
+        names, so a checkpoint's entries load by name and blocks move by number."""
+        for index in range(len(self.blocks)):
+            if index not in layers:
+                self.blocks[index] = None
+        if not embeddings:
+            self.patch_embedding = self.text_embedding = self.time_embedding = self.time_projection = None
+        if not head:
+            self.head = None
+        return self
+
+    def embed(self, latents: torch.Tensor, timesteps: torch.Tensor):
+        """Tokens [B, F, T, dim] of ``latents`` [B, in_dim, F, H, W], and the float32
+        time terms of ``timesteps`` [B, F]: block modulation [B, F, 6, dim] and head
+        modulation [B, F, dim]."""
+        batch, _, frames = latents.shape[:3]
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(3).permute(0, 2, 3, 1)
+        time_emb = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, timesteps.flatten())
+                                       .to(x.dtype)).float()
+        time_mod = self.time_projection(time_emb.to(x.dtype)).float().view(batch, frames, 6, -1)
+        return x, time_mod, time_emb.view(batch, frames, -1)
+
+    def rope_frequencies(self, frame_numbers: list[list[int]], grid_h: int, grid_w: int,
+                         device: torch.device) -> torch.Tensor:
+        """Rotations of every token of frames with these absolute numbers (per batch element)."""
+        times = [[rotary_position(f, self.config.num_kv_cache, self.config.rope_refresh_at) for f in row]
+                 for row in frame_numbers]
+        return self.rope.frequencies(torch.tensor(times, device=device), grid_h, grid_w)
+
+    def run_blocks(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, context_kv, layers, *,
+                   mask=None, cache: KVCache | None = None, plan: WritePlan | None = None) -> torch.Tensor:
+        """Blocks ``layers`` (a range) on tokens ``x``; ``context_kv[i]`` is block i's cross-attention K/V."""
+        for index in layers:
+            block = self.blocks[index]
+            if block is None:
+                raise ValueError(f"block {index} is not held by this model (it holds {self.held_layers})")
+            x = block(x, time_mod, freqs, context_kv[index], mask=mask, cache=cache, layer_index=index, plan=plan)
+        return x
+
+    def finish(self, x: torch.Tensor, time_emb: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """The head on the last block's tokens: the flow [B, out_dim, F, H, W]."""
+        return self._unpatchify(self.head(x, time_emb), grid_h, grid_w)
 
     # -- forward -------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
@@ -135,29 +202,19 @@ class CausalWanDiT(nn.Module):
         _, ph, pw = self.config.patch_size
         grid_h, grid_w = height // ph, width // pw
 
-        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
-        x = x.flatten(3).permute(0, 2, 3, 1)  # [B, F, T, dim]
-
-        time_emb = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, timesteps.flatten())
-                                       .to(x.dtype)).float()
-        time_mod = self.time_projection(time_emb.to(x.dtype)).float().view(batch, frames, 6, -1)
-        time_emb = time_emb.view(batch, frames, -1)
-
+        x, time_mod, time_emb = self.embed(latents, timesteps)
         context_kv = self._context_kv(context, batch, cache)
         if cache is None:
-            frame_ids = [list(range(frames))] * batch
+            frame_numbers = [list(range(frames))] * batch
             mask = None if block_size is None else self._block_mask(frames, block_size, grid_h * grid_w, x.device)
             plan = None
         else:
-            frame_ids = cache.frame_numbers(frames)
+            frame_numbers = cache.frame_numbers(frames)
             mask, plan = None, cache.begin_write(frames)
-        times = [[rotary_position(f, self.config.num_kv_cache, self.config.rope_refresh_at) for f in row]
-                 for row in frame_ids]
-        freqs = self.rope.frequencies(torch.tensor(times, device=x.device), grid_h, grid_w)
-
-        for index, block in enumerate(self.blocks):
-            x = block(x, time_mod, freqs, context_kv[index], mask=mask, cache=cache, layer_index=index, plan=plan)
-        return self._unpatchify(self.head(x, time_emb), grid_h, grid_w)
+        freqs = self.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
+        x = self.run_blocks(x, time_mod, freqs, context_kv, range(len(self.blocks)), mask=mask, cache=cache,
+                            plan=plan)
+        return self.finish(x, time_emb, grid_h, grid_w)
 
     def _context_kv(self, context: torch.Tensor, batch: int, cache: KVCache | None):
         """Cross-attention K/V, taken from the cache while the same context tensor is passed."""
@@ -184,6 +241,9 @@ class CausalWanDiT(nn.Module):
 
     def _check_arguments(self, latents, timesteps, context, cache, block_size) -> None:
         cfg = self.config
+        if len(self.held_layers) != len(self.blocks) or self.head is None or self.patch_embedding is None:
+            raise ValueError(f"this model holds only part of the DiT (blocks {self.held_layers}); "
+                             "a pipeline stage runs its part with embed/run_blocks/finish")
         if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
             raise ValueError(f"latents must be a tensor [batch, {cfg.in_dim}, frames, height, width], "
                              f"got {_describe(latents)}")

@@ -9,14 +9,21 @@ it was written at and the slot order does not matter.
 Where each frame goes is planned on the host once per forward and shared by all
 layers, so a step costs one indexed write per layer and no host-device sync.
 
-Adaptive sink replacement: once every slot is filled, a new frame whose mean key
-and value (cosine, averaged over K and V) are unlike every sink frame's, under the
-threshold, replaces the least similar sink frame instead of taking a ring slot.
+Adaptive sink replacement: once an element's slots are all filled, a new frame
+whose mean key and value (cosine, averaged over K and V) are unlike every sink
+frame's, under the threshold, replaces the least similar sink frame instead of
+taking a ring slot. Each element decides for itself, as published (per batch
+slot), so a slot's cache does not depend on which other chunks share its batch:
+the pipeline-parallel schedule batches different chunks than one process does.
 The published model decides this in every layer from that layer's keys; here the
 first layer's keys decide for all layers, which keeps one slot layout for the
 whole model and costs a dozen small operations per step instead of per layer
 (about a third of a 1.3B step when launched per layer). The decision is made on
 the device; the host reads it at the next step, when it is long finished.
+
+A pipeline stage's cache holds only its own layers (``layers``; the other
+entries of ``keys`` and ``values`` are None). A stage without the first layer
+follows the decision made where that layer is (:meth:`KVCache.follow_sink_replacement`).
 """
 
 from __future__ import annotations
@@ -36,13 +43,16 @@ class WritePlan:
     targets: torch.Tensor  # [B, F] slot of each new frame (the first layer may redirect to a sink)
     rows: torch.Tensor  # [B, 1] batch index, to pair with targets
     mask: torch.Tensor | None  # [B, 1, 1, L] filled positions, None once every slot is filled
-    adapt: bool  # adaptive sink replacement may fire (one fresh frame per element, cache full)
+    # [B] elements whose replacement may fire (one fresh frame, its cache full); None if none may
+    adapt: torch.Tensor | None
     planned: list[list[int]] | None = None  # host copy of the targets before any redirect
     previous_layout: list[list[int]] | None = None  # slot layout before this write
+    # ([B] replaced, [B] which sink) once the first layer has decided; None before or without adapt
+    sink_replacement: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class KVCache:
-    """Self-attention caches of every layer plus each batch element's stream position.
+    """Self-attention caches of every layer (or of ``layers``) plus each batch element's stream position.
 
     The caller owns the position: a forward with this cache processes frames
     ``frame_start[b] ...`` of element ``b``; calling the model again without
@@ -50,7 +60,7 @@ class KVCache:
     overwrites their slots instead of taking new ones.
     """
 
-    def __init__(self, config, batch: int, frame_tokens: int, *, dtype: torch.dtype = torch.float32,
+    def __init__(self, config, batch: int, frame_tokens: int, *, layers=None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         self.num_frames = config.num_kv_cache
         self.num_sink = config.num_sink
@@ -59,8 +69,11 @@ class KVCache:
         self.batch = batch
         self.device = torch.device(device)
         shape = (batch, self.num_frames * frame_tokens, config.num_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
+        held = range(config.num_layers) if layers is None else set(layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) if i in held else None
+                     for i in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=self.device) if i in held else None
+                       for i in range(config.num_layers)]
         # The planned slot layout, shared by all layers: absolute frame number per slot.
         self.slot_frame = [[EMPTY] * self.num_frames for _ in range(batch)]
         self.frame_start = [0] * batch  # first frame of each element's next forward
@@ -96,15 +109,31 @@ class KVCache:
         copy = object.__new__(KVCache)
         copy.__dict__.update(self.__dict__)
         copy.batch = batch
-        copy.keys = [k[:1].repeat(batch, 1, 1, 1) for k in self.keys]
-        copy.values = [v[:1].repeat(batch, 1, 1, 1) for v in self.values]
+        copy.keys = [None if k is None else k[:1].repeat(batch, 1, 1, 1) for k in self.keys]
+        copy.values = [None if v is None else v[:1].repeat(batch, 1, 1, 1) for v in self.values]
         copy.slot_frame = [list(self.slot_frame[0]) for _ in range(batch)]
         copy.frame_start = [self.frame_start[0]] * batch
         copy.sink_directions, copy._pending = None, None
         return copy
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    # -- layers (a pipeline stage holds some) ------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """Numbers of the layers whose keys and values this cache holds."""
+        return [layer for layer, keys in enumerate(self.keys) if keys is not None]
+
+    def take_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove one layer's keys and values, to hand them to another stage."""
+        keys, values = self.keys[layer], self.values[layer]
+        self.keys[layer] = self.values[layer] = None
+        return keys, values
+
+    def put_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold a layer's keys and values taken from another stage's cache of the same stream."""
+        self.keys[layer], self.values[layer] = keys, values
 
     # -- writing ---------------------------------------------------------------
     def begin_write(self, frames: int) -> WritePlan:
@@ -113,15 +142,15 @@ class KVCache:
 
         A frame being re-processed keeps its slot; a new one takes the first empty
         sink slot, else the oldest ring slot (empty ring slots count as oldest).
-        Adaptive replacement starts only once every slot is filled."""
+        An element's adaptive replacement starts once its slots are all filled."""
         self._settle_sink_replacements()
-        full_before = self.is_full()
         previous = [list(slots) for slots in self.slot_frame]
-        targets, all_fresh = [], True
+        targets, eligible = [], []
         for slots, frame_numbers in zip(self.slot_frame, self.frame_numbers(frames)):
+            full, fresh = EMPTY not in slots, all(frame not in slots for frame in frame_numbers)
+            eligible.append(full and fresh)
             row = []
             for frame in frame_numbers:
-                all_fresh &= frame not in slots
                 row.append(self._slot_for(slots, frame))
                 slots[row[-1]] = frame
             targets.append(row)
@@ -131,8 +160,9 @@ class KVCache:
         if not self.is_full():
             filled = torch.tensor([[s != EMPTY for s in slots] for slots in self.slot_frame], device=self.device)
             mask = filled.repeat_interleave(self.frame_tokens, dim=1)[:, None, None, :]
-        adapt = (self.num_sink > 0 and self.adapt_sink_threshold > -1 and full_before
-                 and frames == 1 and all_fresh)
+        adapt = None
+        if self.num_sink > 0 and self.adapt_sink_threshold > -1 and frames == 1 and any(eligible):
+            adapt = torch.tensor(eligible, device=self.device)
         plan = WritePlan(targets=torch.tensor(targets, device=self.device),
                          rows=torch.arange(self.batch, device=self.device)[:, None], mask=mask, adapt=adapt)
         plan.planned, plan.previous_layout = targets, previous
@@ -168,7 +198,7 @@ class KVCache:
         v_slots = self.values[layer].view(batch, self.num_frames, self.frame_tokens, *v.shape[2:])
         k_new = k.view(batch, frames, self.frame_tokens, *k.shape[2:])
         v_new = v.view(batch, frames, self.frame_tokens, *v.shape[2:])
-        if plan.adapt and layer == 0:
+        if plan.adapt is not None and layer == 0:
             self._choose_sink_replacements(k_slots, v_slots, k_new[:, 0], v_new[:, 0], plan)
         k_slots[plan.rows, plan.targets] = k_new.to(k_slots.dtype)
         v_slots[plan.rows, plan.targets] = v_new.to(v_slots.dtype)
@@ -182,12 +212,21 @@ class KVCache:
         new_direction = _mean_direction(k_new[:, None], v_new[:, None])  # [B, 1, 2, C]
         similarity = (self.sink_directions * new_direction).sum(dim=-1).mean(dim=-1)  # [B, sinks]
         lowest, least_similar = similarity.min(dim=1)
-        replace = lowest < self.adapt_sink_threshold
+        replace = (lowest < self.adapt_sink_threshold) & plan.adapt
         replaced_sink = replace[:, None] & (
             torch.arange(self.num_sink, device=replace.device) == least_similar[:, None])
         self.sink_directions = torch.where(replaced_sink[:, :, None, None], new_direction, self.sink_directions)
-        plan.targets = torch.where(replace[:, None], least_similar[:, None], plan.targets)
-        self._pending = (replace, least_similar, plan.planned, plan.previous_layout)
+        self._redirect(plan, replace, least_similar)
+
+    def follow_sink_replacement(self, plan: WritePlan, replaced: torch.Tensor, sink: torch.Tensor) -> None:
+        """Apply the replacement decided by the cache that holds the first layer
+        (another pipeline stage's, for this same forward) to this cache's plan."""
+        self._redirect(plan, replaced.to(self.device), sink.to(self.device))
+
+    def _redirect(self, plan: WritePlan, replaced: torch.Tensor, sink: torch.Tensor) -> None:
+        plan.targets = torch.where(replaced[:, None], sink[:, None], plan.targets)
+        plan.sink_replacement = (replaced, sink)
+        self._pending = (replaced, sink, plan.planned, plan.previous_layout)
 
 
 def _mean_direction(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

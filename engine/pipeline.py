@@ -36,6 +36,8 @@ FIT_MODES = ("crop", "letterbox", "stretch")
 FRAMES_PER_LATENT = 4
 # Text-to-video starts from pure noise, so its steps start at the top of the schedule.
 T2V_STEPS = (1000, 750, 500, 250)
+# The first timestep is 1000 * noise scale - 100: below this it would be negative.
+MIN_STRENGTH = 0.1
 # Settings that can change between steps; the others rebuild the stream.
 LIVE_SETTINGS = ("prompt", "prompts", "blend", "strength", "seed", "fit")
 
@@ -63,8 +65,8 @@ class StreamSettings:
             if not isinstance(value, int) or value < 16 or value % 16:
                 raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
         denoising_steps(self.steps)  # validates steps
-        if not 0 < self.strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
+        if not MIN_STRENGTH <= self.strength <= 1:
+            raise ValueError(f"strength must be in [{MIN_STRENGTH}, 1], got {self.strength!r}")
         if self.fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {self.fit!r}")
         if self.mode not in ("v2v", "t2v"):
@@ -83,6 +85,13 @@ class StreamSettings:
     @property
     def first_chunk_frames(self) -> int:
         return 1 if self.low_latency_start else 1 + FRAMES_PER_LATENT
+
+
+def motion_settings(settings: StreamSettings) -> MotionSettings:
+    """The motion controller for a strength: still scenes get the strength as noise
+    scale, motion lowers it by up to the slope, never under MIN_STRENGTH."""
+    slope = min(settings.motion.slope, settings.strength - MIN_STRENGTH)
+    return replace(settings.motion, noise_scale=settings.strength, slope=max(slope, 0.0))
 
 
 class StreamPipeline:
@@ -116,14 +125,14 @@ class StreamPipeline:
             if prompt_changed:
                 self.context = self._encode_prompt()
             # a new strength moves the controller's target; its running average goes on
-            self.motion.settings = replace(self.motion.settings, noise_scale=new.strength)
+            self.motion.settings = motion_settings(new)
         return rebuild
 
     def reset(self) -> None:
         """Start a new stream: empty caches, nothing in flight."""
         s = self.settings
         self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
-        self.motion = MotionNoiseController(replace(s.motion, noise_scale=s.strength))
+        self.motion = MotionNoiseController(motion_settings(s))
         self.context = self._encode_prompt()
         self.vae_state = self.vae.new_stream()
         self.decoder_state = self.decoder.new_stream() if self.decoder is not self.vae else self.vae_state

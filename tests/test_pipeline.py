@@ -123,7 +123,7 @@ def test_bad_input_names_the_problem_and_the_pipeline_goes_on(models, bad, probl
     assert len(pipe.push(clip(4))) == 4
 
 
-@pytest.mark.parametrize("bad", [dict(height=30), dict(steps=5), dict(fit="zoom"), dict(strength=0)])
+@pytest.mark.parametrize("bad", [dict(height=30), dict(steps=5), dict(fit="zoom"), dict(strength=0.05)])
 def test_bad_settings_are_refused(models, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         make(models, **bad)
@@ -165,3 +165,12 @@ def test_the_text_encoder_can_leave_the_device_after_encoding(models):
     assert encoder.offloaded and not torch.equal(before, pipe.context)
     pipe.update(prompt="")  # seen before: from the cache, the encoder stays off
     torch.testing.assert_close(pipe.context, before)
+
+
+def test_a_low_strength_keeps_the_first_timestep_valid(models):
+    pipe = make(models, strength=0.1, stream_batch=False)
+    video = clip(13, seed=3)
+    stream(pipe, video)
+    assert pipe.motion.first_timestep(pipe.motion.noise_scale) >= 0
+    pipe.update(strength=0.15)
+    assert pipe.motion.settings.noise_scale - pipe.motion.settings.slope >= 0.1 - 1e-9

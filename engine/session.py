@@ -7,13 +7,18 @@ session's pipeline, and leaves the finished frames in the outbox, each with the 
 and `t_capture_ns` of the input frame it came from. Everything the two threads share
 is guarded by the session's lock; the pipeline itself belongs to the worker alone.
 
-Both boxes are bounded and latest wins. The inbox holds at most the frames the next
-chunk needs: a frame arriving when it is full pushes out the oldest, so a session
-whose frames come faster than its steps run loses stale frames rather than falling
-behind. The outbox holds one chunk's finished frames, released at the cadence their
-inputs were captured (a host showing the newest frame sees every one, not one in
-four); a frame the host has no room for yet waits there, and a newer chunk replaces
-frames still waiting.
+Both boxes are bounded and latest wins. The inbox holds the frames the next chunk
+needs and the start of the one after (engine/slo.py's inbox_limit): a frame arriving
+when it is full pushes out the oldest, so a session whose frames come faster than its
+steps run loses stale frames rather than falling behind; when the SLO policy caps the
+session's frame rate, frames beyond the cap are dropped on arrival. The outbox holds
+one chunk's finished frames, released at the cadence their inputs were captured (a
+host showing the newest frame sees every one, not one in four); a frame the host has
+no room for yet waits there, and a newer chunk replaces frames still waiting.
+
+The session also keeps what the SLO policy plans with (input rate, waits for the
+device) and what stats reports against the targets (time to first frame, output
+frame rate, latency percentiles from capture to sending, deadline misses).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from bridge.shm import RingReader, RingWriter
 
 from .flow import PUBLISHED_STEPS
 from .pipeline import LIVE_SETTINGS, StreamSettings
+from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
+                  inbox_limit, percentile)
 
 # What a session reports to its host, in the order a healthy session goes through them.
 STATES = ("starting", "loading", "ready", "streaming", "error")
@@ -48,9 +55,11 @@ PARAMS: Mapping[str, ValueSpec] = {
     "model_height": ValueSpec(int, 16, MAX_MODEL_SIZE),
     "low_latency_start": ValueSpec(bool),
 }
-# Targets for the scheduler, not settings of the pipeline. They are recorded and reported
-# in stats; the round-robin scheduler does not act on them yet.
+# Targets for the SLO scheduler (engine/slo.py), not settings of the pipeline.
 TARGETS = ("target_fps", "latency_ms")
+LATENCY_SAMPLES = 1000  # latest outputs whose latency the percentiles in stats cover
+OUTPUT_FPS_WINDOW_NS = 2_000_000_000  # output frame rate in stats: over the last two seconds ...
+OUTPUT_FPS_SHORTEST_NS = 250_000_000  # ... or since the first output, once that is this long ago
 # Protocol names of StreamSettings fields, where the two differ.
 _SETTING_FIELDS = {"model_width": "width", "model_height": "height"}
 
@@ -172,6 +181,21 @@ class Session:
         self._frames_in = self._frames_dropped = self._frames_processed = 0
         self._frames_out = self._outputs_dropped = 0
         self._steps, self._step_seconds = 0, 0.0
+        # For the SLO scheduler and its stats:
+        self._input_rate = RateMeter()  # of the frames as they arrive, before the rate cap
+        self._rate_gate = FrameRateGate()
+        self._frames_over_rate = 0  # dropped for the rate cap (also in _frames_dropped)
+        self._dropped_stale = False  # since the scheduler last looked
+        self._ready_since_ns: int | None = None  # when the inbox last held a complete chunk
+        self._waits = WaitMeter()  # complete chunks' waits for the device
+        self._had_output = False
+        self._first_frame_ns: int | None = None  # arrival of the first frame
+        self._first_output_ns: int | None = None
+        self._time_to_first_frame_ns: int | None = None
+        self._latencies_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._sent_ns: deque[int] = deque()  # send times within the output frame-rate window
+        self._deadline_misses = 0
+        self._choice: Choice | None = None
         # Owned by the IO thread:
         self.input_ring: RingReader | None = None
         self.output_ring: RingWriter | None = None
@@ -186,12 +210,21 @@ class Session:
             if self.closed:
                 return False
             self._frames_dropped += dropped_before
-            while len(self._inbox) >= self._frames_needed:
-                self._inbox.popleft()
-                self._frames_dropped += 1
-            self._inbox.append(frame)
             self._frames_in += 1
-            return len(self._inbox) >= self._frames_needed
+            self._input_rate.add(frame.t_capture_ns)
+            if self._first_frame_ns is None:
+                self._first_frame_ns = time.monotonic_ns()
+            if not self._rate_gate.admit(frame.t_capture_ns):
+                self._frames_dropped += 1
+                self._frames_over_rate += 1
+                return False
+            while len(self._inbox) >= inbox_limit(self._frames_needed):
+                self._drop_oldest()
+            self._inbox.append(frame)
+            ready = len(self._inbox) >= self._frames_needed
+            if ready and self._ready_since_ns is None:
+                self._ready_since_ns = time.monotonic_ns()
+            return ready
 
     def change(self, settings: StreamSettings, targets: Mapping[str, float]) -> bool:
         """Take new parameters; the worker applies them between steps. Returns whether
@@ -213,8 +246,17 @@ class Session:
             return self._outbox[0] if self._outbox and self._outbox[0].due_ns <= now_ns else None
 
     def output_sent(self, output: OutputFrame) -> None:
+        now_ns = time.monotonic_ns()
         with self.lock:
             self._frames_out += 1
+            latency_ms = (now_ns - output.t_capture_ns) / 1e6
+            self._latencies_ms.append(latency_ms)
+            self._deadline_misses += latency_ms > self.latency_ms
+            if self._first_output_ns is None:
+                self._first_output_ns = now_ns
+                self._time_to_first_frame_ns = now_ns - self._first_frame_ns
+            self._sent_ns.append(now_ns)
+            self._forget_sent_before(now_ns - OUTPUT_FPS_WINDOW_NS)
             if self._outbox and self._outbox[0] is output:  # unless a newer chunk replaced it meanwhile
                 self._outbox.popleft()
 
@@ -246,7 +288,37 @@ class Session:
                 "steps": self._steps,
                 "step_ms": 1000 * self._step_seconds / self._steps if self._steps else None,
                 "uptime_s": time.monotonic() - self.opened_at,
+                # Against the targets (engine/slo.py): latencies from capture to the output's sending.
+                "time_to_first_frame_ms": _ms(self._time_to_first_frame_ns),
+                "output_fps": self._output_fps(time.monotonic_ns()),
+                "latency_ms": {f"p{p}": _round(percentile(list(self._latencies_ms), p)) for p in (50, 95, 99)},
+                "deadline_misses": self._deadline_misses,  # outputs sent later than latency_ms after capture
+                "frames_over_rate": self._frames_over_rate,  # of frames_dropped: beyond the frame-rate cap
+                "scheduler": self._choice.as_dict() if self._choice is not None else None,
             }
+
+    @property
+    def target_fps(self) -> float:
+        return self.targets.get("target_fps", DEFAULT_TARGET_FPS)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.targets.get("latency_ms", DEFAULT_LATENCY_MS)
+
+    def _output_fps(self, now_ns: int) -> float | None:
+        if self._first_output_ns is None or now_ns - self._first_output_ns < OUTPUT_FPS_SHORTEST_NS:
+            return None
+        self._forget_sent_before(now_ns - OUTPUT_FPS_WINDOW_NS)
+        return round(len(self._sent_ns) * 1e9 / min(OUTPUT_FPS_WINDOW_NS, now_ns - self._first_output_ns), 2)
+
+    def _forget_sent_before(self, t_ns: int) -> None:
+        while self._sent_ns and self._sent_ns[0] < t_ns:
+            self._sent_ns.popleft()
+
+    def _drop_oldest(self) -> None:
+        self._inbox.popleft()
+        self._frames_dropped += 1
+        self._dropped_stale = True
 
     # -- worker --------------------------------------------------------------------
     def is_active(self) -> bool:
@@ -270,22 +342,51 @@ class Session:
         and restart); frames beyond that, the oldest, are dropped."""
         with self.lock:
             self._frames_needed = frames_needed
-            while len(self._inbox) > frames_needed:
-                self._inbox.popleft()
-                self._frames_dropped += 1
+            while len(self._inbox) > inbox_limit(frames_needed):
+                self._drop_oldest()
+            self._ready_since_ns = time.monotonic_ns() if len(self._inbox) >= frames_needed else None
 
-    def take_chunk(self, frames_after: int) -> list[InputFrame] | None:
-        """The next chunk's frames, or None until enough have come. frames_after is how
-        many the chunk after it takes, set now so that frames arriving during the step
-        are kept for it."""
+    def take_chunk(self, frames_after: int, stale_before_ns: int | None = None) -> list[InputFrame] | None:
+        """The next chunk's frames, the oldest, or None until enough have come. Frames
+        captured before stale_before_ns are dropped first while a full chunk stays.
+        frames_after is how many the chunk after it takes, set now so that frames
+        arriving during the step are kept for it."""
         with self.lock:
             if len(self._inbox) < self._frames_needed:
                 return None
-            chunk = list(self._inbox)
-            self._inbox.clear()
+            while (stale_before_ns is not None and len(self._inbox) > self._frames_needed
+                   and self._inbox[0].t_capture_ns < stale_before_ns):
+                self._drop_oldest()
+            now_ns = time.monotonic_ns()
+            self._waits.add((now_ns - self._ready_since_ns) / 1e9 if self._ready_since_ns is not None else 0.0)
+            chunk = [self._inbox.popleft() for _ in range(self._frames_needed)]
             self._frames_processed += len(chunk)
             self._frames_needed = frames_after
+            self._ready_since_ns = now_ns if len(self._inbox) >= frames_after else None
             return chunk
+
+    def slo_load(self, stream_batched: bool | None, ready: bool, in_flight_capture_ns: int | None) -> SessionLoad:
+        """What the SLO policy needs of this session; the worker adds what its pipeline knows
+        (its mode, whether it has a step to run, the capture time of the oldest frame in flight)."""
+        with self.lock:
+            oldest = in_flight_capture_ns
+            if oldest is None and self._inbox:
+                oldest = self._inbox[0].t_capture_ns
+            dropping, self._dropped_stale = self._dropped_stale, False
+            return SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
+                               "latency_ms" in self.targets, self._had_output, ready, oldest, self._input_rate.fps,
+                               self._waits.longest, dropping)
+
+    def set_choice(self, choice: Choice) -> None:
+        """The scheduler's decision for this session: its frame-rate cap, and for stats."""
+        with self.lock:
+            self._choice = choice
+            self._rate_gate.set_cap(choice.frame_rate_cap)
+
+    def set_stream_batch(self, stream_batched: bool) -> None:
+        """Record the mode the scheduler runs the session's pipeline in (lag_frames follows it)."""
+        with self.lock:
+            self.settings = replace(self.settings, stream_batch=stream_batched)
 
     def set_state(self, state: str) -> None:
         with self.lock:
@@ -298,6 +399,7 @@ class Session:
             self._steps += 1
             self._step_seconds += step_seconds
             if outputs and not self.closed:
+                self._had_output = True
                 self._outputs_dropped += len(self._outbox)
                 self._outbox.clear()
                 self._outbox.extend(outputs)
@@ -309,3 +411,11 @@ class Session:
             self.state = "error"
             self._inbox.clear()
             self._outbox.clear()
+
+
+def _ms(nanoseconds: int | None) -> float | None:
+    return None if nanoseconds is None else round(nanoseconds / 1e6, 1)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -3,7 +3,12 @@
 It loads the models once (every session of the engine shares them, and one prompt
 cache), builds each session's StreamPipeline, and runs steps: one session's chunk of
 frames through its pipeline. Parameters a host changed are applied just before the
-session's next step, never during one. Which session goes next is the scheduler's call.
+session's next step, never during one.
+
+Before each step the SLO policy (engine/slo.py) plans: which session goes next, the
+mode each pipeline runs in (a change restarts that stream), and each session's
+frame-rate cap. Every step's time is measured and teaches the policy's cost model;
+a session's first chunk is the warm-up measurement.
 
 A step that fails, out of memory included, fails only its session: the worker drops
 that session's pipeline and caches, returns the memory to the device, and goes on
@@ -28,6 +33,7 @@ from .models.text import PromptCache
 from .models.weights import Models
 from .pipeline import FRAMES_PER_LATENT, StreamPipeline
 from .session import InputFrame, Session, paced_outputs
+from .slo import Choice, CostModel, SessionLoad, SloPolicy, StepShape
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +50,13 @@ class _Stream:
     in_flight: deque[list[InputFrame]] = field(default_factory=deque)
 
 
-class Scheduler:
-    """Which session the worker serves next: round robin over the sessions with work.
-
-    It stands in for the SLO scheduler (engine/slo.py, not written yet), which will
-    also decide how many frames and which sessions share a step.
-    """
-
-    def __init__(self) -> None:
-        self._last_served: str | None = None
-
-    def pick(self, sessions: list[Session], has_work: Callable[[Session], bool]) -> Session | None:
-        ids = [session.id for session in sessions]
-        start = ids.index(self._last_served) + 1 if self._last_served in ids else 0
-        for session in sessions[start:] + sessions[:start]:
-            if has_work(session):
-                self._last_served = session.id
-                return session
-        return None
-
-
 class Worker:
     """Runs on its own thread: run() until stop is set."""
 
     def __init__(self, load_models: Callable[[], Models], sessions: Callable[[], list[Session]]):
         self._load_models = load_models
         self._sessions = sessions  # the open sessions, a fresh list on each call
-        self._scheduler = Scheduler()
+        self._policy = SloPolicy(CostModel())
         self._work = threading.Event()  # set by the IO thread when a session may have work
         self._streams: dict[str, _Stream] = {}
         self._models: Models | None = None
@@ -87,13 +73,14 @@ class Worker:
         while not stop.is_set():
             self._free_closed_sessions()
             self._work.clear()  # before looking, so a wake() during the look is not lost
-            session = self._scheduler.pick(self._sessions(), self._has_work)
-            if session is None:
+            planned = self._plan()
+            if planned is None:
                 self._work.wait(IDLE_WAIT_S)
                 continue
+            session, load, choice = planned
             failure = None
             try:
-                self._advance(session)
+                self._advance(session, load, choice)
             except Exception as error:  # noqa: BLE001 - any failure ends only this session
                 failure = _failure_message(session, error)
             if failure is not None:  # out here, the traceback no longer holds the step's tensors
@@ -119,13 +106,32 @@ class Worker:
             return session.is_active()  # its pipeline is still to build
         return session.has_work()
 
-    def _advance(self, session: Session) -> None:
+    def _plan(self) -> tuple[Session, SessionLoad, Choice] | None:
+        """Ask the policy for a plan and give each session its choice (its frame-rate cap
+        applies at once); the session to serve, with what the policy knew and chose for it."""
+        sessions = [session for session in self._sessions() if session.is_active()]
+        loads = []
+        for session in sessions:
+            stream = self._streams.get(session.id)
+            in_flight = stream.in_flight[0][0].t_capture_ns if stream is not None and stream.in_flight else None
+            mode = stream.pipeline.settings.stream_batch if stream is not None else None
+            loads.append(session.slo_load(mode, self._has_work(session), in_flight))
+        plan = self._policy.plan(loads)
+        for session in sessions:
+            session.set_choice(plan.choices[session.id])
+        for session, load in zip(sessions, loads):
+            if session.id == plan.next:
+                return session, load, plan.choices[session.id]
+        return None
+
+    def _advance(self, session: Session, load: SessionLoad, choice: Choice) -> None:
         """Build the session's pipeline, or run its next chunk if one is complete."""
         if self._models is None:
             raise RuntimeError(f"the model failed to load ({self.load_error}); restart the engine")
         stream = self._streams.get(session.id)
         if stream is None:
             session.take_pending()  # the pipeline starts from the session's current settings
+            session.set_stream_batch(choice.stream_batched)
             pipeline = StreamPipeline(self._models.dit, self._models.vae, self._prompts, session.settings,
                                       decoder=self._models.decoder)
             self._streams[session.id] = _Stream(pipeline)
@@ -134,14 +140,27 @@ class Worker:
             return
 
         changes = session.take_pending()
+        if stream.pipeline.settings.stream_batch != choice.stream_batched:
+            log.info("session %s: stream batching %s for its latency budget; the stream restarts",
+                     session.id, "on" if choice.stream_batched else "off")
+            session.set_stream_batch(choice.stream_batched)
+            changes["stream_batch"] = choice.stream_batched
         if changes and stream.pipeline.update(**changes):
             stream.in_flight.clear()  # a restart discards the chunks in the stream batch
             session.expect_frames(stream.pipeline.next_chunk_frames)
-        chunk = session.take_chunk(frames_after=FRAMES_PER_LATENT)  # every chunk after a first one takes 4
+        stale_before_ns = self._policy.stale_before_ns(load, time.monotonic_ns())
+        # Every chunk after a first one takes 4 frames.
+        chunk = session.take_chunk(frames_after=FRAMES_PER_LATENT, stale_before_ns=stale_before_ns)
         if chunk is None:
             return
+        pipeline = stream.pipeline
+        if pipeline.next_chunk_frames == FRAMES_PER_LATENT:
+            shape = StepShape.steady(pipeline.settings.steps, pipeline.settings.stream_batch)
+        else:
+            shape = StepShape.first_chunk(pipeline.settings.steps, 1 + (len(chunk) - 1) // FRAMES_PER_LATENT)
         started = time.perf_counter()
-        finished = stream.pipeline.push(np.stack([frame.rgb for frame in chunk]))
+        finished = pipeline.push(np.stack([frame.rgb for frame in chunk]))
+        self._policy.cost.observe(shape, time.perf_counter() - started)
         stream.in_flight.append(chunk)
         outputs = []
         if len(finished):

@@ -1,0 +1,372 @@
+"""SLO-aware scheduling: which session the device serves next, in which mode, at what frame rate.
+
+Each session states two targets (live parameters): ``target_fps``, the frame rate it
+wants served, and ``latency_ms``, its budget from a frame's capture to its output.
+Before every step the worker (engine/worker.py) asks the policy for a plan. The policy
+reasons with a cost model of a step, learned online from the steps the worker times.
+
+How a frame's latency adds up (d: the time between the session's frames):
+
+    latency = (3 + lag_frames) * d   the chunk of 4 fills, then the stream batch's lag
+            + wait                   other sessions' steps ahead of this one (as measured)
+            + step                   the step that finishes the frame (the cost model)
+
+The policy:
+
+1. Time to first frame first: a session waiting for its first output goes ahead of
+   steady-state work (its first chunk is 1 frame when it asked for low_latency_start).
+2. Mode: stream batching (one forward for all denoising steps: the most frames a
+   second, but lag_frames more latency) unless its predicted latency is over budget
+   where the other mode's is not. A pipeline starts in the chosen mode; a later change
+   restarts the stream, so it happens only when the current mode no longer fits. Only
+   for sessions that stated latency_ms: the mode sets the lag hello announced, so a
+   session on the default budget keeps stream batching, as published.
+3. Order: earliest deadline first, the deadline being the capture time of the oldest
+   frame the step would output plus that session's budget.
+4. Overload, in this order. A session's inbox holds one chunk and the start of the
+   next (inbox_limit) and the newest frame wins, so frames are never queued into
+   seconds of lag; and a step drops frames that could no longer make their deadline
+   when a newer chunk is waiting (both counted as dropped). If a session keeps losing
+   frames while the sessions' demand exceeds the device's time, its frame rate is
+   capped to an even cadence: every session gets the same share of its target (or,
+   when targets fit, of the frames beyond them), never below the rate its budget needs
+   (slower frames make a chunk take longer to fill). The cap goes once demand fits.
+
+Not done here: sessions run on their own pipelines, one session per step (a
+StreamPipeline takes one stream, so sessions are ordered, not batched into one
+forward), and every step after a first chunk takes one latent frame (4 video frames),
+the only size a StreamPipeline step takes after its first chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+DEFAULT_TARGET_FPS = 16.0
+DEFAULT_LATENCY_MS = 500.0
+FRAMES_PER_CHUNK = 4  # video frames per latent frame, as StreamPipeline takes them after a first chunk
+COST_SMOOTHING = 0.2  # weight of a new measurement in the cost model's moving average
+RATE_WINDOW = 16  # frames over which a session's input rate is measured
+WAIT_WINDOW = 16  # chunks over which a session's wait for the device is measured
+# Demand is compared with the device's time at this share: a little slack keeps steps of
+# different sessions from piling up into waits when every session runs at its cap.
+DEVICE_SHARE = 0.95
+
+
+# ------------------------------------------------------------------------ cost model
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step computes, as far as its time goes."""
+
+    latents: int  # latent frames in each forward (2 for a full first chunk, else 1)
+    width: int  # rows in each forward: the denoising steps when stream-batched, else 1
+    passes: int  # forwards run one after another: the denoising steps without stream batching, else 1
+
+    @property
+    def work(self) -> int:
+        return self.latents * self.width * self.passes
+
+    @staticmethod
+    def steady(steps: int, stream_batched: bool) -> StepShape:
+        """A step after the first chunk."""
+        return StepShape(1, steps, 1) if stream_batched else StepShape(1, 1, steps)
+
+    @staticmethod
+    def first_chunk(steps: int, latents: int) -> StepShape:
+        """A stream's first chunk: every denoising step in turn on its latents."""
+        return StepShape(latents, 1, steps)
+
+
+class CostModel:
+    """Seconds a step of each shape takes: a moving average of measured steps.
+
+    A shape not measured yet is estimated from the measured ones by its work (latent
+    rows times passes), which overestimates what batching saves; so the first
+    measurement (a session's first chunk, the warm-up) already gives every shape a
+    usable estimate, and each later step refines its own."""
+
+    def __init__(self, smoothing: float = COST_SMOOTHING):
+        self._smoothing = smoothing
+        self._seconds: dict[StepShape, float] = {}
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        known = self._seconds.get(shape)
+        self._seconds[shape] = seconds if known is None else known + self._smoothing * (seconds - known)
+
+    def predict(self, shape: StepShape) -> float | None:
+        """Seconds for a step of this shape, or None before any step was measured."""
+        if shape in self._seconds:
+            return self._seconds[shape]
+        if not self._seconds:
+            return None
+        per_work = sum(seconds / known.work for known, seconds in self._seconds.items()) / len(self._seconds)
+        return per_work * shape.work
+
+
+# ------------------------------------------------------------------- frame rates
+
+
+class RateMeter:
+    """Frames per second of a stream, from the capture times of its latest frames."""
+
+    def __init__(self, window: int = RATE_WINDOW):
+        self._captures: deque[int] = deque(maxlen=window)
+
+    def add(self, t_capture_ns: int) -> None:
+        self._captures.append(t_capture_ns)
+
+    @property
+    def fps(self) -> float | None:
+        if len(self._captures) < 2 or self._captures[-1] <= self._captures[0]:
+            return None
+        return (len(self._captures) - 1) * 1e9 / (self._captures[-1] - self._captures[0])
+
+
+class WaitMeter:
+    """The longest of a session's recent waits for the device, a chunk complete."""
+
+    def __init__(self, window: int = WAIT_WINDOW):
+        self._waits: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self._waits.append(seconds)
+
+    @property
+    def longest(self) -> float | None:
+        return max(self._waits, default=None)
+
+
+def inbox_limit(frames_needed: int) -> int:
+    """Frames a session's inbox holds: the next chunk and the start of the one after,
+    so frames arriving while the chunk waits for the device are kept, not a chunk more."""
+    return frames_needed + FRAMES_PER_CHUNK - 1
+
+
+class FrameRateGate:
+    """Lets through at most ``cap_fps`` frames a second, evenly: time is cut into
+    slots of 1/cap_fps from the first frame let through, and one frame per slot passes."""
+
+    def __init__(self) -> None:
+        self.cap_fps: float | None = None
+        self._origin_ns: int | None = None
+        self._last_slot = 0
+
+    def set_cap(self, cap_fps: float | None) -> None:
+        if cap_fps != self.cap_fps:
+            self.cap_fps = cap_fps
+            self._origin_ns = None  # the next frame starts the new cadence
+
+    def admit(self, t_capture_ns: int) -> bool:
+        if self.cap_fps is None:
+            return True
+        if self._origin_ns is None:
+            self._origin_ns, self._last_slot = t_capture_ns, 0
+            return True
+        slot = round((t_capture_ns - self._origin_ns) * self.cap_fps / 1e9)
+        if slot <= self._last_slot:
+            return False
+        self._last_slot = slot
+        return True
+
+
+# ------------------------------------------------------------------------ policy
+
+
+@dataclass(frozen=True)
+class SessionLoad:
+    """What the policy knows of a session when it plans a step."""
+
+    id: str
+    target_fps: float
+    latency_s: float
+    steps: int
+    stream_batched: bool | None  # its pipeline's mode; None until the pipeline is built
+    mode_adjustable: bool  # the host stated latency_ms, so the policy may trade stream batching for latency
+    started: bool  # has had its first output
+    ready: bool  # has a step to run: a complete chunk, or a pipeline to build
+    deadline_capture_ns: int | None  # capture time of the oldest frame its next step would output
+    input_fps: float | None  # its frames' rate as they arrive, before any cap
+    wait_s: float | None  # the longest its recent chunks waited for the device once complete
+    dropping: bool  # lost stale frames since the last plan
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The scheduler's current decision for one session, as stats reports it."""
+
+    stream_batched: bool  # the mode its pipeline should run in (a change restarts the stream)
+    frame_rate_cap: float | None  # frames a second let in, or None for every frame
+    predicted_step_s: float | None
+    predicted_latency_s: float | None
+    state: str  # meeting targets | frame rate lowered | over budget | warming up
+
+    def as_dict(self) -> dict:
+        return {
+            "stream_batch": self.stream_batched,
+            "frame_rate_cap": None if self.frame_rate_cap is None else round(self.frame_rate_cap, 2),
+            "predicted_step_ms": _ms(self.predicted_step_s),
+            "predicted_latency_ms": _ms(self.predicted_latency_s),
+            "state": self.state,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    next: str | None  # the session to serve now, or None when none has a step to run
+    choices: dict[str, Choice]
+
+
+class SloPolicy:
+    """Plans each step from the sessions' loads and the cost model; see the module doc."""
+
+    def __init__(self, cost: CostModel, device_share: float = DEVICE_SHARE):
+        self.cost = cost
+        self._device_share = device_share
+        self._capped: set[str] = set()  # sessions whose frame rate is held down
+        self._choices: dict[str, Choice] = {}  # of the last plan
+
+    def plan(self, sessions: list[SessionLoad]) -> Plan:
+        caps = self._frame_rate_caps(sessions)
+        self._choices = {session.id: self._choice(session, sessions, caps.get(session.id)) for session in sessions}
+        return Plan(self._next(sessions), self._choices)
+
+    def choice(self, session_id: str) -> Choice:
+        """The last plan's choice for a session."""
+        return self._choices[session_id]
+
+    def stale_before_ns(self, session: SessionLoad, now_ns: int) -> int | None:
+        """Frames captured before this would miss their deadline if a step took them now
+        (None: nothing is known yet to say so, or no frame can make it: then dropping
+        frames would not save a deadline, only lose frames)."""
+        choice = self._choices.get(session.id)
+        step = self._step(session, session.stream_batched)
+        if choice is None or step is None or choice.state in ("over budget", "warming up"):
+            return None
+        lag_s = _lag_frames(session, session.stream_batched) * self._interval(session, choice.frame_rate_cap)
+        return now_ns - round((session.latency_s - step - lag_s) * 1e9)
+
+    # -- order -------------------------------------------------------------------
+    @staticmethod
+    def _next(sessions: list[SessionLoad]) -> str | None:
+        ready = [session for session in sessions if session.ready]
+        if not ready:
+            return None
+        first_frames = [session for session in ready if not session.started]
+        if first_frames:  # in the order they opened
+            return first_frames[0].id
+
+        def deadline(session: SessionLoad) -> float:
+            if session.deadline_capture_ns is None:
+                return math.inf
+            return session.deadline_capture_ns / 1e9 + session.latency_s
+
+        return min(ready, key=deadline).id
+
+    # -- mode and predictions ---------------------------------------------------------
+    def _choice(self, session: SessionLoad, sessions: list[SessionLoad], cap: float | None) -> Choice:
+        others = [other for other in sessions if other.id != session.id]
+        interval = self._interval(session, cap)
+        batched = self._latency(session, True, interval, others)
+        alone = self._latency(session, False, interval, others)
+        # Stream batching gives the most frames a second: it is kept unless its latency
+        # is over budget where the other mode's is not (nothing measured: the published default).
+        if batched is None or alone is None or not session.mode_adjustable:
+            mode = session.stream_batched if session.stream_batched is not None else True
+        elif session.stream_batched is False:
+            mode = alone > session.latency_s and batched <= session.latency_s
+        else:
+            mode = not (batched > session.latency_s and alone <= session.latency_s)
+        latency = batched if mode else alone
+        if latency is None:
+            state = "warming up"
+        elif latency > session.latency_s:
+            state = "over budget"
+        elif cap is not None:
+            state = "frame rate lowered"
+        else:
+            state = "meeting targets"
+        return Choice(mode, cap, self._step(session, mode), latency, state)
+
+    def _step(self, session: SessionLoad, batched: bool | None) -> float | None:
+        return self.cost.predict(StepShape.steady(session.steps, batched is not False))
+
+    def _latency(self, session: SessionLoad, batched: bool, interval: float, others: list[SessionLoad]
+                 ) -> float | None:
+        step, wait = self._step(session, batched), self._wait(session, others)
+        if step is None or wait is None:
+            return None
+        return (3 + _lag_frames(session, batched)) * interval + wait + step
+
+    def _wait(self, session: SessionLoad, others: list[SessionLoad]) -> float | None:
+        """How long a complete chunk waits for the device: as measured, or before that
+        the worst case, a step of every other session."""
+        if session.wait_s is not None:
+            return session.wait_s
+        steps = [self._step(other, other.stream_batched) for other in others]
+        return None if None in steps else sum(steps)
+
+    @staticmethod
+    def _interval(session: SessionLoad, cap: float | None) -> float:
+        """Seconds between the frames a session's chunks are made of."""
+        return 1 / (cap or session.input_fps or session.target_fps)
+
+    # -- frame rates -------------------------------------------------------------------
+    def _frame_rate_caps(self, sessions: list[SessionLoad]) -> dict[str, float]:
+        """Caps for the sessions that lose frames while demand exceeds the device's time."""
+        step = {session.id: self._step(session, session.stream_batched) for session in sessions}
+        if None in step.values():
+            self._capped.clear()
+            return {}
+
+        def load(rates: dict[str, float]) -> float:
+            """Share of the device's time these frame rates take."""
+            return sum(rates[id] / FRAMES_PER_CHUNK * step[id] for id in rates)
+
+        wanted = {session.id: session.input_fps or session.target_fps for session in sessions}
+        if load(wanted) <= self._device_share:
+            self._capped.clear()
+            return {}
+        self._capped = {session.id for session in sessions if session.dropping or session.id in self._capped}
+        guaranteed = {session.id: min(wanted[session.id], session.target_fps) for session in sessions}
+        guaranteed_load = load(guaranteed)
+        if guaranteed_load > self._device_share:
+            # Every session at the same share of its target.
+            scale = self._device_share / guaranteed_load
+            fair = {id: rate * scale for id, rate in guaranteed.items()}
+        else:
+            # Targets are met; the time left goes to the frames beyond them, shared alike.
+            extra = {id: wanted[id] - guaranteed[id] for id in wanted}
+            scale = (self._device_share - guaranteed_load) / load(extra)
+            fair = {id: guaranteed[id] + extra[id] * scale for id in wanted}
+        caps = {}
+        for session in sessions:
+            if session.id in self._capped:
+                others = [other for other in sessions if other.id != session.id]
+                caps[session.id] = max(fair[session.id], self._lowest_rate_in_budget(session, others))
+        return caps
+
+    def _lowest_rate_in_budget(self, session: SessionLoad, others: list[SessionLoad]) -> float:
+        """Below this frame rate a chunk takes too long to fill for the budget (0 when no rate is enough)."""
+        spare = session.latency_s - self._step(session, session.stream_batched) - self._wait(session, others)
+        frames_waited = 3 + _lag_frames(session, session.stream_batched)
+        return frames_waited / spare if spare > 0 else 0.0
+
+
+def _lag_frames(session: SessionLoad, batched: bool | None) -> int:
+    return FRAMES_PER_CHUNK * (session.steps - 1) if batched is not False else 0
+
+
+def percentile(values: list[float], percent: int) -> float | None:
+    """The percent-th percentile (interpolated), or None of no values."""
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)

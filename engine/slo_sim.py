@@ -1,0 +1,237 @@
+"""The engine's scheduling on a simulated clock and device: no model, no sleeping.
+
+It follows the worker and session mechanics step for step (an inbox of a chunk and
+the start of the next where the newest frame wins, frame-rate caps, stale frames
+dropped, mode changes restarting the stream, the stream batch's lag, outputs paced at
+their capture spacing, a newer chunk replacing outputs not yet due), so tests and bench/slo.py can run the
+SLO policy (engine/slo.py) over minutes of traffic in milliseconds, and compare it
+with the published fixed policy: one 4-frame chunk per step, stream batching always
+on, sessions in turn, and every frame queued until its turn.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .slo import (FRAMES_PER_CHUNK, CostModel, FrameRateGate, RateMeter, SessionLoad, SloPolicy, StepShape,
+                  WaitMeter, inbox_limit, percentile)
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One host: when its frames are captured, and what it asks for."""
+
+    captures_ns: list[int]
+    target_fps: float = 16.0
+    latency_ms: float = 500.0
+    steps: int = 2
+    low_latency_start: bool = False
+
+
+def steady_captures(fps: float, duration_s: float, start_s: float = 0.0) -> list[int]:
+    count = int((duration_s - start_s) * fps)
+    return [round((start_s + index / fps) * NS) for index in range(count)]
+
+
+def bursty_captures(low_fps: float, high_fps: float, period_s: float, duration_s: float) -> list[int]:
+    """Frames alternating between period_s at high_fps and period_s at low_fps."""
+    captures, t, fast = [], 0.0, True
+    while t < duration_s:
+        end = min(t + period_s, duration_s)
+        fps = high_fps if fast else low_fps
+        while t < end:
+            captures.append(round(t * NS))
+            t += 1 / fps
+        t, fast = end, not fast
+    return captures
+
+
+@dataclass
+class Device:
+    """A memory-bound device: each forward costs a fixed pass time plus time per latent row.
+    After slow_after_s every step takes slowdown times as long."""
+
+    pass_s: float = 0.030
+    row_s: float = 0.010
+    slow_after_s: float | None = None
+    slowdown: float = 2.0
+
+    def step_seconds(self, shape: StepShape, now_s: float) -> float:
+        seconds = shape.passes * (self.pass_s + self.row_s * shape.latents * shape.width)
+        if self.slow_after_s is not None and now_s >= self.slow_after_s:
+            seconds *= self.slowdown
+        return seconds
+
+
+@dataclass
+class Result:
+    """One session's outcome."""
+
+    latencies_s: list[float] = field(default_factory=list)  # of every frame delivered
+    deadline_misses: int = 0
+    frames_in: int = 0
+    frames_dropped: int = 0  # stale, or beyond a frame-rate cap
+    first_output_s: float | None = None
+    choices: list[str] = field(default_factory=list)  # the policy's state at each plan
+
+    @property
+    def delivered(self) -> int:
+        return len(self.latencies_s)
+
+    def latency_percentile(self, percent: float) -> float | None:
+        return percentile(self.latencies_s, percent)
+
+
+class _Session:
+    def __init__(self, id: str, stream: Stream, bounded_inbox: bool):
+        self.id, self.stream = id, stream
+        self.bounded_inbox = bounded_inbox  # the engine's; the fixed policy queues every frame
+        self.gate, self.meter = FrameRateGate(), RateMeter()
+        self.inbox: deque[int] = deque()  # capture times
+        self.frames_needed = 1 if stream.low_latency_start else 1 + FRAMES_PER_CHUNK
+        self.ready_since_ns: int | None = None  # when the inbox last became a complete chunk
+        self.waits = WaitMeter()
+        self.in_flight: deque[list[int]] = deque()
+        self.stream_batched: bool | None = None  # None until its pipeline is built
+        self.started = False
+        self.dropping = False
+        self.waiting_outputs: list[tuple[float, float]] = []  # (due, latency) paced, not yet delivered
+        self.result = Result()
+
+    def put(self, t_capture_ns: int) -> None:
+        self.result.frames_in += 1
+        self.meter.add(t_capture_ns)
+        if not self.gate.admit(t_capture_ns):
+            self.result.frames_dropped += 1
+            return
+        if self.bounded_inbox and len(self.inbox) >= inbox_limit(self.frames_needed):
+            self._drop_oldest()
+        self.inbox.append(t_capture_ns)
+        if self.ready and self.ready_since_ns is None:
+            self.ready_since_ns = t_capture_ns
+
+    @property
+    def ready(self) -> bool:
+        return len(self.inbox) >= self.frames_needed
+
+    def load(self) -> SessionLoad:
+        oldest = self.in_flight[0][0] if self.in_flight else (self.inbox[0] if self.inbox else None)
+        return SessionLoad(self.id, self.stream.target_fps, self.stream.latency_ms / 1000, self.stream.steps,
+                           self.stream_batched, True, self.started, self.ready, oldest, self.meter.fps,
+                           self.waits.longest, self.dropping)
+
+    def take_chunk(self, now_ns: int, stale_before_ns: int | None) -> list[int]:
+        while stale_before_ns is not None and len(self.inbox) > self.frames_needed and self.inbox[0] < stale_before_ns:
+            self._drop_oldest()
+        self.waits.add((now_ns - self.ready_since_ns) / NS)
+        chunk = [self.inbox.popleft() for _ in range(self.frames_needed)]
+        self.frames_needed = FRAMES_PER_CHUNK
+        self.ready_since_ns = now_ns if self.ready else None
+        return chunk
+
+    def restart(self, stream_batched: bool) -> None:
+        """A new pipeline in another mode: what was in flight is lost, a first chunk comes next."""
+        self.stream_batched = stream_batched
+        self.in_flight.clear()
+        self.frames_needed = 1 if self.stream.low_latency_start else 1 + FRAMES_PER_CHUNK
+        self.ready_since_ns = self.inbox[self.frames_needed - 1] if self.ready else None
+
+    def finish(self, chunk: list[int], end_s: float) -> None:
+        """Outputs of a finished chunk, paced at their capture spacing; a newer chunk
+        replaces outputs that were not due yet, as the engine's outbox does."""
+        self.deliver_until(end_s)
+        self.waiting_outputs = [(end_s + (c - chunk[0]) / NS, end_s - chunk[0] / NS) for c in chunk]
+        if self.result.first_output_s is None:
+            self.result.first_output_s = end_s
+        self.started = True
+
+    def deliver_until(self, now_s: float) -> None:
+        due = [output for output in self.waiting_outputs if output[0] <= now_s]
+        for _, latency in due:
+            self.result.latencies_s.append(latency)
+            self.result.deadline_misses += latency > self.stream.latency_ms / 1000
+        self.waiting_outputs = []
+
+    def _drop_oldest(self) -> None:
+        self.inbox.popleft()
+        self.result.frames_dropped += 1
+        self.dropping = True
+
+
+def simulate(streams: list[Stream], device: Device, duration_s: float, policy: str = "slo") -> list[Result]:
+    """Run the streams for duration_s under the "slo" policy or the published "fixed" one."""
+    if policy not in ("slo", "fixed"):
+        raise ValueError(f"policy is 'slo' or 'fixed', not {policy!r}")
+    sessions = [_Session(f"s{index}", stream, bounded_inbox=policy == "slo") for index, stream in enumerate(streams)]
+    if policy == "fixed":
+        for session in sessions:
+            session.stream_batched = True
+    arrivals = sorted((t, index) for index, stream in enumerate(streams) for t in stream.captures_ns)
+    slo, turn = SloPolicy(CostModel()), _RoundRobin(sessions)
+
+    now_ns, next_arrival = 0, 0  # whole nanoseconds, so a frame is never missed by rounding
+    while now_ns < duration_s * NS:
+        while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= now_ns:
+            t, index = arrivals[next_arrival]
+            sessions[index].put(t)
+            next_arrival += 1
+        session = _slo_pick(slo, sessions) if policy == "slo" else turn.next()
+        if session is None:
+            if next_arrival == len(arrivals):
+                break
+            now_ns = arrivals[next_arrival][0]
+            continue
+        stale_before_ns = None
+        if policy == "slo":
+            stream_batched = slo.choice(session.id).stream_batched
+            if session.stream_batched is None:  # its pipeline is built now
+                session.stream_batched = stream_batched
+            elif stream_batched != session.stream_batched:
+                session.restart(stream_batched)
+                if not session.ready:  # the restarted stream's first chunk needs more frames
+                    continue
+            stale_before_ns = slo.stale_before_ns(session.load(), now_ns)
+        first = not session.in_flight and session.frames_needed != FRAMES_PER_CHUNK
+        chunk = session.take_chunk(now_ns, stale_before_ns)
+        if first:
+            shape = StepShape.first_chunk(session.stream.steps, 1 + (len(chunk) - 1) // FRAMES_PER_CHUNK)
+        else:
+            shape = StepShape.steady(session.stream.steps, session.stream_batched)
+        seconds = device.step_seconds(shape, now_ns / NS)
+        slo.cost.observe(shape, seconds)
+        now_ns += round(seconds * NS)
+        session.in_flight.append(chunk)
+        lag_chunks = session.stream.steps - 1 if session.stream_batched and not first else 0
+        if len(session.in_flight) > lag_chunks:
+            session.finish(session.in_flight.popleft(), now_ns / NS)
+    for session in sessions:
+        session.deliver_until(duration_s)
+    return [session.result for session in sessions]
+
+
+def _slo_pick(policy: SloPolicy, sessions: list[_Session]) -> _Session | None:
+    """Plan a step as the worker does: give each session its frame-rate cap, return the one to serve."""
+    plan = policy.plan([session.load() for session in sessions])
+    for session in sessions:
+        choice = plan.choices[session.id]
+        session.gate.set_cap(choice.frame_rate_cap)
+        session.result.choices.append(choice.state)
+        session.dropping = False
+    return next((session for session in sessions if session.id == plan.next), None)
+
+
+class _RoundRobin:
+    def __init__(self, sessions: list[_Session]):
+        self._sessions, self._last = sessions, -1
+
+    def next(self) -> _Session | None:
+        count = len(self._sessions)
+        for offset in range(1, count + 1):
+            index = (self._last + offset) % count
+            if self._sessions[index].ready:
+                self._last = index
+                return self._sessions[index]
+        return None

@@ -1,0 +1,182 @@
+"""The SLO scheduler: on a simulated clock and device (engine/slo_sim.py, no model, no
+sleeping), and in a real engine with the tiny model on CPU.
+
+The engine test asserts no timings of its own: it checks that what the engine reports
+agrees with what the hosts measured, with generous tolerances.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from bridge.client import EngineClient
+from engine import cli
+from engine.models.weights import build_models
+from engine.server import EngineServer
+from engine.slo import CostModel, FrameRateGate, SessionLoad, SloPolicy, StepShape, percentile
+from engine.slo_sim import Device, Stream, simulate, steady_captures
+
+SECONDS = 30.0  # simulated
+BUDGET_S = 0.5
+
+
+def delivered_fps(result) -> float:
+    return result.delivered / SECONDS
+
+
+# ------------------------------------------------------------------ building blocks
+
+
+def test_the_cost_model_learns_step_times_and_follows_a_slower_device():
+    cost = CostModel(smoothing=0.5)
+    assert cost.predict(StepShape.steady(2, True)) is None  # nothing measured yet
+    cost.observe(StepShape.first_chunk(2, latents=2), 0.4)  # the warm-up: work 4
+    assert cost.predict(StepShape.steady(2, True)) == pytest.approx(0.2)  # work 2, by scale
+    for _ in range(3):
+        cost.observe(StepShape.steady(2, True), 0.1)
+    assert cost.predict(StepShape.steady(2, True)) == pytest.approx(0.1)
+    for _ in range(8):
+        cost.observe(StepShape.steady(2, True), 0.2)  # the device slowed down
+    assert cost.predict(StepShape.steady(2, True)) == pytest.approx(0.2, rel=0.01)
+
+
+def test_a_frame_rate_cap_lets_frames_through_evenly():
+    gate = FrameRateGate()
+    captures = [round(i * 1e9 / 30) for i in range(300)]  # 10 s at 30 FPS
+    assert all(gate.admit(t) for t in captures[:30])  # no cap: every frame
+    gate.set_cap(10.0)
+    admitted = [t for t in captures[30:] if gate.admit(t)]
+    assert len(admitted) == pytest.approx(90, abs=1)
+    gaps = np.diff(admitted)[1:] / 1e9  # after the first, which may come half a slot early
+    assert gaps.min() >= 0.09 and gaps.max() <= 0.11
+
+
+def test_stream_batching_is_kept_while_its_lag_fits_the_latency_budget_which_can_change_live():
+    """And only for a host that stated its budget: the others keep the lag hello announced."""
+    cost = CostModel()
+    cost.observe(StepShape.steady(2, stream_batched=True), 0.1)
+    cost.observe(StepShape.steady(2, stream_batched=False), 0.16)
+    policy = SloPolicy(cost)
+
+    def choice(latency_s: float, stated: bool = True):
+        load = SessionLoad("s", target_fps=16, latency_s=latency_s, steps=2, stream_batched=True,
+                           mode_adjustable=stated, started=True, ready=True, deadline_capture_ns=0, input_fps=16,
+                           wait_s=0.0, dropping=False)
+        return policy.plan([load]).choices["s"]
+
+    # Stream-batched: (3 + 4 lag) frames of 62.5 ms + 100 ms = 537.5 ms; alone: 3 frames + 160 ms = 347.5 ms.
+    tight, loose = choice(0.5), choice(1.0)
+    assert not tight.stream_batched and tight.predicted_latency_s == pytest.approx(0.3475)
+    assert loose.stream_batched and loose.predicted_latency_s == pytest.approx(0.5375)
+    assert tight.state == loose.state == "meeting targets"
+    default = choice(0.5, stated=False)
+    assert default.stream_batched and default.state == "over budget"
+
+
+# ----------------------------------------------------------- simulated clock and device
+
+
+def test_one_session_meets_a_500ms_budget_at_the_highest_rate_the_device_allows():
+    # Stream-batched steps of 100 ms: at most 40 FPS, for a host sending 60.
+    device = Device(pass_s=0.06, row_s=0.02)
+    [result] = simulate([Stream(steady_captures(60, SECONDS), target_fps=60)], device, SECONDS)
+
+    assert result.deadline_misses == 0
+    assert result.latency_percentile(99) <= BUDGET_S
+    assert 0.85 * 40 <= delivered_fps(result) <= 40
+    assert result.frames_dropped > 0  # the rest of the 60 FPS, counted
+    assert result.choices[-1] == "frame rate lowered"
+
+
+def test_four_sessions_all_meet_their_deadlines_when_the_cost_model_says_they_can():
+    device = Device(pass_s=0.015, row_s=0.005)  # room for four 16 FPS streams within 500 ms
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.011 * i)) for i in range(4)]
+    results = simulate(streams, device, SECONDS)
+
+    for result in results:
+        assert result.choices[-1] == "meeting targets"  # the policy's own prediction
+        assert result.deadline_misses == 0
+        assert result.latency_percentile(99) <= BUDGET_S
+        assert result.delivered >= 0.95 * result.frames_in  # at their full rate, next to nothing dropped
+    # The published fixed policy on the same device misses: stream batching's lag leaves
+    # no room for waiting behind three other sessions.
+    fixed = simulate(streams, device, SECONDS, policy="fixed")
+    assert sum(result.deadline_misses for result in fixed) > 0
+
+
+def test_beyond_capacity_it_drops_frames_rather_than_queue_them_and_latency_stays_bounded():
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.007 * i)) for i in range(8)]  # twice what fits
+    results = simulate(streams, Device(), SECONDS)
+
+    for result in results:
+        assert result.delivered > 0  # every session is served ...
+        assert result.frames_dropped > 0.2 * result.frames_in  # ... at a lower rate, the drops counted
+        late = result.latencies_s[len(result.latencies_s) // 2:]
+        assert max(late) < 2.0  # no queue builds up: latency stays bounded to the end
+        assert result.choices[-1] in ("over budget", "frame rate lowered")  # and says so
+    # Queueing every frame, as published, grows the latency to many seconds.
+    fixed = simulate(streams, Device(), SECONDS, policy="fixed")
+    assert max(max(result.latencies_s) for result in fixed) > 10.0
+
+
+def test_a_new_sessions_first_chunk_goes_ahead_of_steady_state_work():
+    joins_s = 10.0
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.013 * i)) for i in range(3)]
+    newcomer = Stream(steady_captures(16, SECONDS, start_s=joins_s), low_latency_start=True)
+    results = simulate([*streams, newcomer], Device(pass_s=0.015, row_s=0.005), SECONDS)
+
+    # One frame in (low-latency start), at most the step in progress ahead of it, then its
+    # first chunk (every denoising step on one latent frame: 40 ms here).
+    assert results[-1].first_output_s - joins_s <= 0.04 + 0.04 + 0.005
+
+
+# ----------------------------------------------------------------- the real engine
+
+
+def test_two_sessions_with_different_targets_are_served_and_their_stats_agree_with_the_hosts():
+    """The tiny model on CPU, in process; hosts send in real time at their own frame rates."""
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32))
+    server.start()
+    targets = {"fast": {"target_fps": 16.0, "latency_ms": 1500.0}, "slow": {"target_fps": 6.0, "latency_ms": 3000.0}}
+    frames = cli.test_pattern(8, 64, 64)
+    try:
+        clients = {name: EngineClient(server.address, transport="zmq", width=64, height=64, timeout_s=60.0,
+                                      prompt="a watercolour", **params).open()
+                   for name, params in targets.items()}
+        latencies = {name: [] for name in clients}
+        next_send = {name: time.monotonic() for name in clients}
+        stop_at = time.monotonic() + 6.0
+        while time.monotonic() < stop_at or not all(latencies.values()):
+            assert time.monotonic() < stop_at + 60, "a session was never served"
+            for name, engine_client in clients.items():
+                if time.monotonic() >= next_send[name]:
+                    engine_client.send(frames[int(next_send[name] * 16) % len(frames)])
+                    next_send[name] += 1 / targets[name]["target_fps"]
+                output = engine_client.receive(0.002)
+                if output is not None:
+                    latencies[name].append(output.latency_ms)
+        stats = {name: engine_client.stats() for name, engine_client in clients.items()}
+        for engine_client in clients.values():
+            engine_client.close()
+    finally:
+        server.close()
+
+    for name, reported in stats.items():
+        measured = latencies[name]
+        assert reported["params"]["target_fps"] == targets[name]["target_fps"]
+        assert reported["time_to_first_frame_ms"] is not None and reported["output_fps"] is not None
+        assert reported["scheduler"]["state"] in ("meeting targets", "frame rate lowered", "over budget")
+        # Every output the host got was sent and counted; most that were sent arrived.
+        assert 0.5 * reported["frames_out"] <= len(measured) <= reported["frames_out"]
+        # The engine's latency percentiles (at sending, every output) and the host's (at
+        # receiving, the outputs it took) agree.
+        for p in (50, 95):
+            engine_ms, host_ms = reported["latency_ms"][f"p{p}"], percentile(measured, p)
+            assert abs(host_ms - engine_ms) <= 0.5 * engine_ms + 200, (p, engine_ms, host_ms)
+        host_misses = sum(latency > targets[name]["latency_ms"] for latency in measured)
+        assert reported["deadline_misses"] <= host_misses + 0.1 * len(measured) + 2
+    # The slow session got its lower rate, not the fast one's.
+    assert stats["slow"]["frames_in"] < stats["fast"]["frames_in"]
+    assert not server.failed

@@ -23,6 +23,16 @@ address the client opens a new session with the same parameters and carries on. 
 host that makes no call for longer than the engine's session timeout loses its session
 the same way, and gets a new one on its next call. Use a client from one thread.
 
+An engine on another machine requires keys (CURVE, see bridge/zmq_io.py): pass
+server_key (the engine's server.key, or its text) and client_keys (this host's
+<name>.key_secret file, or its (public, secret) texts). A refused key raises
+AuthenticationError from open().
+
+`counters` says where every frame went, so nothing is lost without a trace: sent
+(frames given to send), not_sent (dropped here: no session, or the queue to the engine
+full), received (outputs receive returned) and skipped (outputs a newer one replaced
+before receive took them). Frames the engine dropped are in its stats().
+
 No torch here: this module loads in TouchDesigner, OBS and any plain Python.
 """
 
@@ -30,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -51,7 +61,7 @@ from .protocol import (
     check_params,
 )
 from .shm import RingReader, RingWriter
-from .zmq_io import DEFAULT_ADDRESS, HostSocket, RemoteError
+from .zmq_io import DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocket, KeySource, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,19 @@ class Output:
     latency_ms: float  # glass to glass: from t_capture_ns to its arrival here (same clock: time.monotonic_ns)
 
 
+@dataclass
+class FrameCounters:
+    """Where this client's frames went, over its whole life (all its sessions)."""
+
+    sent: int = 0  # frames given to send()
+    not_sent: int = 0  # of those, dropped here: no session, or the queue to the engine was full
+    received: int = 0  # outputs receive() returned
+    skipped: int = 0  # outputs replaced by a newer one before receive() took them
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
 class EngineClient:
     """A session on an engine. Open it with `with` (or open() and close())."""
 
@@ -84,13 +107,21 @@ class EngineClient:
         model: str = "default",
         timeout_s: float = 5.0,
         engine_timeout_s: float = ENGINE_TIMEOUT_S,
+        server_key: KeySource | None = None,
+        client_keys: KeySource | tuple[KeySource, KeySource] | None = None,
         **session_params: Any,
     ):
         """width and height are the size of the frames you will send; session_params are
         the engine's parameters (prompt, strength, steps, seed, fit, model_width, ...:
-        see `info["schema"]` once open). timeout_s bounds each request to the engine."""
+        see `info["schema"]` once open). timeout_s bounds each request to the engine.
+        server_key and client_keys, both or neither, authenticate to an engine that
+        requires keys (see the module doc)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if (server_key is None) != (client_keys is None):
+            raise ValueError("give both server_key (the engine's server.key) and client_keys (this host's "
+                             "<name>.key_secret), or neither")
+        self._auth = None if server_key is None else ClientKeys.load(server_key, client_keys)
         self.address = address
         self.transport = transport
         self.width, self.height, _, _ = check_geometry(width, height, "rgba8")
@@ -111,13 +142,15 @@ class EngineClient:
         self._last_keepalive = 0.0
         self._waiting_since: float | None = None  # time of the oldest request the engine has not answered
         self._lost_at = 0.0
+        self.counters = FrameCounters()
 
     # -- lifecycle ------------------------------------------------------------------------
     def open(self) -> EngineClient:
-        """Connect and open a session. Raises TimeoutError when no engine answers, and
-        RemoteError when the engine refuses the session (the message says why)."""
+        """Connect and open a session. Raises TimeoutError when no engine answers,
+        AuthenticationError when it refuses our keys, and RemoteError when it refuses
+        the session (the message says why)."""
         if self._socket is None:
-            self._socket = HostSocket(self.address)
+            self._socket = HostSocket(self.address, auth=self._auth)
         try:
             self._open_session()
         except BaseException:
@@ -173,15 +206,18 @@ class EngineClient:
         seq = self._next_seq
         self._next_seq += 1
         t_capture_ns = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
+        self.counters.sent += 1
         self._tend()
         if self.session is None:
+            self.counters.not_sent += 1
             return seq
         if self.transport == "shm":
             self._input_ring_for(format).write(frame, seq, t_capture_ns)
         else:
             header = FrameHeader.for_array(frame, session=self.session, seq=seq, t_capture_ns=t_capture_ns,
                                            format=format)
-            self._socket.send_frame(header, frame)
+            if not self._socket.send_frame(header, frame):
+                self.counters.not_sent += 1
         return seq
 
     def receive(self, timeout: float = 0.0) -> Output | None:
@@ -194,6 +230,7 @@ class EngineClient:
             output = self._take_output(min(max(remaining, 0.0), TEND_EVERY_S))
             if output is not None:
                 self._state = "streaming"  # before the next stats reply says so
+                self.counters.received += 1
                 return output
             if time.monotonic() >= deadline:
                 return None
@@ -203,29 +240,45 @@ class EngineClient:
         """Change session parameters; they apply between steps. Returns the engine's answer:
         params (all current values) and restarts (whether a reload parameter restarted the
         stream). Raises RemoteError naming the parameter the engine refused. While there
-        is no session they are kept for the next one, and {} is returned."""
+        is no session they are kept for the next one, and {} is returned; when the engine
+        no longer knows the session (it restarted), a new one opens with them."""
         self._check_open()
         params = check_params(params, None)
         self._tend()
+        reply: dict[str, Any] = {}
+        forgotten = False
         if self.session is not None:
-            reply = self._socket.request(ParamsUpdate(session=self.session, params=params), self.timeout_s)
-            self.info.update(lag_frames=reply["lag_frames"], first_chunk_frames=reply["first_chunk_frames"])
-        else:
-            reply = {}
+            try:
+                reply = self._socket.request(ParamsUpdate(session=self.session, params=params), self.timeout_s)
+                self.info.update(lag_frames=reply["lag_frames"], first_chunk_frames=reply["first_chunk_frames"])
+            except RemoteError as error:
+                if error.code != ErrorCode.UNKNOWN_SESSION:
+                    raise
+                forgotten = True
         # Kept, so that a session opened after an engine restart starts with them.
         self._prompt = params.pop("prompt", self._prompt)
         self._params.update(params)
+        if forgotten:
+            self._session_forgotten()
         return reply
 
     def stats(self) -> dict[str, Any]:
-        """The session's state, parameters and counters, from the engine."""
+        """The session's state, parameters and counters, from the engine. When the engine
+        no longer knows the session (it restarted), those of the new session opened for it."""
         self._check_open()
         self._tend()
-        if self.session is None:
-            raise ConnectionError(f"no session: the engine at {self.address} is {self._state}")
-        stats = self._socket.request(StatsRequest(session=self.session), self.timeout_s)
-        self._state = stats["state"]
-        return stats
+        for attempt in range(2):
+            if self.session is None:
+                raise ConnectionError(f"no session: the engine at {self.address} is {self._state}")
+            try:
+                stats = self._socket.request(StatsRequest(session=self.session), self.timeout_s)
+            except RemoteError as error:
+                if error.code != ErrorCode.UNKNOWN_SESSION or attempt:
+                    raise
+                self._session_forgotten()
+                continue
+            self._state = stats["state"]
+            return stats
 
     # -- the connection --------------------------------------------------------------------------
     def _open_session(self) -> None:
@@ -284,11 +337,10 @@ class EngineClient:
                 self._state = notice.payload.get("state", self._state)
                 return
             if notice.code == ErrorCode.UNKNOWN_SESSION:
-                # No such session any more: a new engine, or we were silent too long.
-                log.warning("the engine at %s no longer knows session %s; opening a new one", self.address, about)
-                self._drop_session()
-                self._reopen()
+                self._session_forgotten()
                 return
+        if notice.code == ErrorCode.UNKNOWN_SESSION and self.session is None:
+            return  # about a frame sent before we learnt that the session had ended
         error = RemoteError(notice.code, notice.field, notice.message)
         if notice.code == ErrorCode.SESSION_FAILED:
             log.warning("the engine ended session %s: %s", self.session, notice.message)
@@ -298,10 +350,16 @@ class EngineClient:
             log.warning("the engine reported: %s", error)
         self.error = error
 
+    def _session_forgotten(self) -> None:
+        """No such session any more: a new engine, or we were silent too long."""
+        log.warning("the engine at %s no longer knows session %s; opening a new one", self.address, self.session)
+        self._drop_session()
+        self._reopen()
+
     def _reopen(self) -> None:
         try:
             self._open_session()
-        except (TimeoutError, RemoteError, ProtocolError, FileNotFoundError) as error:
+        except (TimeoutError, AuthenticationError, RemoteError, ProtocolError, FileNotFoundError) as error:
             log.warning("could not open a new session on the engine at %s: %s", self.address, error)
             self.error = error if isinstance(error, RemoteError) else None
             self._state = "disconnected"
@@ -332,12 +390,19 @@ class EngineClient:
             return None
         if self.transport == "zmq":
             frame = self._socket.recv_latest_frame(wait_s)
-            if frame is None or frame.header.session != self.session:
+            if frame is None:
+                return None
+            self.counters.skipped += frame.dropped
+            if frame.header.session != self.session:  # from a session closed since
+                self.counters.skipped += 1
                 return None
             return _output(np.array(frame.pixels), frame.header.seq, frame.header.t_capture_ns)
+        ring = self._output_ring
+        skipped_before = ring.skipped
         deadline = time.monotonic() + wait_s
-        while (frame := self._output_ring.read_latest()) is None and time.monotonic() < deadline:
+        while (frame := ring.read_latest()) is None and time.monotonic() < deadline:
             time.sleep(POLL_S)
+        self.counters.skipped += ring.skipped - skipped_before
         return None if frame is None else _output(frame.pixels, frame.seq, frame.t_capture_ns)
 
     def _check_open(self) -> None:

@@ -21,7 +21,12 @@ every OS: Windows can neither unlink nor grow a segment that is still mapped.
 Portability:
 - Ring names are 1-20 characters of [A-Za-z0-9_], so "<name>_<generation>" stays within
   macOS's 31-character limit on shared-memory names.
-- On POSIX, Python creates segments with mode 0600 (owner only).
+- On POSIX, Python creates segments with mode 0600 (owner only). Names the ring makes
+  itself carry 64 random bits (secrets); session rings are named from the engine's
+  secret session id, so another process cannot guess them either.
+- Crashes: a process killed outright (and its resource tracker with it) leaves its
+  segments behind. reclaim_abandoned_rings() removes the rings whose control block
+  carries our magic and whose owner process is gone; the engine calls it as it starts.
 - Python before 3.13 registers every segment a process attaches with that process's
   resource tracker, which unlinks it when the process exits, pulling the ring out from
   under its writer. Readers therefore opt out (track=False on 3.13+, unregister before).
@@ -411,6 +416,69 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class RingSegments(NamedTuple):
+    name: str  # the ring's name: its control block
+    owner_pid: int  # the writer's pid, from the control block
+    segments: list[str]  # the control block, then its frame blocks
+
+
+def list_rings() -> list[RingSegments]:
+    """The frame rings in /dev/shm (Linux) with their segments. Other users' rings,
+    and segments that are not ours (no magic), are left out; empty without /dev/shm."""
+    if not os.path.isdir(_DEV_SHM):
+        return []
+    names = set(os.listdir(_DEV_SHM))
+    rings = []
+    for name in sorted(names):
+        owner = _owner_of_ring(name) if _NAME_PATTERN.fullmatch(name) else None
+        if owner is not None:
+            blocks = sorted(other for other in names if re.fullmatch(rf"{re.escape(name)}_\d+", other))
+            rings.append(RingSegments(name, owner, [name, *blocks]))
+    return rings
+
+
+def reclaim_abandoned_rings() -> list[str]:
+    """Remove the rings (control and frame blocks) whose owner process is gone; returns
+    the segments removed. A ring whose owner is alive, or whose pid now belongs to
+    another process, is left alone. (Processes sharing /dev/shm from another pid
+    namespace, another container, would look gone: give such setups their own /dev/shm.)"""
+    removed = []
+    for ring in list_rings():
+        if _process_exists(ring.owner_pid):
+            continue
+        for segment in ring.segments:
+            try:
+                os.unlink(os.path.join(_DEV_SHM, segment))
+                removed.append(segment)
+            except FileNotFoundError:
+                pass  # its owner's resource tracker got there first
+    return removed
+
+
+def _owner_of_ring(name: str) -> int | None:
+    try:
+        segment = _attach_segment(name)
+    except OSError:  # gone meanwhile, still being created, or another user's
+        return None
+    try:
+        control = _read_copy(segment, _CONTROL, "ring")
+        return int(control["owner_pid"]) if control["magic"].item() == _CONTROL_MAGIC else None
+    except ProtocolError:
+        return None
+    finally:
+        _close_segment(segment)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _check_control(segment: shared_memory.SharedMemory) -> None:
     control = _read_copy(segment, _CONTROL, "ring")
     if control["magic"].item() != _CONTROL_MAGIC:
@@ -459,10 +527,14 @@ def _check_room(size: int) -> None:
 
 
 def _attach_segment(name: str) -> shared_memory.SharedMemory:
-    """Open an existing segment without letting this process's resource tracker own it."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name, track=False)
-    segment = shared_memory.SharedMemory(name)
+    """Open an existing segment without letting this process's resource tracker own it.
+    FileNotFoundError if there is none, or it is not sized yet."""
+    try:
+        if sys.version_info >= (3, 13):
+            return shared_memory.SharedMemory(name, track=False)
+        segment = shared_memory.SharedMemory(name)
+    except ValueError:  # "cannot mmap an empty file": its creator is between shm_open and ftruncate
+        raise FileNotFoundError(f"shared-memory segment {name} is still being created") from None
     if os.name == "posix" and name not in _created_here:
         # Python 3.10-3.12 register POSIX segments under "/<name>".
         resource_tracker.unregister("/" + name, "shared_memory")

@@ -25,6 +25,14 @@ How it behaves:
   the engine answers pings itself and notes when it last heard from each host
   (EngineSocket.forget_silent_peers). ZMTP heartbeats also drop dead TCP connections.
 - ZeroMQ sockets are not thread-safe: use each object from one thread only.
+
+Authentication (CURVE): an engine that hosts on other machines can reach must know
+who they are. It gets ServerKeys (its key pair and a folder of the client public keys
+it accepts) and each host gets ClientKeys (the engine's public key and its own key
+pair). ZeroMQ's CURVE then encrypts the connection and the engine's authenticator
+thread (zmq.auth) turns away any client whose key is not in the folder before a single
+message of it reaches the engine. make_keys writes the key files (`python -m engine
+keys`); keys are given as those files or as their Z85 text.
 """
 
 from __future__ import annotations
@@ -33,14 +41,21 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+import zmq.utils.z85
+from zmq.utils.monitor import recv_monitor_message
 
 from .protocol import (
     DEFAULT_PARAMS,
@@ -73,12 +88,142 @@ _HEARTBEAT_MS = 1000  # ZMTP ping interval on idle connections
 _HEARTBEAT_TIMEOUT_MS = 5000  # a connection silent this long is dropped (and redialled)
 _RECONNECT_MS = 100
 _RECONNECT_MAX_MS = 1000
+_AUTH_CHECK_S = 0.05  # how often a waiting request looks for a failed handshake
+
+SERVER_KEY_NAME = "server"  # <dir>/server.key (give to hosts) and server.key_secret (the engine's alone)
+AUTHORIZED_CLIENTS_DIR = "authorized_clients"  # <dir>/authorized_clients/<name>.key: the hosts the engine accepts
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 log = logging.getLogger(__name__)
 
 
 class RemoteError(ProtocolError):
     """The engine answered a request with an error reply."""
+
+
+class AuthenticationError(ConnectionError):
+    """The engine turned our keys away (or we expected CURVE and it does not speak it)."""
+
+
+# ------------------------------------------------------------------------- keys
+
+KeySource = Union[str, bytes, os.PathLike]  # Z85 key text, or a .key / .key_secret file
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public: bytes  # Z85, 40 characters
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """What an engine needs for CURVE: its key pair, and the folder of client public keys it accepts."""
+
+    keys: KeyPair
+    authorized_clients: Path
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> ServerKeys:
+        """The keys make_keys wrote into directory."""
+        directory = Path(directory)
+        keys = load_key_pair(directory / f"{SERVER_KEY_NAME}.key_secret")
+        clients = directory / AUTHORIZED_CLIENTS_DIR
+        if not clients.is_dir() or not any(clients.glob("*.key")):
+            raise FileNotFoundError(f"{clients} holds no client public keys (*.key), so no host could connect; "
+                                    f"add one with python -m engine keys --dir {directory} --client NAME")
+        return cls(keys, clients)
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """What a host needs for CURVE: the engine's public key and its own key pair."""
+
+    server_public: bytes
+    keys: KeyPair
+
+    @classmethod
+    def load(cls, server_key: KeySource, client_keys: KeySource | tuple[KeySource, KeySource]) -> ClientKeys:
+        """server_key: the engine's public key (server.key or its text); client_keys: this
+        host's <name>.key_secret file, or its (public, secret) key texts."""
+        if isinstance(client_keys, tuple):
+            pair = KeyPair(_key_text(client_keys[0], "client_keys[0]"), _key_text(client_keys[1], "client_keys[1]"))
+        else:
+            pair = load_key_pair(client_keys)
+        return cls(load_public_key(server_key), pair)
+
+
+def make_keys(directory: str | os.PathLike, client: str | None = "client") -> dict[str, Path]:
+    """Write CURVE key files into directory, readable by their owner only.
+
+    The engine's pair (server.key, server.key_secret) is made once and kept after that;
+    with client, a client pair <client>.key and <client>.key_secret is made as well and
+    its public key copied into authorized_clients/, so the engine accepts it. Returns
+    the paths it wrote. An existing client name is refused rather than overwritten.
+    """
+    directory = Path(directory)
+    clients = directory / AUTHORIZED_CLIENTS_DIR
+    clients.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    written: dict[str, Path] = {}
+    server_public = directory / f"{SERVER_KEY_NAME}.key"
+    if not server_public.exists():
+        public, secret = zmq.auth.create_certificates(directory, SERVER_KEY_NAME)
+        written.update(server_public=Path(public), server_secret=Path(secret))
+    if client is not None:
+        if not client.replace("-", "").replace("_", "").isalnum() or client == SERVER_KEY_NAME:
+            raise ValueError(f"a client name is letters, digits, - and _ (and not {SERVER_KEY_NAME!r}); got {client!r}")
+        if (directory / f"{client}.key").exists():
+            raise FileExistsError(f"{directory / client}.key exists already; choose another --client name")
+        public, secret = zmq.auth.create_certificates(directory, client)
+        authorized = clients / f"{client}.key"
+        shutil.copyfile(public, authorized)
+        written.update(client_public=Path(public), client_secret=Path(secret), authorized=authorized)
+    for path in written.values():
+        os.chmod(path, 0o600)
+    return written
+
+
+def load_public_key(key: KeySource) -> bytes:
+    """A public key from its Z85 text or from a .key or .key_secret file."""
+    if _is_key_text(key):
+        return _key_text(key, "key")
+    public, _ = _read_certificate(key)
+    return public
+
+
+def load_key_pair(path: str | os.PathLike) -> KeyPair:
+    """A key pair from a .key_secret file (which holds both halves)."""
+    public, secret = _read_certificate(path)
+    if secret is None:
+        raise ValueError(f"{path} holds only a public key; give the .key_secret file beside it")
+    return KeyPair(public, secret)
+
+
+def _read_certificate(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
+    path = Path(os.fsdecode(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"no key file at {path}; create keys with python -m engine keys --dir DIR")
+    try:
+        return zmq.auth.load_certificate(path)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a ZeroMQ key file ({error}); create keys with python -m engine keys") from None
+
+
+def _is_key_text(key: KeySource) -> bool:
+    return isinstance(key, (str, bytes)) and len(key) == 40 and not os.path.exists(os.fsdecode(key))
+
+
+def _key_text(key: KeySource, name: str) -> bytes:
+    text = key.encode("ascii") if isinstance(key, str) else key
+    if not isinstance(text, bytes) or len(text) != 40:
+        raise ValueError(f"{name} must be a 40-character Z85 key or a key file, got {key!r:.60}")
+    try:
+        zmq.utils.z85.decode(text)
+    except (ValueError, KeyError):
+        raise ValueError(f"{name} is not Z85 text: {key!r:.60}") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -123,15 +268,22 @@ class EngineSocket:
         *,
         params_schema: Mapping[str, ValueSpec] = DEFAULT_PARAMS,
         context: zmq.Context | None = None,
+        auth: ServerKeys | None = None,
+        max_message_bytes: int = MAX_FRAME_BYTES,
     ):
+        """With auth, only hosts holding a key in auth.authorized_clients can connect.
+        max_message_bytes: a host sending a larger message part is disconnected."""
         self._params_schema = params_schema
         self._context = context or zmq.Context()
         self._owns_context = context is None
         self._socket = self._context.socket(zmq.ROUTER)
-        _configure(self._socket)
+        self._authenticator: ThreadAuthenticator | None = None
+        _configure(self._socket, max_message_bytes)
         # Report full queues and departed hosts to us instead of dropping silently.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
+            if auth is not None:
+                self._require_keys(auth)
             self._socket.bind(address)
         except zmq.ZMQError:  # e.g. the port is taken: another engine is running there
             self.close()
@@ -140,6 +292,16 @@ class EngineSocket:
         self._last_heard: dict[bytes, float] = {}
         # Replies waiting for room in a host's queue (it may be full of frames).
         self._unsent: deque[tuple[bytes, bytes]] = deque(maxlen=MAX_UNSENT_REPLIES)
+
+    def _require_keys(self, auth: ServerKeys) -> None:
+        # The authenticator answers ZeroMQ's handshake requests (ZAP) from a thread of
+        # its own; it must run before the socket binds, so no connection slips past it.
+        self._authenticator = ThreadAuthenticator(self._context, log=log)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=str(auth.authorized_clients))
+        self._socket.curve_server = True
+        self._socket.curve_publickey = auth.keys.public
+        self._socket.curve_secretkey = auth.keys.secret
 
     def poll(self, timeout_s: float) -> Inbox:
         """Wait up to timeout_s for messages, then take everything that has arrived.
@@ -255,6 +417,8 @@ class EngineSocket:
         if linger_s > 0:
             self._send_unsent()
         self._socket.close(linger=_ms(linger_s))
+        if self._authenticator is not None:
+            self._authenticator.stop()
         if self._owns_context:
             self._context.term()  # returns once lingering messages are out
 
@@ -268,12 +432,23 @@ class EngineSocket:
 class HostSocket:
     """A host's end: requests with timeouts, frames out, newest frame in."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, context: zmq.Context | None = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, context: zmq.Context | None = None,
+                 auth: ClientKeys | None = None):
+        """With auth, the connection uses CURVE: the engine must hold auth.keys.public
+        among its authorized clients, and must itself own auth.server_public."""
         self.address = address
         self._context = context or zmq.Context()
         self._owns_context = context is None
         self._socket = self._context.socket(zmq.DEALER)
         _configure(self._socket)
+        self._authenticates = auth is not None
+        if auth is not None:
+            self._socket.curve_serverkey = auth.server_public
+            self._socket.curve_publickey = auth.keys.public
+            self._socket.curve_secretkey = auth.keys.secret
+        # Failed handshakes (refused keys, or keys on one side only) are otherwise
+        # silent: the engine would just seem absent.
+        self._handshake_events = self._socket.get_monitor_socket(_HANDSHAKE_FAILED)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing while no engine is connected
         self._socket.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
         self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
@@ -296,17 +471,27 @@ class HostSocket:
         request_id = next(self._request_ids)
         data = encode_message(dataclasses.replace(message, id=request_id))
         deadline = time.monotonic() + timeout_s
-        self._socket.setsockopt(zmq.SNDTIMEO, _ms(timeout_s))
-        try:
-            self._socket.send(data)
-        except zmq.Again:
-            raise TimeoutError(f"cannot reach the engine at {self.address}; is it running?") from None
+        while True:
+            try:
+                self._socket.send(data, zmq.NOBLOCK)
+                break
+            except zmq.Again:  # no engine connected (yet), or the queue to it is full
+                self.check_authentication()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"cannot reach the engine at {self.address}; is it running?") from None
+                self._socket.poll(_ms(min(remaining, _AUTH_CHECK_S)), zmq.POLLOUT)
         self._awaited_id, self._reply = request_id, None
         try:
             while self._reply is None:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._socket.poll(_ms(remaining), zmq.POLLIN):
+                if remaining <= 0:
+                    self.check_authentication()
                     raise TimeoutError(f"no reply from the engine at {self.address} within {timeout_s} s")
+                # In slices, so that a refused handshake is reported without waiting out the timeout.
+                if not self._socket.poll(_ms(min(remaining, _AUTH_CHECK_S)), zmq.POLLIN):
+                    self.check_authentication()
+                    continue
                 self._receive_available()
         finally:
             self._awaited_id = None
@@ -328,6 +513,21 @@ class HostSocket:
             return None
         self._posted_ids.append(request_id)
         return request_id
+
+    def check_authentication(self) -> None:
+        """Raise AuthenticationError if a handshake with the engine has failed."""
+        while self._handshake_events.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._handshake_events)
+            if not event["event"] & _HANDSHAKE_FAILED:
+                continue
+            if not self._authenticates:
+                raise AuthenticationError(
+                    f"the engine at {self.address} requires keys: pass server_key (its server.key) and "
+                    "client_keys (this host's NAME.key_secret, made by python -m engine keys --client NAME)")
+            raise AuthenticationError(
+                    f"the engine at {self.address} refused our keys (CURVE handshake failed): check that its "
+                    "public key is the server key you gave, and that our public key is in its authorized_clients "
+                    "folder (python -m engine keys --dir DIR --client NAME adds one; restart the engine after)")
 
     def ping(self, timeout_s: float = 2.0) -> float:
         """Round-trip time to the engine in seconds; TimeoutError if it does not answer."""
@@ -405,6 +605,8 @@ class HostSocket:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, None, f"expected 1 or 2 message parts, got {len(parts)}")
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._handshake_events.close(linger=0)
         self._socket.close(linger=0)
         if self._owns_context:
             self._context.term()
@@ -416,12 +618,12 @@ class HostSocket:
         self.close()
 
 
-def _configure(socket: zmq.Socket) -> None:
+def _configure(socket: zmq.Socket, max_message_bytes: int = MAX_FRAME_BYTES) -> None:
     """Options both ends share."""
     socket.setsockopt(zmq.LINGER, 0)  # closing never waits on undelivered messages
     socket.setsockopt(zmq.SNDHWM, QUEUE_DEPTH)
     socket.setsockopt(zmq.RCVHWM, QUEUE_DEPTH)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a peer sending a bigger part is disconnected
+    socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # a peer sending a bigger part is disconnected
     socket.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
 

@@ -112,18 +112,32 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
 
 
+# For fault-injection tests only: every step of a session with this prompt raises
+# torch.cuda.OutOfMemoryError, as if the device ran out of memory mid-stream.
+FAULT_OOM_PROMPT_ENV = "ENGINE_FAULT_OOM_PROMPT"
+
+
 def serve(args: argparse.Namespace) -> None:
     import zmq
 
+    from bridge.zmq_io import ServerKeys
+
     from .config import get_preset
     from .models.weights import build_models
-    from .server import EngineServer, check_loopback
+    from .server import EngineServer, Limits, check_bind
 
-    check_loopback(args.bind)
+    auth = ServerKeys.from_dir(args.keys) if args.keys else None
+    check_bind(args.bind, auth is not None)
     get_preset(args.model)  # an unknown name fails now, not in the worker
+    if args.weights:
+        _check_readable_folder(args.weights)
+    frame_width, frame_height = _size_option("--max-frame-size", args.max_frame_size)
+    limits = Limits(max_sessions=args.max_sessions, max_frame_width=frame_width, max_frame_height=frame_height,
+                    max_prompt_chars=args.max_prompt_chars, max_model_size=args.max_model_size)
     device, dtype = _device_and_dtype(args.device)
     size = model_size(args.model, args.size)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    _inject_faults_from_environment()
 
     def load_models():
         logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
@@ -131,15 +145,69 @@ def serve(args: argparse.Namespace) -> None:
 
     try:
         server = EngineServer(load_models, model=args.model, address=args.bind, model_size=size,
-                              session_timeout_s=args.session_timeout, max_sessions=args.max_sessions)
+                              session_timeout_s=args.session_timeout, limits=limits, auth=auth)
     except zmq.ZMQError as error:
         raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
                          "Choose another port with --bind") from None
-    print(f"engine {args.model} on {device}: listening at {server.address} (Ctrl-C stops it)", flush=True)
+    keys_note = "hosts need keys from " + args.keys if auth else "no keys needed on loopback"
+    # Hosts' launchers parse "listening at ADDRESS": keep the address followed by a space.
+    print(f"engine {args.model} on {device}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",
+          flush=True)
     server.serve_forever()
+    if server.load_error is not None:
+        raise SystemExit(f"error: the engine stopped: {args.model} failed to load: {server.load_error}")
     print("engine stopped", flush=True)
     if server.failed:
         raise SystemExit(1)
+
+
+def _check_readable_folder(folder: str) -> None:
+    """Fail before listening when the weights cannot be read at all."""
+    import os
+
+    path = Path(folder)
+    if not path.exists():
+        raise FileNotFoundError(f"--weights {folder} does not exist; give the folder with the model's files")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(f"--weights {folder} is not readable by this user; fix its permissions "
+                              f"(chmod u+rx {folder}) or run the engine as its owner")
+
+
+def _inject_faults_from_environment() -> None:
+    import os
+
+    prompt = os.environ.get(FAULT_OOM_PROMPT_ENV)
+    if not prompt:
+        return
+    import torch
+
+    from .pipeline import StreamPipeline
+
+    push = StreamPipeline.push
+
+    def push_or_run_out_of_memory(pipeline, frames):
+        if pipeline.settings.prompt == prompt:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_PROMPT_ENV})")
+        return push(pipeline, frames)
+
+    StreamPipeline.push = push_or_run_out_of_memory
+    logging.getLogger(__name__).warning("fault injection: steps of sessions prompted %r will run out of memory",
+                                        prompt)
+
+
+def keys(args: argparse.Namespace) -> None:
+    from bridge.zmq_io import AUTHORIZED_CLIENTS_DIR, make_keys
+
+    directory = Path(args.dir).expanduser()
+    written = make_keys(directory, None if args.server_only else args.client)
+    for path in written.values():
+        print(f"wrote {path}")
+    print(f"engine: python -m engine serve --bind tcp://0.0.0.0:5555 --keys {directory}\n"
+          f"  ({directory}/server.key_secret stays on the engine machine; the engine accepts the public keys "
+          f"in {directory}/{AUTHORIZED_CLIENTS_DIR}/, read when it starts)")
+    if not args.server_only:
+        print(f"host '{args.client}': copy {directory}/server.key and {directory}/{args.client}.key_secret to it, "
+              f"then EngineClient(..., server_key=\"server.key\", client_keys=\"{args.client}.key_secret\")")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -157,9 +225,16 @@ def _device_and_dtype(device: str | None):
 
 def model_size(model: str, size: str | None) -> tuple[int, int]:
     """(height, width) from an HxW option, or the model's default size."""
-    size = size or ("64x64" if model == "tiny" else "512x512")
-    height, width = (int(v) for v in size.lower().split("x"))
-    return height, width
+    return _size_option("--size", size or ("64x64" if model == "tiny" else "512x512"))
+
+
+def _size_option(flag: str, size: str) -> tuple[int, int]:
+    """(first, second) of an AxB option."""
+    try:
+        first, second = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag} takes two whole numbers like 1920x1080, got {size!r}") from None
+    return first, second
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser = commands.add_parser("serve", help="serve host applications over shared memory and ZeroMQ")
     serve_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
     serve_parser.add_argument("--bind", default=DEFAULT_ADDRESS,
-                              help="where hosts connect; loopback only (tcp://127.0.0.1:PORT or ipc://PATH)")
+                              help="where hosts connect; anything but loopback (tcp://127.0.0.1:PORT, ipc://PATH) "
+                                   "needs --keys")
+    serve_parser.add_argument("--keys", metavar="DIR",
+                              help="require CURVE authentication with the keys `python -m engine keys` made in DIR")
     serve_parser.add_argument("--weights", help="folder with the Wan2.1 release files (not needed for tiny)")
     serve_parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
     serve_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
@@ -194,8 +272,21 @@ def main(argv: list[str] | None = None) -> None:
                                              "a session can set model_width and model_height")
     serve_parser.add_argument("--session-timeout", type=float, default=10.0, metavar="SECONDS",
                               help="close a session whose host is silent this long")
-    serve_parser.add_argument("--max-sessions", type=int, default=8)
+    serve_parser.add_argument("--max-sessions", type=int, default=8, help="sessions served at once")
+    serve_parser.add_argument("--max-frame-size", default="3840x2160", metavar="WxH",
+                              help="largest frame a host may send (width x height)")
+    serve_parser.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt taken")
+    serve_parser.add_argument("--max-model-size", type=int, default=1024, metavar="PIXELS",
+                              help="largest model_width and model_height a session may ask for")
     serve_parser.set_defaults(handler=serve)
+
+    keys_parser = commands.add_parser("keys", help="create CURVE keys for an engine that hosts on other "
+                                                   "machines reach")
+    keys_parser.add_argument("--dir", default="~/.sdbridge/keys",
+                             help="where the keys go (default ~/.sdbridge/keys); the engine's pair is made once")
+    keys_parser.add_argument("--client", default="client", help="name of the host key pair to add")
+    keys_parser.add_argument("--server-only", action="store_true", help="make only the engine's key pair")
+    keys_parser.set_defaults(handler=keys)
 
     demo_parser = commands.add_parser("demo", help="the whole loop: an engine, a host streaming a test pattern "
                                                    "through it in real time, the video that comes back")
@@ -218,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except (FileNotFoundError, ValueError) as error:  # the message says what to do next
+    except (OSError, ValueError) as error:  # the message says what to do next (FileExistsError, PermissionError...)
         raise SystemExit(f"error: {error}") from None
 
 

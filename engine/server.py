@@ -36,6 +36,18 @@ What a host sees (messages as in bridge/protocol.py):
   the session is closed.
 - A host not heard from for session_timeout_s (no request, ping or frame over ZeroMQ)
   loses its session; hosts streaming over shared memory keep it with a ping or stats.
+
+Safety:
+- The engine binds to loopback unless given keys (ServerKeys, `serve --keys DIR`): then
+  only hosts whose public key is in DIR/authorized_clients get through ZeroMQ's CURVE
+  handshake, and nobody else reaches the code below at all (bridge/zmq_io.py).
+- Limits (Limits, the `serve --max-*` flags) bound what one host can make the engine
+  hold: frame size, sessions, prompt length, model size. Each refusal names the field
+  and the flag that raises it.
+- Starting, the engine removes shared-memory rings whose owner process is gone (an
+  engine or host killed outright); closing, it unlinks every ring it made.
+- A model that fails to load stops the engine with the reason (serve_forever), rather
+  than leave it listening with nothing to serve.
 """
 
 from __future__ import annotations
@@ -45,24 +57,39 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from bridge.protocol import Bye, ErrorCode, FrameHeader, Hello, ParamsUpdate, ProtocolError, StatsRequest
-from bridge.shm import RingReader, RingWriter, session_ring_names
-from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request
+import torch
+
+from bridge.protocol import (
+    FORMATS,
+    MAX_HEIGHT,
+    MAX_MESSAGE_BYTES,
+    MAX_PROMPT_CHARS,
+    MAX_WIDTH,
+    Bye,
+    ErrorCode,
+    FrameHeader,
+    Hello,
+    ParamsUpdate,
+    ProtocolError,
+    StatsRequest,
+    ValueSpec,
+)
+from bridge.shm import RingReader, RingWriter, reclaim_abandoned_rings, session_ring_names
+from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request, ServerKeys
 
 from .models.weights import Models
 from .pipeline import StreamSettings
-from .session import PARAMS, InputFrame, Session, apply_params, current_params, params_schema, to_rgb
+from .session import MAX_MODEL_SIZE, PARAMS, InputFrame, Session, applies, apply_params, current_params, to_rgb
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 
 SERVED_TRANSPORTS = ("shm", "zmq")
 DEFAULT_SESSION_TIMEOUT_S = 10.0
-DEFAULT_MAX_SESSIONS = 8
 POLL_S = 0.002  # IO loop period while sessions are open: shared memory has no wake-up, so it is polled
 IDLE_POLL_S = 0.05  # with no session open
 REAP_EVERY_S = 0.25  # how often silent hosts are looked for
@@ -70,15 +97,55 @@ JOIN_TIMEOUT_S = 10.0  # how long close() waits for a step (or a model load) in 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def check_loopback(address: str) -> None:
-    """Refuse a bind address other hosts could reach: the engine has no authentication."""
+@dataclass(frozen=True)
+class Limits:
+    """What one engine takes at most. The defaults suit one GPU serving a few hosts;
+    each is a `serve` flag."""
+
+    max_sessions: int = 8  # --max-sessions
+    max_frame_width: int = 3840  # --max-frame-size WxH: the hosts' frames (4K UHD by default)
+    max_frame_height: int = 2160
+    max_prompt_chars: int = 1000  # --max-prompt-chars
+    max_model_size: int = 1024  # --max-model-size: model_width and model_height, the memory that matters
+
+    def __post_init__(self) -> None:
+        for name, value, top in (("max_sessions", self.max_sessions, 10_000),
+                                 ("max_frame_width", self.max_frame_width, MAX_WIDTH),
+                                 ("max_frame_height", self.max_frame_height, MAX_HEIGHT),
+                                 ("max_prompt_chars", self.max_prompt_chars, MAX_PROMPT_CHARS),
+                                 ("max_model_size", self.max_model_size, MAX_MODEL_SIZE)):
+            if not 1 <= value <= top:
+                raise ValueError(f"{name} must be from 1 to {top}, got {value}")
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.max_frame_width * self.max_frame_height * max(FORMATS.values())
+
+    def params(self) -> dict[str, ValueSpec]:
+        """The session parameter table with this engine's bounds."""
+        return {**PARAMS,
+                "prompt": replace(PARAMS["prompt"], maximum=self.max_prompt_chars),
+                "model_width": replace(PARAMS["model_width"], maximum=self.max_model_size),
+                "model_height": replace(PARAMS["model_height"], maximum=self.max_model_size)}
+
+
+def is_loopback(address: str) -> bool:
+    """Whether only this machine can reach a bind address."""
     parts = urlsplit(address)
     host = parts.hostname or ""
-    if parts.scheme == "ipc" or (parts.scheme == "tcp" and (host in LOOPBACK_HOSTS or host.startswith("127."))):
+    return parts.scheme == "ipc" or (parts.scheme == "tcp" and (host in LOOPBACK_HOSTS or host.startswith("127.")))
+
+
+def check_bind(address: str, authenticated: bool) -> None:
+    """Refuse an address other machines could reach unless hosts must authenticate."""
+    if authenticated or is_loopback(address):
         return
     raise ValueError(
-        f"--bind {address} is not a loopback address; the engine takes no authentication, so it listens only "
-        "on tcp://127.0.0.1:PORT, tcp://localhost:PORT, tcp://[::1]:PORT or ipc://PATH"
+        f"--bind {address} reaches beyond this machine, so hosts must authenticate. Create keys with\n"
+        "    python -m engine keys --dir KEYS --client NAME\n"
+        "then start the engine with --keys KEYS, and give each host KEYS/server.key and its own NAME.key_secret "
+        "(EngineClient(..., server_key=..., client_keys=...)). Without keys the engine listens only on "
+        "tcp://127.0.0.1:PORT, tcp://localhost:PORT, tcp://[::1]:PORT or ipc://PATH"
     )
 
 
@@ -94,19 +161,30 @@ class EngineServer:
         address: str = DEFAULT_ADDRESS,
         model_size: tuple[int, int] = (512, 512),
         session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S,
-        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        limits: Limits = Limits(),
+        auth: ServerKeys | None = None,
     ):
+        """auth: the keys hosts must authenticate with; required unless address is loopback."""
+        check_bind(address, auth is not None)
         self.model = model
         height, width = model_size
+        if max(height, width) > limits.max_model_size:
+            raise ValueError(f"the model size {height}x{width} is over --max-model-size {limits.max_model_size}")
         self._default_settings = StreamSettings(height=height, width=width)  # validates the size
         self._session_timeout_s = session_timeout_s
-        self._max_sessions = max_sessions
+        self.limits = limits
+        self._param_specs = limits.params()
         self._sessions: dict[str, Session] = {}  # changed by the IO thread only
         self._sessions_lock = threading.Lock()  # the worker reads the table from its thread
         self._worker = Worker(load_models, self._open_sessions)
         self._stopping = threading.Event()
-        self.failed = False  # set when a thread died of an unexpected error
-        self._socket = EngineSocket(address, params_schema=PARAMS)
+        self.failed = False  # set when a thread died of an unexpected error, or the model did not load
+        reclaimed = reclaim_abandoned_rings()
+        if reclaimed:
+            log.info("removed %d shared-memory segments left by processes that are gone: %s", len(reclaimed),
+                     " ".join(reclaimed))
+        self._socket = EngineSocket(address, params_schema=self._param_specs, auth=auth,
+                                    max_message_bytes=max(limits.max_frame_bytes, MAX_MESSAGE_BYTES))
         self.address = self._socket.address
         self._threads = [
             threading.Thread(target=self._guarded(self._serve_io), name="engine-io", daemon=True),
@@ -141,13 +219,21 @@ class EngineServer:
             self._close_session(session, "the engine is stopping")
         self._socket.close()
 
+    @property
+    def load_error(self) -> str | None:
+        """Why the model failed to load, once it has."""
+        return self._worker.load_error
+
     def serve_forever(self) -> None:
-        """Run until Ctrl-C or SIGTERM (call from the main thread), then close."""
+        """Run until Ctrl-C or SIGTERM (call from the main thread), then close. A model
+        that fails to load stops the engine too (failed, load_error say why)."""
         previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            while not self.wait(0.5):  # a timed wait, so the signal handlers get to run
-                pass
+            while not self.wait(0.2):  # a timed wait, so the signal handlers get to run
+                if self.load_error is not None:
+                    self.failed = True
+                    break
         finally:
             self.close()
             for sig, handler in previous.items():
@@ -187,9 +273,14 @@ class EngineServer:
                     self._close_session(session, "it failed")
                     self._socket.notify(session.owner, ProtocolError(ErrorCode.SESSION_FAILED, None, session.failure))
                     continue
-                if session.transport == "shm":
-                    self._read_input_ring(session)
-                self._send_due_outputs(session, now_ns)
+                try:
+                    if session.transport == "shm":
+                        self._read_input_ring(session)
+                    self._send_due_outputs(session, now_ns)
+                except Exception as error:  # noqa: BLE001 - one session's frames failing must not stop the others
+                    log.exception("session %s: moving its frames failed", session.id)
+                    session.fail(f"the engine could not move this session's frames ({type(error).__name__}: "
+                                 f"{error}); open a new session")
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + REAP_EVERY_S
                 self._close_silent_sessions()
@@ -217,10 +308,7 @@ class EngineServer:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, "model",
                                 f"{self.model} failed to load ({self._worker.load_error}); "
                                 "fix that and restart the engine")
-        if len(self._sessions) >= self._max_sessions:
-            raise ProtocolError(ErrorCode.TOO_LARGE, None,
-                                f"this engine serves at most {self._max_sessions} sessions at once; close one, "
-                                "or start the engine with a larger --max-sessions")
+        self._check_limits(hello)
         settings, targets = apply_params(replace(self._default_settings, prompt=hello.prompt), {}, hello.params)
         session_id = secrets.token_hex(8)
         state = "starting" if self._worker.state == "ready" else "loading"
@@ -231,7 +319,7 @@ class EngineServer:
             "state": state,
             "model": self.model,
             "params": current_params(settings, targets),
-            "schema": params_schema(),
+            "schema": {name: {**spec.describe(), "applies": applies(name)} for name, spec in self._param_specs.items()},
             "lag_frames": settings.lag_frames,
             "first_chunk_frames": settings.first_chunk_frames,
             "session_timeout_s": self._session_timeout_s,
@@ -250,6 +338,22 @@ class EngineServer:
                  hello.height, settings.width, settings.height)
         return reply
 
+    def _check_limits(self, hello: Hello) -> None:
+        limits = self.limits
+        if len(self._sessions) >= limits.max_sessions:
+            raise ProtocolError(ErrorCode.TOO_LARGE, None,
+                                f"this engine serves at most {limits.max_sessions} sessions at once; close one, "
+                                "or start the engine with a larger --max-sessions")
+        if hello.width > limits.max_frame_width or hello.height > limits.max_frame_height:
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, "width" if hello.width > limits.max_frame_width else "height",
+                                f"this engine takes frames up to {limits.max_frame_width}x{limits.max_frame_height}, "
+                                f"not {hello.width}x{hello.height}; send smaller frames, or start the engine with "
+                                "a larger --max-frame-size")
+        if len(hello.prompt) > limits.max_prompt_chars:
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, "prompt",
+                                f"the prompt is {len(hello.prompt)} characters; this engine takes at most "
+                                f"{limits.max_prompt_chars} (--max-prompt-chars)")
+
     def _params(self, request: Request) -> dict[str, Any]:
         message: ParamsUpdate = request.message
         session = self._owned_session(request.sender, message.session)
@@ -264,7 +368,10 @@ class EngineServer:
         }
 
     def _stats(self, request: Request) -> dict[str, Any]:
-        return self._owned_session(request.sender, request.message.session).stats()
+        stats = self._owned_session(request.sender, request.message.session).stats()
+        # The engine's device memory, for hosts (and bench/soak.py) watching it over hours.
+        stats["device_memory_allocated"] = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else None
+        return stats
 
     def _bye(self, request: Request) -> dict[str, Any]:
         session = self._owned_session(request.sender, request.message.session)
@@ -334,9 +441,14 @@ class EngineServer:
 
     def _close_silent_sessions(self) -> None:
         silent = set(self._socket.forget_silent_peers(self._session_timeout_s))
+        closed = False
         for session in self._open_sessions():
             if session.owner in silent:
                 self._close_session(session, f"its host was silent for {self._session_timeout_s:g} s")
+                closed = True
+        if closed:  # a host killed outright, its resource tracker with it, leaves its input ring behind
+            for segment in reclaim_abandoned_rings():
+                log.info("removed shared-memory segment %s: its owner process is gone", segment)
 
     def _close_session(self, session: Session, reason: str) -> None:
         with self._sessions_lock:

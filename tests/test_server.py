@@ -29,7 +29,7 @@ from bridge.shm import session_ring_names
 from engine import cli
 from engine.models.weights import build_models
 from engine.pipeline import StreamPipeline
-from engine.server import EngineServer, check_loopback
+from engine.server import EngineServer, check_bind
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -403,12 +403,13 @@ def test_bad_input_gets_an_error_naming_the_field_while_other_sessions_stream_on
     assert healthy.client.state == "streaming"
 
 
-def test_the_engine_refuses_to_listen_beyond_this_machine():
+def test_the_engine_listens_beyond_this_machine_only_with_keys():
     for address in ("tcp://127.0.0.1:5555", "tcp://localhost:*", "tcp://[::1]:5555", "ipc:///tmp/engine"):
-        check_loopback(address)
+        check_bind(address, authenticated=False)
     for address in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.2:5555"):
-        with pytest.raises(ValueError, match="loopback"):
-            check_loopback(address)
+        with pytest.raises(ValueError, match="python -m engine keys"):
+            check_bind(address, authenticated=False)
+        check_bind(address, authenticated=True)
 
 
 # --------------------------------------------------------------------------- faults

@@ -206,6 +206,20 @@ def test_attaching_to_a_missing_or_foreign_segment_fails_clearly():
 
 
 @linux_only
+def test_a_ring_still_being_created_counts_as_not_there_yet():
+    import _posixshmem
+
+    # Its creator has opened the control block but not sized it yet.
+    fd = _posixshmem.shm_open("/sdb_unsized_test", os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        with pytest.raises(FileNotFoundError, match="still being created"):
+            RingReader.attach("sdb_unsized_test")
+    finally:
+        os.close(fd)
+        _posixshmem.shm_unlink("/sdb_unsized_test")
+
+
+@linux_only
 def test_segments_are_private_to_their_owner():
     with RingWriter.create(6, 4) as writer:
         for name in (writer.name, f"{writer.name}_1"):

@@ -594,3 +594,17 @@ def _unpack_map(data: Any) -> Mapping:
     if not isinstance(wire, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, None, f"expected a msgpack map, got {type(wire).__name__}")
     return wire
+
+
+def check_frame_array(pixels: np.ndarray, format: str) -> tuple[int, int]:
+    """Validate an array for `format`; return its (height, width)."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3:
+        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise ProtocolError(ErrorCode.SIZE_MISMATCH, "pixels", f"expected uint8 [height, width, channels], got {got}")
+    height, width, channels = pixels.shape
+    check_geometry(width, height, format)
+    if channels != FORMATS[format]:
+        raise ProtocolError(
+            ErrorCode.SIZE_MISMATCH, "pixels", f"{format} has {FORMATS[format]} channels, the array has {channels}"
+        )
+    return height, width

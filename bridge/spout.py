@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import FORMATS, ErrorCode, ProtocolError, check_geometry
+from .protocol import FORMATS, ErrorCode, ProtocolError, check_frame_array
 
 # DXGI texture formats whose bytes are in B, G, R, A order (B8G8R8A8_UNORM and its sRGB twin).
 BGRA_SENDER_FORMATS = frozenset({87, 91})
@@ -233,7 +233,7 @@ class SpoutSender:
 
         The sender takes each frame's size, so a size change needs nothing special.
         """
-        height, width = _check_frame(pixels, format)
+        height, width = check_frame_array(pixels, format)
         if format == "rgb8":
             # Spout takes packed rows only and, for 3-byte pixels, widths divisible by 4
             # (OpenGL aligns rows to 4 bytes); 4-byte pixels never have padded rows.
@@ -260,20 +260,6 @@ def _create_gl_context(spout_object: Any, role: str) -> None:
             f"the Spout {role} could not create its hidden OpenGL context",
             "update the graphics driver; Spout needs OpenGL and DirectX 11 on the GPU the other application uses",
         )
-
-
-def _check_frame(pixels: np.ndarray, format: str) -> tuple[int, int]:
-    """Validate an array for `format`; return its (height, width)."""
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3:
-        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
-        raise ProtocolError(ErrorCode.SIZE_MISMATCH, "pixels", f"expected uint8 [height, width, channels], got {got}")
-    height, width, channels = pixels.shape
-    check_geometry(width, height, format)
-    if channels != FORMATS[format]:
-        raise ProtocolError(
-            ErrorCode.SIZE_MISMATCH, "pixels", f"{format} has {FORMATS[format]} channels, the array has {channels}"
-        )
-    return height, width
 
 
 def _reorder(pixels: np.ndarray, source: str, target: str) -> np.ndarray:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import FORMATS, ErrorCode, ProtocolError, check_geometry
+from .protocol import FORMATS, ErrorCode, ProtocolError, check_frame_array
 
 # Metal pixel formats (MTLPixelFormat values) a received texture can have.
 MTL_RGBA8 = 70
@@ -175,7 +175,7 @@ class SyphonSender:
     def send(self, pixels: np.ndarray, format: str = "rgba8") -> None:
         """Publish one [height, width, channels] uint8 frame (any size; a new size
         gets a new texture)."""
-        height, width = _check_frame(pixels, format)
+        height, width = check_frame_array(pixels, format)
         if self._texture_size != (width, height):
             self._texture = self._create_texture(self._server.device, width, height)  # RGBA8
             self._texture_size = (width, height)
@@ -196,20 +196,6 @@ def _directory(syphon: Any) -> Any:
     directory = syphon.SyphonServerDirectory()
     directory.run_loop_interval = 0.0  # run the loop once without waiting, on every look-up
     return directory
-
-
-def _check_frame(pixels: np.ndarray, format: str) -> tuple[int, int]:
-    """Validate an array for `format`; return its (height, width)."""
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3:
-        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
-        raise ProtocolError(ErrorCode.SIZE_MISMATCH, "pixels", f"expected uint8 [height, width, channels], got {got}")
-    height, width, channels = pixels.shape
-    check_geometry(width, height, format)
-    if channels != FORMATS[format]:
-        raise ProtocolError(
-            ErrorCode.SIZE_MISMATCH, "pixels", f"{format} has {FORMATS[format]} channels, the array has {channels}"
-        )
-    return height, width
 
 
 def _to_rgba(pixels: np.ndarray, format: str) -> np.ndarray:

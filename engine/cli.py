@@ -68,8 +68,6 @@ def run(args: argparse.Namespace) -> None:
         from .parallel import run_cli
         return run_cli(args)
 
-    import torch
-
     from .models.weights import build_models
     from .pipeline import StreamPipeline, StreamSettings
 

@@ -21,7 +21,6 @@ however its steps are scheduled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
+from processes import HOST_PROCESS
 from bridge.client import AuthenticationError, EngineClient, RemoteError
 from bridge.protocol import PROTOCOL_VERSION
 from bridge.shm import RingWriter, list_rings, reclaim_abandoned_rings, session_ring_names
@@ -313,23 +314,6 @@ def test_reclaiming_removes_the_rings_of_dead_owners_and_only_those(tmp_path):
 def send_and_receive(engine_client: EngineClient) -> bool:
     engine_client.send(np.zeros((HOST_SIZE, HOST_SIZE, 3), np.uint8))
     return engine_client.receive(0.05) is not None and engine_client.state == "streaming"
-
-
-HOST_PROCESS = """
-import sys
-import numpy as np
-from bridge.client import EngineClient
-
-with EngineClient(sys.argv[1], transport="shm", width=64, height=64, prompt="about to be killed") as client:
-    print(client.session, flush=True)
-    frame = np.zeros((64, 64, 3), np.uint8)
-    announced = False
-    while True:
-        client.send(frame)
-        if client.receive(0.01) is not None and not announced:
-            print("streaming", flush=True)
-            announced = True
-"""
 
 
 @linux_only

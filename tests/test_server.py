@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import weakref
-from multiprocessing import resource_tracker
 from pathlib import Path
 
 import msgpack
@@ -23,6 +22,7 @@ import pytest
 import torch
 import zmq
 
+from processes import HOST_PROCESS, child_pids
 from bridge.client import EngineClient, RemoteError
 from bridge.protocol import PROTOCOL_VERSION, ErrorReply, Ok, decode_message
 from bridge.shm import session_ring_names
@@ -146,19 +146,6 @@ def segments_of(session: str) -> set[str]:
     """The shared-memory segments of a session's rings: control blocks and frame blocks."""
     prefix = os.path.commonprefix(session_ring_names(session))
     return {name for name in ring_segments() if name.startswith(prefix)}
-
-
-def child_pids() -> set[int]:
-    """This process's children, less the resource tracker Python keeps for shared memory."""
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[1]) == os.getpid():
-            children.add(int(stat.parent.name))
-    return children - {resource_tracker._resource_tracker._pid}
 
 
 def socket_fds() -> int:
@@ -413,23 +400,6 @@ def test_the_engine_listens_beyond_this_machine_only_with_keys():
 
 
 # --------------------------------------------------------------------------- faults
-
-
-HOST_PROCESS = """
-import sys
-import numpy as np
-from bridge.client import EngineClient
-
-with EngineClient(sys.argv[1], transport="shm", width=64, height=64, prompt="about to be killed") as client:
-    print(client.session, flush=True)
-    frame = np.zeros((64, 64, 4), np.uint8)
-    announced = False
-    while True:
-        client.send(frame)
-        if client.receive(0.001) is not None and not announced:
-            print("streaming", flush=True)
-            announced = True
-"""
 
 
 @linux_only

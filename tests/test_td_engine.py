@@ -22,12 +22,12 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing import resource_tracker
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from processes import child_pids
 import fake_td
 from bridge.shm import RingReader, session_ring_names
 from td_harness import build_component, pattern, source_top
@@ -105,19 +105,6 @@ class Engine:
             self.process.send_signal(sig)
         self.process.wait(PATIENCE_S)
         self.process.stdout.close()
-
-
-def child_pids() -> set[int]:
-    """This process's children, less the resource tracker Python keeps for shared memory."""
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[1]) == os.getpid():
-            children.add(int(stat.parent.name))
-    return children - {resource_tracker._resource_tracker._pid}
 
 
 def segments_of(session_ids: list[str]) -> set[str]:

@@ -19,11 +19,9 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "NVIDIA GPU found: installing the CUDA build of torch $(TORCH_VERSION)"; \
-		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	else \
-		echo "no NVIDIA GPU found: installing the CPU build of torch $(TORCH_VERSION)"; \
+		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then build=CUDA; else build=CPU; fi; \
+		echo "installing the $$build build of torch $(TORCH_VERSION)"; \
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
 	$(PY) -m pip install --quiet -e ".[engine,wan,video,virtualcam,dev]"

@@ -291,7 +291,14 @@ class EngineClient:
         self.error = None
         self._waiting_since = None
         if self.transport == "shm":
-            self._output_ring = RingReader.attach(reply["output_ring"])
+            try:
+                self._output_ring = RingReader.attach(reply["output_ring"])
+            except FileNotFoundError:
+                # The engine ended the session between its reply and now; the session_failed
+                # notice on its way says why (it sets error). No frames will come back.
+                log.warning("session %s ended on the engine as it opened", self.session)
+                self._state = "error"
+                return
         log.info("session %s open on the engine at %s", self.session, self.address)
 
     def _tend(self) -> None:
@@ -385,7 +392,7 @@ class EngineClient:
         return ring
 
     def _take_output(self, wait_s: float) -> Output | None:
-        if self.session is None:
+        if self.session is None or (self.transport == "shm" and self._output_ring is None):
             time.sleep(wait_s)
             return None
         if self.transport == "zmq":

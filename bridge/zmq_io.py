@@ -23,7 +23,10 @@ How it behaves:
 - Liveness: a host pings the engine (HostSocket.ping, a request with a timeout), or
   posts requests without waiting (HostSocket.post) and watches HostSocket.last_heard;
   the engine answers pings itself and notes when it last heard from each host
-  (EngineSocket.forget_silent_peers). ZMTP heartbeats also drop dead TCP connections.
+  (EngineSocket.forget_silent_peers). Dead TCP connections are found by the kernel's
+  TCP keepalive, not by ZMTP heartbeats: libzmq 4.3.5 aborts the whole process
+  (assertion `!_io_error`) when a heartbeat times out on a peer that was stopped for
+  longer than the timeout and then resumes, which a paused engine or host must survive.
 - ZeroMQ sockets are not thread-safe: use each object from one thread only.
 
 Authentication (CURVE): an engine that hosts on other machines can reach must know
@@ -84,8 +87,8 @@ MAX_MESSAGES_PER_POLL = 256  # so a flooding peer cannot keep a receive call bus
 MAX_UNSENT_REPLIES = 1024
 MAX_NOTICES = 64
 
-_HEARTBEAT_MS = 1000  # ZMTP ping interval on idle connections
-_HEARTBEAT_TIMEOUT_MS = 5000  # a connection silent this long is dropped (and redialled)
+_TCP_KEEPALIVE_IDLE_S = 10  # an idle TCP connection is probed after this long ...
+_TCP_KEEPALIVE_INTERVAL_S = 2  # ... every this often, and dropped after 5 unanswered probes
 _RECONNECT_MS = 100
 _RECONNECT_MAX_MS = 1000
 _AUTH_CHECK_S = 0.05  # how often a waiting request looks for a failed handshake
@@ -624,8 +627,10 @@ def _configure(socket: zmq.Socket, max_message_bytes: int = MAX_FRAME_BYTES) -> 
     socket.setsockopt(zmq.SNDHWM, QUEUE_DEPTH)
     socket.setsockopt(zmq.RCVHWM, QUEUE_DEPTH)
     socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # a peer sending a bigger part is disconnected
-    socket.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
-    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+    socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _TCP_KEEPALIVE_IDLE_S)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, _TCP_KEEPALIVE_INTERVAL_S)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_CNT, 5)
 
 
 def _ms(seconds: float) -> int:

@@ -49,6 +49,9 @@ DEFAULT_TARGET_FPS = 16.0
 DEFAULT_LATENCY_MS = 500.0
 FRAMES_PER_CHUNK = 4  # video frames per latent frame, as StreamPipeline takes them after a first chunk
 COST_SMOOTHING = 0.2  # weight of a new measurement in the cost model's moving average
+# A step measured this many times slower than its estimate is a stall (the process was
+# paused, the machine slept), not the step's cost, unless the next step is as slow.
+STALL_FACTOR = 4.0
 RATE_WINDOW = 16  # frames over which a session's input rate is measured
 WAIT_WINDOW = 16  # chunks over which a session's wait for the device is measured
 # Demand is compared with the device's time at this share: a little slack keeps steps of
@@ -88,15 +91,26 @@ class CostModel:
     A shape not measured yet is estimated from the measured ones by its work (latent
     rows times passes), which overestimates what batching saves; so the first
     measurement (a session's first chunk, the warm-up) already gives every shape a
-    usable estimate, and each later step refines its own."""
+    usable estimate, and each later step refines its own. A lone step STALL_FACTOR
+    times slower than its estimate is left out: one paused second would otherwise
+    throttle every session for many steps while the average forgets it."""
 
-    def __init__(self, smoothing: float = COST_SMOOTHING):
+    def __init__(self, smoothing: float = COST_SMOOTHING, stall_factor: float = STALL_FACTOR):
         self._smoothing = smoothing
+        self._stall_factor = stall_factor
         self._seconds: dict[StepShape, float] = {}
+        self._stalled: set[StepShape] = set()  # shapes whose last measurement was left out as a stall
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         known = self._seconds.get(shape)
-        self._seconds[shape] = seconds if known is None else known + self._smoothing * (seconds - known)
+        if known is None:
+            self._seconds[shape] = seconds
+            return
+        if seconds > self._stall_factor * known and shape not in self._stalled:
+            self._stalled.add(shape)
+            return
+        self._stalled.discard(shape)
+        self._seconds[shape] = known + self._smoothing * (seconds - known)
 
     def predict(self, shape: StepShape) -> float | None:
         """Seconds for a step of this shape, or None before any step was measured."""

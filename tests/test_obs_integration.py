@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -34,9 +33,10 @@ from pathlib import Path
 
 import pytest
 
+from processes import REPO, ServedEngine
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO.parent / "shared" / "tools" / "obs-headless" / "run-obs-script.sh"
 WRAPPER = REPO / "tests" / "obs_harness_wrapper.py"
 RUN_S = 40  # how long OBS runs after start-up; the three phases need about half of it
@@ -77,27 +77,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-class Engine:
-    """`python -m engine serve --model tiny` as a child process."""
-
-    def __init__(self, address: str, log_path: Path):
-        environment = dict(os.environ, OMP_NUM_THREADS="1")  # leave a core to OBS's software renderer
-        with open(log_path, "a") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", "32x32", "--bind", address],
-                cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
-        line = self.process.stdout.readline()
-        if "listening at" not in line:
-            self.kill()
-            pytest.fail(f"the engine did not start: {line!r}; see {log_path}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self.process.stdout.close()
 
 
 def read_report(path: Path) -> dict | None:
@@ -161,7 +140,7 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
         assert report["properties"]["refresh_returned"] is True
 
         # 1. the pattern goes through the engine and comes back into the output source
-        engine = Engine(address, tmp_path / "engine.log")
+        engine = ServedEngine(tmp_path, address=address, env={"OMP_NUM_THREADS": "1"})  # a core left to OBS's renderer
         report = wait_for(report_path, harness, "engine frames in the output source", lambda r: (
             r["status"]["Engine"].startswith("streaming")
             and len({json.dumps(b["quarters"]) for b in r["read_back"] if matches_a_pushed_frame(b, r)}) >= 2))
@@ -177,7 +156,7 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
               f"{report['status']['Capture timer']}")
 
         # 2. the engine dies mid-stream: the status says so, OBS keeps rendering
-        engine.kill()
+        engine.kill_with_its_tracker()
         report = wait_for(report_path, harness, "the engine went away", lambda r: (
             r["status"]["Engine"].startswith("disconnected") and "stopped answering" in r["status"]["Last error"]))
         frames_then, ticks_then, pushed_then = (report["snapshot"]["obs_frames"], report["ticks"],
@@ -191,7 +170,7 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
               f"{report['status']['Capture timer']}")
 
         # 3. an engine at the same address again: the stream resumes by itself
-        engine = Engine(address, tmp_path / "engine.log")
+        engine = ServedEngine(tmp_path, address=address, env={"OMP_NUM_THREADS": "1"})  # a core left to OBS's renderer
         report = wait_for(report_path, harness, "the stream resume", lambda r: (
             r["status"]["Engine"].startswith("streaming") and r["pushed"][-1]["t"] > pushed_then
             and any(b["t"] > pushed_then and matches_a_pushed_frame(b, r) for b in r["read_back"])))
@@ -204,7 +183,7 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
             harness.terminate()  # the harness stops the OBS and Xvfb it started
             harness.wait(60)
         if engine is not None:
-            engine.kill()
+            engine.kill_with_its_tracker()
         harness_output.close()
     summary = (tmp_path / "harness.out").read_text()
     assert harness.returncode == 0, summary[-3000:]

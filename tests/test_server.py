@@ -22,7 +22,7 @@ import pytest
 import torch
 import zmq
 
-from processes import HOST_PROCESS, child_pids
+from processes import HOST_PROCESS, PATIENCE_S, REPO, ServedEngine as Engine, child_pids
 from bridge.client import EngineClient, RemoteError
 from bridge.protocol import PROTOCOL_VERSION, ErrorReply, Ok, decode_message
 from bridge.shm import session_ring_names
@@ -33,53 +33,13 @@ from engine.server import EngineServer, check_bind
 
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parents[1]
 DEV_SHM = Path("/dev/shm")
 linux_only = pytest.mark.skipif(not DEV_SHM.is_dir(), reason="needs /dev/shm and /proc (Linux)")
-PATIENCE_S = 60.0  # generous: the machine running the tests may be busy
-HOST_SIZE = 64  # the hosts' frames are 64x64 ...
-MODEL_SIZE = "32x32"  # ... and the model works at 32x32
+HOST_SIZE = 64  # the hosts' frames are 64x64; the engines' model works at 32x32
 FRAMES_PER_CHUNK = 4
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-class Engine:
-    """`python -m engine serve --model tiny` in a child process; its log goes to a file."""
-
-    started = []  # every engine these tests started, for the check that nothing is left behind
-
-    def __init__(self, log_dir: Path, address: str = "tcp://127.0.0.1:*", session_timeout_s: float = 10.0):
-        Engine.started.append(self)
-        self.log_path = log_dir / f"engine-{time.monotonic_ns()}.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", MODEL_SIZE, "--bind", address,
-                 "--session-timeout", str(session_timeout_s)],
-                cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
-            )
-        line = self.process.stdout.readline()
-        match = re.search(r"listening at (\S+)", line)
-        if match is None:
-            self.stop()
-            pytest.fail(f"the engine did not start: {line!r}\n{self.log()}")
-        self.address = match.group(1)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send sig and reap the process; returns its exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout=PATIENCE_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
-        return self.process.returncode
 
 
 class Host:
@@ -404,7 +364,7 @@ def test_the_engine_listens_beyond_this_machine_only_with_keys():
 
 @linux_only
 def test_a_killed_hosts_session_is_closed_after_the_timeout_and_its_memory_freed(tmp_path):
-    engine = Engine(tmp_path, session_timeout_s=1.0)
+    engine = Engine(tmp_path, "--session-timeout", "1")
     try:
         host = subprocess.Popen([sys.executable, "-c", HOST_PROCESS, engine.address], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)

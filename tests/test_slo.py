@@ -41,6 +41,19 @@ def test_the_cost_model_learns_step_times_and_follows_a_slower_device():
     assert cost.predict(StepShape.steady(2, True)) == pytest.approx(0.2, rel=0.01)
 
 
+def test_one_stalled_step_does_not_throttle_the_sessions_after_it():
+    """A step that spans a paused process (SIGSTOP, a sleeping laptop) measures the pause, not the device."""
+    cost = CostModel(smoothing=0.5)
+    shape = StepShape.steady(2, True)
+    cost.observe(shape, 0.1)
+    cost.observe(shape, 15.0)  # the engine was stopped for 15 s during this step
+    assert cost.predict(shape) == pytest.approx(0.1)
+    cost.observe(shape, 0.1)
+    cost.observe(shape, 0.5)  # a lasting change shows twice in a row and is taken
+    cost.observe(shape, 0.5)
+    assert cost.predict(shape) == pytest.approx(0.3)
+
+
 def test_a_frame_rate_cap_lets_frames_through_evenly():
     gate = FrameRateGate()
     captures = [round(i * 1e9 / 30) for i in range(300)]  # 10 s at 30 FPS

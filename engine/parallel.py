@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from .config import ModelConfig, get_preset
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
+from .models.attention import StreamRows
 from .models.dit import CausalWanDiT, WanBlock
 from .models.kv_cache import KVCache
 from .models.rope import RotaryTable
@@ -359,8 +360,8 @@ class PipelineStage:
             self.cache.follow_sink_replacement(plan, tensors["sink_replaced"].bool(), tensors["sink_choice"])
         freqs = self.dit.rope_frequencies(self.cache.frame_numbers(frames), latent_h // ph, latent_w // pw,
                                           self.device)
-        context_kv = self._slot_context_kv(header["contexts"], batch)
-        x = self.dit.run_blocks(x, tensors["time_mod"], freqs, context_kv, self.layers, cache=self.cache, plan=plan)
+        stream = StreamRows(slice(None), self.cache, plan, self._slot_context_kv(header["contexts"]))
+        x = self.dit.run_blocks(x, tensors["time_mod"], freqs, [stream], self.layers)
         self._forget_contexts_before(min(header["contexts"]))
 
         out = {**tensors, "x": x}
@@ -372,11 +373,10 @@ class PipelineStage:
         self.contexts[version] = embedded
         self.cross_kv[version] = self.dit.blocks_context_kv(embedded, self.layers)
 
-    def _slot_context_kv(self, versions: list[int], batch: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Each block's cross-attention K/V for the slots' context versions."""
+    def _slot_context_kv(self, versions: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's cross-attention K/V for the slots' context versions (batch 1 when they share one)."""
         if len(set(versions)) == 1:
-            return {layer: (k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))
-                    for layer, (k, v) in self.cross_kv[versions[0]].items()}
+            return self.cross_kv[versions[0]]
         return {layer: tuple(torch.cat([self.cross_kv[version][layer][i] for version in versions]) for i in (0, 1))
                 for layer in self.layers}
 
@@ -759,11 +759,11 @@ def measure_tick_costs(config: ModelConfig, settings: StreamSettings, *, rank: i
     time_mod = torch.randn(batch, 1, 6, config.dim, device=device)
     times = torch.arange(batch, device=device)[:, None]
     freqs = RotaryTable(config.head_dim, config.rope_max_positions).frequencies(times, grid_h, grid_w)
-    k, v = block.cross_attn.context_kv(torch.randn(1, config.text_len, config.dim, device=device, dtype=dtype))
-    context_kv = (k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))
+    context_kv = {0: block.cross_attn.context_kv(torch.randn(1, config.text_len, config.dim, device=device,
+                                                            dtype=dtype))}
 
     def run_block():
-        block(x, time_mod, freqs, context_kv, cache=cache, layer_index=0, plan=cache.begin_write(1))
+        block(x, time_mod, freqs, [StreamRows(slice(None), cache, cache.begin_write(1), context_kv)], layer_index=0)
         cache.advance()
 
     block_seconds = median_seconds(run_block)

@@ -5,7 +5,7 @@ import pytest
 
 from engine.config import get_preset
 from engine.models.attention import window_mask
-from engine.models.dit import CausalWanDiT
+from engine.models.dit import CausalWanDiT, StreamInput
 from engine.models.rope import rotary_position
 
 LATENT_H, LATENT_W = 4, 6  # 2x3 tokens per frame
@@ -78,6 +78,34 @@ def test_reprocessing_a_frame_overwrites_its_slot():
         cache.advance()
     slots = cache.slot_frame[0]
     assert slots[0] == 0 and sorted(slots[1:]) == [2, 3]
+
+
+@torch.no_grad()
+def test_streams_sharing_a_forward_each_get_what_they_would_alone():
+    """Three sessions in one forward: their own caches (positions, sink replacement), prompts and batch widths."""
+    model = make_model(num_kv_cache=3, num_sink=1, adapt_sink_threshold=0.5)
+    g = torch.Generator().manual_seed(2)
+    widths, contexts = (1, 2, 1), [torch.randn(1, 7, 32, generator=g) for _ in range(3)]
+    alone = [model.new_cache(width, LATENT_H, LATENT_W) for width in widths]
+    shared = [model.new_cache(width, LATENT_H, LATENT_W) for width in widths]
+    for cache in alone[1:] + shared[1:]:  # streams at different positions of their own
+        cache.advance(3)
+    for _ in range(8):  # past the cache size: evictions and sink decisions per stream
+        inputs = [StreamInput(torch.randn(width, 16, 1, LATENT_H, LATENT_W, generator=g),
+                              torch.randint(0, 1000, (width, 1), generator=g), context, cache)
+                  for width, context, cache in zip(widths, contexts, shared)]
+        together = model.forward_streams(inputs)
+        for part, cache, flow in zip(inputs, alone, together):
+            torch.testing.assert_close(flow, model(part.latents, part.timesteps, part.context, cache=cache),
+                                       rtol=1e-4, atol=1e-4)
+        for cache in alone + shared:
+            cache.advance()
+    assert [c.slot_frame for c in shared] == [c.slot_frame for c in alone]
+    with pytest.raises(ValueError, match=r"inputs\[1\].latents hold frames, height, width \[2, 4, 6\]"):
+        model.forward_streams([inputs[0], StreamInput(torch.randn(1, 16, 2, LATENT_H, LATENT_W),
+                                                      torch.zeros(1, 2), contexts[2], shared[2])])
+    with pytest.raises(ValueError, match=r"inputs\[1\]: cache was made for batch 2"):
+        model.forward_streams([inputs[0], StreamInput(inputs[2].latents, inputs[2].timesteps, contexts[2], shared[1])])
 
 
 def test_the_cross_attention_cache_follows_the_context():

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config import get_preset
+from engine.models.attention import StreamRows
 from engine.models.dit import CausalWanDiT
 from engine.models.kv_cache import KVCache
 from engine.models.text import TinyTextEncoder
@@ -223,7 +224,6 @@ def test_the_model_run_in_two_parts_equals_the_whole_sink_replacements_included(
     context = torch.randn(1, 5, whole.config.text_dim)
     embedded = first.embed_context(context)
     kv = {**first.blocks_context_kv(embedded, range(0, 2)), **second.blocks_context_kv(embedded, range(2, 4))}
-    kv = {layer: (k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for layer, (k, v) in kv.items()}
     torch.manual_seed(1)
     replaced = 0
     for _ in range(12):  # past the 6-frame cache: adaptive sink replacement is decided in block 0
@@ -232,12 +232,12 @@ def test_the_model_run_in_two_parts_equals_the_whole_sink_replacements_included(
         x, time_mod, time_emb = first.embed(latents, t)
         freqs = first.rope_frequencies(caches[1].frame_numbers(1), latent_h // 2, latent_w // 2, x.device)
         plan = caches[1].begin_write(1)
-        x = first.run_blocks(x, time_mod, freqs, kv, range(0, 2), cache=caches[1], plan=plan)
+        x = first.run_blocks(x, time_mod, freqs, [StreamRows(slice(None), caches[1], plan, kv)], range(0, 2))
         second_plan = caches[2].begin_write(1)
         if second_plan.adapt is not None:
             caches[2].follow_sink_replacement(second_plan, *plan.sink_replacement)
             replaced += int(plan.sink_replacement[0].sum())
-        x = second.run_blocks(x, time_mod, freqs, kv, range(2, 4), cache=caches[2], plan=second_plan)
+        x = second.run_blocks(x, time_mod, freqs, [StreamRows(slice(None), caches[2], second_plan, kv)], range(2, 4))
         torch.testing.assert_close(second.finish(x, time_emb, latent_h // 2, latent_w // 2), expected)
         for cache in caches:
             cache.advance()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +53,20 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+@dataclass
+class StreamRows:
+    """One stream's share of a forward that several streams may run together.
+
+    The linear layers run on every stream's rows at once (their weights are read once
+    per step, whatever the batch); attention runs per stream, against that stream's
+    own KV cache and text. ``cache`` and ``plan`` are None offline."""
+
+    rows: slice  # this stream's rows of the batch
+    cache: object | None  # its KVCache
+    plan: object | None  # the WritePlan of this forward into that cache
+    context_kv: Sequence | Mapping  # block number -> text (keys, values), each [1 or rows, text_len, heads, head_dim]
+
+
 class SelfAttention(nn.Module):
     """q/k RMS-normed over the full width, RoPE on q and k, keys cached after RoPE."""
 
@@ -59,15 +76,19 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, *, mask: torch.Tensor | None = None,
-                cache=None, layer_index: int = 0, plan=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, streams: list[StreamRows], *, layer_index: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         heads = (*x.shape[:2], self.num_heads, -1)
         q = apply_rotary(self.norm_q(self.q(x)).view(heads), freqs)
         k = apply_rotary(self.norm_k(self.k(x)).view(heads), freqs)
         v = self.v(x).view(heads)
-        if cache is not None:
-            k, v, mask = cache.write(layer_index, k, v, plan)
-        return self.o(attention(q, k, v, mask).flatten(2))
+        outputs = []
+        for stream in streams:
+            q_s, k_s, v_s, mask_s = q[stream.rows], k[stream.rows], v[stream.rows], mask
+            if stream.cache is not None:
+                k_s, v_s, mask_s = stream.cache.write(layer_index, k_s, v_s, stream.plan)
+            outputs.append(attention(q_s, k_s, v_s, mask_s))
+        return self.o(_joined(outputs).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -85,7 +106,16 @@ class CrossAttention(nn.Module):
         heads = (*context.shape[:2], self.num_heads, -1)
         return self.norm_k(self.k(context)).view(heads), self.v(context).view(heads)
 
-    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, streams: list[StreamRows], *, layer_index: int) -> torch.Tensor:
         q = self.norm_q(self.q(x)).view(*x.shape[:2], self.num_heads, -1)
-        k, v = context_kv
-        return self.o(attention(q, k, v).flatten(2))
+        outputs = []
+        for stream in streams:
+            q_s = q[stream.rows]
+            k, v = stream.context_kv[layer_index]
+            rows = (q_s.shape[0], *k.shape[1:])
+            outputs.append(attention(q_s, k.expand(rows), v.expand(rows)))
+        return self.o(_joined(outputs).flatten(2))
+
+
+def _joined(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -8,18 +8,23 @@ Wan2.1 and StreamDiffusionV2 checkpoints load with ``strict=True``.
 
 Shapes: ``latents`` [B, C=in_dim, F, H, W]; a patch of (1, 2, 2) makes
 ``frame_tokens = H/2 * W/2`` tokens per latent frame, in (f, h, w) order.
+
+Several streams (sessions) of the same size can share one forward
+(:meth:`CausalWanDiT.forward_streams`): their rows go through the linear layers
+together, which read the weights once, and attend each to their own cache and text.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import CrossAttention, SelfAttention, window_mask
-from .kv_cache import KVCache, WritePlan
+from .attention import CrossAttention, SelfAttention, StreamRows, window_mask
+from .kv_cache import KVCache
 from .rope import RotaryTable, rotary_position
 
 
@@ -58,19 +63,18 @@ class WanBlock(nn.Module):
                                  nn.Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, context_kv, *,
-                mask=None, cache: KVCache | None = None, layer_index: int = 0,
-                plan: WritePlan | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, streams: list[StreamRows], *,
+                layer_index: int, mask=None) -> torch.Tensor:
         # x: [B, F, T, dim]; time_mod: [B, F, 6, dim] float32 -> six [B, F, 1, dim] terms.
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
             (self.modulation.float()[:, None] + time_mod).unsqueeze(3).unbind(2))
         tokens = x.shape[:1] + (-1, x.shape[-1])
 
         h = (self.norm1(x) * (1 + scale_msa) + shift_msa).type_as(x)
-        y = self.self_attn(h.reshape(tokens), freqs, mask=mask, cache=cache, layer_index=layer_index, plan=plan)
+        y = self.self_attn(h.reshape(tokens), freqs, streams, layer_index=layer_index, mask=mask)
         x = (x.float() + y.view_as(x).float() * gate_msa).type_as(x)
 
-        x = x + self.cross_attn(self.norm3(x).type_as(x).reshape(tokens), context_kv).view_as(x)
+        x = x + self.cross_attn(self.norm3(x).type_as(x).reshape(tokens), streams, layer_index=layer_index).view_as(x)
 
         h = (self.norm2(x) * (1 + scale_ffn) + shift_ffn).type_as(x)
         return (x.float() + self.ffn(h).float() * gate_ffn).type_as(x)
@@ -87,6 +91,16 @@ class Head(nn.Module):
         # time_emb: [B, F, dim] float32 -> shift and scale [B, F, 1, dim]
         shift, scale = (self.modulation.float()[:, None] + time_emb[:, :, None]).unsqueeze(3).unbind(2)
         return self.head((self.norm(x) * (1 + scale) + shift).type_as(x))
+
+
+@dataclass
+class StreamInput:
+    """One stream's part of a forward: as the arguments of :meth:`CausalWanDiT.forward`."""
+
+    latents: torch.Tensor  # [rows, in_dim, F, H, W]
+    timesteps: torch.Tensor  # [rows, F]
+    context: torch.Tensor  # [1 or rows, L, text_dim]
+    cache: KVCache | None
 
 
 class CausalWanDiT(nn.Module):
@@ -174,14 +188,14 @@ class CausalWanDiT(nn.Module):
                  for row in frame_numbers]
         return self.rope.frequencies(torch.tensor(times, device=device), grid_h, grid_w)
 
-    def run_blocks(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, context_kv, layers, *,
-                   mask=None, cache: KVCache | None = None, plan: WritePlan | None = None) -> torch.Tensor:
-        """Blocks ``layers`` (a range) on tokens ``x``; ``context_kv[i]`` is block i's cross-attention K/V."""
+    def run_blocks(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, streams: list[StreamRows],
+                   layers, *, mask=None) -> torch.Tensor:
+        """Blocks ``layers`` (a range) on tokens ``x``, whose rows belong to ``streams``."""
         for index in layers:
             block = self.blocks[index]
             if block is None:
                 raise ValueError(f"block {index} is not held by this model (it holds {self.held_layers})")
-            x = block(x, time_mod, freqs, context_kv[index], mask=mask, cache=cache, layer_index=index, plan=plan)
+            x = block(x, time_mod, freqs, streams, layer_index=index, mask=mask)
         return x
 
     def finish(self, x: torch.Tensor, time_emb: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -198,33 +212,64 @@ class CausalWanDiT(nn.Module):
         they attend to each other and to the cached frames, and are written into it
         at the cache's current stream position."""
         self._check_arguments(latents, timesteps, context, cache, block_size)
-        batch, _, frames, height, width = latents.shape
+        if cache is not None:
+            return self._forward(latents, timesteps, [StreamInput(latents, timesteps, context, cache)])
+        frames, height, width = latents.shape[2:]
+        mask = None
+        if block_size is not None:
+            mask = self._block_mask(frames, block_size, self.frame_tokens(height, width), latents.device)
+        return self._forward(latents, timesteps, [StreamInput(latents, timesteps, context, None)], mask=mask)
+
+    def forward_streams(self, inputs: list[StreamInput]) -> list[torch.Tensor]:
+        """The flows of several streams' latents in one forward, each with its own cache.
+
+        Every input holds the same number of frames of the same size (one model
+        size); the result is what ``forward`` gives each input alone, up to rounding."""
+        if not inputs:
+            return []
+        shape = inputs[0].latents.shape[2:]
+        for index, part in enumerate(inputs):
+            if part.cache is None:
+                raise ValueError(f"inputs[{index}].cache is None: forward_streams runs cached streams")
+            try:
+                self._check_arguments(part.latents, part.timesteps, part.context, part.cache, None)
+            except ValueError as error:
+                raise ValueError(f"inputs[{index}]: {error}") from None
+            if part.latents.shape[2:] != shape:
+                raise ValueError(f"inputs[{index}].latents hold frames, height, width {list(part.latents.shape[2:])}; "
+                                 f"streams in one forward must all hold {list(shape)}")
+        latents = torch.cat([part.latents for part in inputs])
+        timesteps = torch.cat([part.timesteps for part in inputs])
+        flow = self._forward(latents, timesteps, inputs)
+        return list(flow.split([part.latents.shape[0] for part in inputs]))
+
+    def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, inputs: list[StreamInput], *,
+                 mask=None) -> torch.Tensor:
+        frames, height, width = latents.shape[2:]
         _, ph, pw = self.config.patch_size
         grid_h, grid_w = height // ph, width // pw
-
         x, time_mod, time_emb = self.embed(latents, timesteps)
-        context_kv = self._context_kv(context, batch, cache)
-        if cache is None:
-            frame_numbers = [list(range(frames))] * batch
-            mask = None if block_size is None else self._block_mask(frames, block_size, grid_h * grid_w, x.device)
-            plan = None
-        else:
-            frame_numbers = cache.frame_numbers(frames)
-            mask, plan = None, cache.begin_write(frames)
+        streams, frame_numbers, start = [], [], 0
+        for part in inputs:
+            batch = part.latents.shape[0]
+            rows = slice(start, start + batch)
+            start += batch
+            if part.cache is None:
+                streams.append(StreamRows(rows, None, None, self.context_kv(part.context)))
+                frame_numbers += [list(range(frames))] * batch
+            else:
+                frame_numbers += part.cache.frame_numbers(frames)
+                plan = part.cache.begin_write(frames)
+                streams.append(StreamRows(rows, part.cache, plan, self._cached_context_kv(part.context, part.cache)))
         freqs = self.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
-        x = self.run_blocks(x, time_mod, freqs, context_kv, range(len(self.blocks)), mask=mask, cache=cache,
-                            plan=plan)
+        x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
         return self.finish(x, time_emb, grid_h, grid_w)
 
-    def _context_kv(self, context: torch.Tensor, batch: int, cache: KVCache | None):
+    def _cached_context_kv(self, context: torch.Tensor, cache: KVCache):
         """Cross-attention K/V, taken from the cache while the same context tensor is passed."""
-        if cache is not None and cache.context is context and cache.context_version == context._version:
-            kv = cache.cross_kv
-        else:
-            kv = self.context_kv(context)
-            if cache is not None:
-                cache.context, cache.context_version, cache.cross_kv = context, context._version, kv
-        return [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in kv]
+        if cache.context is not context or cache.context_version != context._version:
+            cache.context, cache.context_version, cache.cross_kv = context, context._version, self.context_kv(context)
+        return cache.cross_kv
 
     def _block_mask(self, frames: int, block_size: int, frame_tokens: int, device) -> torch.Tensor:
         cfg = self.config

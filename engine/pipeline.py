@@ -16,10 +16,16 @@ Only finished frames come out: while the stream batch fills, ``push`` returns an
 empty array, and ``lag_frames`` says how many input frames the output trails by.
 Noise is drawn per chunk and step from the seed, so a run is reproducible
 however its steps are scheduled.
+
+Several pipelines (sessions) sharing one model step together with
+``push_streams``: a pipeline's chunk is a generator that yields each DiT call it
+needs, and calls of the same size from different pipelines run as one forward
+(``CausalWanDiT.forward_streams``), which reads the weights once for all of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
-from .models.dit import CausalWanDiT
+from .models.dit import CausalWanDiT, StreamInput
 from .models.text import PromptCache, TextEncoder, blend_embeddings
 from .motion import MotionNoiseController, MotionSettings
 
@@ -158,13 +164,21 @@ class StreamPipeline:
         return self.first_chunk_frames if self.cache is None else FRAMES_PER_LATENT
 
     # -- streaming ----------------------------------------------------------------
-    @torch.no_grad()
     def push(self, frames) -> np.ndarray:
         """Take a chunk of frames (uint8 [T, H, W, 3|4], or float in [0, 1]); return
         the finished frames as uint8 [T', H, W, 3], possibly none while filling.
 
         The first chunk of a stream has ``first_chunk_frames`` frames, every later
         one 4. In t2v mode ``frames`` is the number of frames to generate instead."""
+        [finished] = push_streams([self], [frames])
+        if isinstance(finished, Exception):
+            raise finished
+        return finished
+
+    def chunk_steps(self, frames) -> ChunkSteps:
+        """The work of one ``push``, as a generator: it yields every DiT call it needs
+        (a :class:`StreamInput`), is sent back that call's flow, and returns the
+        finished frames. ``push_streams`` drives it."""
         first = self.cache is None
         expected = self.first_chunk_frames if first else FRAMES_PER_LATENT
         if self.settings.mode == "t2v":
@@ -175,10 +189,10 @@ class StreamPipeline:
             pixels, size = self._to_model(frames, expected)
             latents = self.vae.stream_encode(pixels, self.vae_state)
         if first:
-            return self._first_chunk(latents, pixels, size)
-        return self._next_chunk(latents, pixels, size)
+            return (yield from self._first_chunk(latents, pixels, size))
+        return (yield from self._next_chunk(latents, pixels, size))
 
-    def _first_chunk(self, latents, pixels, size) -> np.ndarray:
+    def _first_chunk(self, latents, pixels, size) -> ChunkSteps:
         """Denoise the first latents with every step in turn (batch 1), then give
         each stream-batch slot a copy of the cache, as published."""
         s = self.settings
@@ -188,7 +202,7 @@ class StreamPipeline:
             noise_scale, first_t = self.motion.first_chunk(pixels)
         frames = latents.shape[2]
         cache = self.dit.new_cache(1, self.latent_h, self.latent_w)
-        x0 = self._denoise_alone(latents, noise_scale, first_t, cache, chunk=0)
+        x0 = yield from self._denoise_alone(latents, noise_scale, first_t, cache, chunk=0)
         self.next_latent = frames
         width = s.steps if s.stream_batch else 1
         self.cache = cache.repeated(width) if width > 1 else cache
@@ -196,7 +210,7 @@ class StreamPipeline:
         self.chunks_in = 1
         return self._decode(x0, size)
 
-    def _next_chunk(self, latents, pixels, size) -> np.ndarray:
+    def _next_chunk(self, latents, pixels, size) -> ChunkSteps:
         s = self.settings
         if s.mode == "t2v":
             noise_scale, first_t = 1.0, self.steps[0]
@@ -206,25 +220,25 @@ class StreamPipeline:
         self.chunks_in += 1
         if not s.stream_batch:
             self.cache.frame_start = [self.next_latent]
-            x0 = self._denoise_alone(latents, noise_scale, first_t, self.cache, chunk)
+            x0 = yield from self._denoise_alone(latents, noise_scale, first_t, self.cache, chunk)
             self.next_latent += 1
             return self._decode(x0, size)
-        return self._stream_batch_step(latents, noise_scale, first_t, size, chunk)
+        return (yield from self._stream_batch_step(latents, noise_scale, first_t, size, chunk))
 
-    def _denoise_alone(self, latents, noise_scale, first_t, cache, chunk) -> torch.Tensor:
+    def _denoise_alone(self, latents, noise_scale, first_t, cache, chunk) -> ChunkSteps:
         """All steps of one chunk in sequence against one cache (re-processing the
         same frames overwrites their slots)."""
         x = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
         steps = [first_t] + self.steps[1:]
         for i, t in enumerate(steps):
-            x0 = self._x0(x, t, cache)
+            x0 = yield from self._x0(x, t, cache)
             if i + 1 < len(steps):
                 x = add_noise(x0, self._noise(x0.shape, chunk, i + 1), float(sigma_for_timestep(steps[i + 1])))
         if self.settings.clean_cache_pass:
-            self._x0(x0, 0, cache)
+            yield from self._x0(x0, 0, cache)
         return x0
 
-    def _stream_batch_step(self, latents, noise_scale, first_t, size, chunk) -> np.ndarray:
+    def _stream_batch_step(self, latents, noise_scale, first_t, size, chunk) -> ChunkSteps:
         """One batched forward: the new chunk enters slot 0 at t0, slot i moves on
         to step i, the last slot's chunk is finished."""
         n = self.settings.steps
@@ -239,7 +253,7 @@ class StreamPipeline:
         filled = self.chunks_in - 1  # chunks streamed so far, this one included
         self.cache.frame_start = [start - min(i, filled - 1) for i in range(n)]
         timesteps = [first_t] + self.steps[1:]
-        x0 = self._x0(self.in_flight, timesteps, self.cache)
+        x0 = yield from self._x0(self.in_flight, timesteps, self.cache)
         self.next_latent += 1
         self.queued_sizes.append(size)
 
@@ -253,10 +267,10 @@ class StreamPipeline:
             return np.zeros((0, *size, 3), dtype=np.uint8)
         return self._decode(x0[n - 1:n], self.queued_sizes.pop(0))
 
-    def _x0(self, x: torch.Tensor, timesteps, cache) -> torch.Tensor:
+    def _x0(self, x: torch.Tensor, timesteps, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
         t = torch.as_tensor(timesteps, device=self.device).reshape(-1, 1).expand(batch, x.shape[2])
-        flow = self.dit(x, t, self.context, cache=cache)
+        flow = yield StreamInput(x, t, self.context, cache)
         sigma = sigma_for_timestep(t[:, 0]).to(self.device)
         return x0_from_flow(x, flow, sigma)
 
@@ -282,6 +296,59 @@ class StreamPipeline:
 
     def _decode(self, x0: torch.Tensor, size) -> np.ndarray:
         return host_frames(self.decoder.stream_decode(x0, self.decoder_state), size, self.settings.fit)
+
+
+# A chunk's work: yields DiT calls, is sent their flows, returns the finished frames.
+ChunkSteps = Generator[StreamInput, torch.Tensor, np.ndarray]
+
+
+@torch.no_grad()
+def push_streams(pipelines: list[StreamPipeline], chunks: list) -> list[np.ndarray | Exception]:
+    """Push one chunk into each pipeline (as ``push``), their DiT calls together.
+
+    Calls of the same size (latent frames, height, width) share one forward. Returns,
+    per pipeline, its finished frames or the exception that failed its chunk: a failure
+    in a pipeline's own work (its frames, its VAE) fails only that pipeline, and a shared
+    forward that fails is run again stream by stream, so that a failure (running out of
+    memory, say) falls on the stream that causes it. A failed pipeline needs ``reset``."""
+    runs = [pipeline.chunk_steps(frames) for pipeline, frames in zip(pipelines, chunks)]
+    results: list[np.ndarray | Exception | None] = [None] * len(runs)
+    waiting: dict[int, StreamInput] = {}  # run -> the DiT call it waits on
+
+    def resume(index: int, flow: torch.Tensor | None) -> None:
+        try:
+            waiting[index] = runs[index].send(flow)
+        except StopIteration as done:
+            results[index] = done.value
+        except Exception as error:  # noqa: BLE001 - this pipeline's failure, returned for it alone
+            results[index] = error
+
+    for index in range(len(runs)):
+        resume(index, None)
+    while waiting:
+        groups: dict[tuple, list[int]] = {}
+        for index, call in waiting.items():
+            groups.setdefault((id(pipelines[index].dit), *call.latents.shape[2:]), []).append(index)
+        calls, waiting = waiting, {}
+        for indices in groups.values():
+            flows = _forward_together(pipelines[indices[0]].dit, [calls[index] for index in indices])
+            for index, flow in zip(indices, flows):
+                if isinstance(flow, Exception):
+                    runs[index].close()
+                    results[index] = flow
+                else:
+                    resume(index, flow)
+    return results
+
+
+def _forward_together(dit: CausalWanDiT, calls: list[StreamInput]) -> list[torch.Tensor | Exception]:
+    try:
+        return dit.forward_streams(calls)
+    except Exception as error:  # noqa: BLE001 - retried alone below, or returned for its stream
+        if len(calls) == 1:
+            return [error]
+    # Out of the except clause, so the failed forward's tensors are freed before the retries.
+    return [flow for call in calls for flow in _forward_together(dit, [call])]
 
 
 # Parts of a step that the pipeline-parallel stream (parallel.py) shares.

@@ -14,7 +14,11 @@ How a frame's latency adds up (d: the time between the session's frames):
 The policy:
 
 1. Time to first frame first: a session waiting for its first output goes ahead of
-   steady-state work (its first chunk is 1 frame when it asked for low_latency_start).
+   steady-state work, alone (its first chunk is 1 frame when it asked for
+   low_latency_start). Otherwise every session with a complete chunk steps together:
+   the pipelines run their DiT calls of one size as one forward (engine/pipeline.py,
+   push_streams), which reads the weights once for all of them, so a step of n
+   sessions costs far less than n steps. The cost model learns what it costs.
 2. Mode: stream batching (one forward for all denoising steps: the most frames a
    second, but lag_frames more latency) unless its predicted latency is over budget
    where the other mode's is not. A pipeline starts in the chosen mode; a later change
@@ -22,7 +26,8 @@ The policy:
    for sessions that stated latency_ms: the mode sets the lag hello announced, so a
    session on the default budget keeps stream batching, as published.
 3. Order: earliest deadline first, the deadline being the capture time of the oldest
-   frame the step would output plus that session's budget.
+   frame the step would output plus that session's budget; the sessions stepping
+   together are listed in that order.
 4. Overload, in this order. A session's inbox holds one chunk and the start of the
    next (inbox_limit) and the newest frame wins, so frames are never queued into
    seconds of lag; and a step drops frames that could no longer make their deadline
@@ -32,10 +37,8 @@ The policy:
    when targets fit, of the frames beyond them), never below the rate its budget needs
    (slower frames make a chunk take longer to fill). The cap goes once demand fits.
 
-Not done here: sessions run on their own pipelines, one session per step (a
-StreamPipeline takes one stream, so sessions are ordered, not batched into one
-forward), and every step after a first chunk takes one latent frame (4 video frames),
-the only size a StreamPipeline step takes after its first chunk.
+Not done here: every step after a first chunk takes one latent frame (4 video
+frames), the only size a StreamPipeline step takes after its first chunk.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ WAIT_WINDOW = 16  # chunks over which a session's wait for the device is measure
 # Demand is compared with the device's time at this share: a little slack keeps steps of
 # different sessions from piling up into waits when every session runs at its cap.
 DEVICE_SHARE = 0.95
+# When neither mode meets a budget, the other mode must predict at most this share of
+# the current one's latency to be worth restarting the stream for.
+SWITCH_GAIN = 0.95
 
 
 # ------------------------------------------------------------------------ cost model
@@ -67,12 +73,19 @@ class StepShape:
     """What a step computes, as far as its time goes."""
 
     latents: int  # latent frames in each forward (2 for a full first chunk, else 1)
-    width: int  # rows in each forward: the denoising steps when stream-batched, else 1
+    width: int  # rows in each forward: the denoising steps when stream-batched, else 1; summed over sessions
     passes: int  # forwards run one after another: the denoising steps without stream batching, else 1
+    sessions: int = 1  # sessions stepping together
 
     @property
     def work(self) -> int:
         return self.latents * self.width * self.passes
+
+    @staticmethod
+    def together(shapes: list[StepShape]) -> StepShape:
+        """Sessions' steps run as one: their rows share each forward, the longest runs on."""
+        return StepShape(max(s.latents for s in shapes), sum(s.width for s in shapes),
+                         max(s.passes for s in shapes), sum(s.sessions for s in shapes))
 
     @staticmethod
     def steady(steps: int, stream_batched: bool) -> StepShape:
@@ -231,7 +244,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Plan:
-    next: str | None  # the session to serve now, or None when none has a step to run
+    batch: list[str]  # the sessions to step now, together, earliest deadline first; empty: none has a step
     choices: dict[str, Choice]
 
 
@@ -247,7 +260,7 @@ class SloPolicy:
     def plan(self, sessions: list[SessionLoad]) -> Plan:
         caps = self._frame_rate_caps(sessions)
         self._choices = {session.id: self._choice(session, sessions, caps.get(session.id)) for session in sessions}
-        return Plan(self._next(sessions), self._choices)
+        return Plan(self._batch(sessions), self._choices)
 
     def choice(self, session_id: str) -> Choice:
         """The last plan's choice for a session."""
@@ -258,43 +271,40 @@ class SloPolicy:
         (None: nothing is known yet to say so, or no frame can make it: then dropping
         frames would not save a deadline, only lose frames)."""
         choice = self._choices.get(session.id)
-        step = self._step(session, session.stream_batched)
-        if choice is None or step is None or choice.state in ("over budget", "warming up"):
+        if choice is None or choice.predicted_step_s is None or choice.state in ("over budget", "warming up"):
             return None
+        step = choice.predicted_step_s
         lag_s = _lag_frames(session, session.stream_batched) * self._interval(session, choice.frame_rate_cap)
         return now_ns - round((session.latency_s - step - lag_s) * 1e9)
 
     # -- order -------------------------------------------------------------------
     @staticmethod
-    def _next(sessions: list[SessionLoad]) -> str | None:
+    def _batch(sessions: list[SessionLoad]) -> list[str]:
         ready = [session for session in sessions if session.ready]
-        if not ready:
-            return None
         first_frames = [session for session in ready if not session.started]
-        if first_frames:  # in the order they opened
-            return first_frames[0].id
+        if first_frames:  # alone, in the order they opened
+            return [first_frames[0].id]
 
         def deadline(session: SessionLoad) -> float:
             if session.deadline_capture_ns is None:
                 return math.inf
             return session.deadline_capture_ns / 1e9 + session.latency_s
 
-        return min(ready, key=deadline).id
+        return [session.id for session in sorted(ready, key=deadline)]
 
     # -- mode and predictions ---------------------------------------------------------
     def _choice(self, session: SessionLoad, sessions: list[SessionLoad], cap: float | None) -> Choice:
-        others = [other for other in sessions if other.id != session.id]
         interval = self._interval(session, cap)
-        batched = self._latency(session, True, interval, others)
-        alone = self._latency(session, False, interval, others)
-        # Stream batching gives the most frames a second: it is kept unless its latency
-        # is over budget where the other mode's is not (nothing measured: the published default).
-        if batched is None or alone is None or not session.mode_adjustable:
-            mode = session.stream_batched if session.stream_batched is not None else True
-        elif session.stream_batched is False:
-            mode = alone > session.latency_s and batched <= session.latency_s
-        else:
-            mode = not (batched > session.latency_s and alone <= session.latency_s)
+        batched = self._latency(session, True, interval, sessions)
+        alone = self._latency(session, False, interval, sessions)
+        # Stream batching gives the most frames a second and is the published default.
+        # A mode is left (which restarts the stream) only when it is over budget and the
+        # other is within it, or clearly closer to it when neither is.
+        mode = session.stream_batched if session.stream_batched is not None else True
+        if batched is not None and alone is not None and session.mode_adjustable:
+            current, other = (batched, alone) if mode else (alone, batched)
+            if current > session.latency_s and (other <= session.latency_s or other < current * SWITCH_GAIN):
+                mode = not mode
         latency = batched if mode else alone
         if latency is None:
             state = "warming up"
@@ -304,25 +314,26 @@ class SloPolicy:
             state = "frame rate lowered"
         else:
             state = "meeting targets"
-        return Choice(mode, cap, self._step(session, mode), latency, state)
+        return Choice(mode, cap, self._step(sessions, session, mode), latency, state)
 
-    def _step(self, session: SessionLoad, batched: bool | None) -> float | None:
-        return self.cost.predict(StepShape.steady(session.steps, batched is not False))
+    def _step(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None) -> float | None:
+        """A steady step of all the sessions together, with this one in the given mode."""
+        shapes = [StepShape.steady(other.steps, (batched if other is session else other.stream_batched) is not False)
+                  for other in sessions]
+        return self.cost.predict(StepShape.together(shapes))
 
-    def _latency(self, session: SessionLoad, batched: bool, interval: float, others: list[SessionLoad]
+    def _latency(self, session: SessionLoad, batched: bool, interval: float, sessions: list[SessionLoad]
                  ) -> float | None:
-        step, wait = self._step(session, batched), self._wait(session, others)
-        if step is None or wait is None:
+        step = self._step(sessions, session, batched)
+        if step is None:
             return None
-        return (3 + _lag_frames(session, batched)) * interval + wait + step
+        return (3 + _lag_frames(session, batched)) * interval + self._wait(session, step) + step
 
-    def _wait(self, session: SessionLoad, others: list[SessionLoad]) -> float | None:
+    @staticmethod
+    def _wait(session: SessionLoad, step: float) -> float:
         """How long a complete chunk waits for the device: as measured, or before that
-        the worst case, a step of every other session."""
-        if session.wait_s is not None:
-            return session.wait_s
-        steps = [self._step(other, other.stream_batched) for other in others]
-        return None if None in steps else sum(steps)
+        the worst case, the step running when it completed."""
+        return session.wait_s if session.wait_s is not None else step
 
     @staticmethod
     def _interval(session: SessionLoad, cap: float | None) -> float:
@@ -332,14 +343,15 @@ class SloPolicy:
     # -- frame rates -------------------------------------------------------------------
     def _frame_rate_caps(self, sessions: list[SessionLoad]) -> dict[str, float]:
         """Caps for the sessions that lose frames while demand exceeds the device's time."""
-        step = {session.id: self._step(session, session.stream_batched) for session in sessions}
+        # Sessions step together, so each chunk costs its session a share of a joint step.
+        step = {session.id: self._step(sessions, session, session.stream_batched) for session in sessions}
         if None in step.values():
             self._capped.clear()
             return {}
 
         def load(rates: dict[str, float]) -> float:
             """Share of the device's time these frame rates take."""
-            return sum(rates[id] / FRAMES_PER_CHUNK * step[id] for id in rates)
+            return sum(rates[id] / FRAMES_PER_CHUNK * step[id] / len(sessions) for id in rates)
 
         wanted = {session.id: session.input_fps or session.target_fps for session in sessions}
         if load(wanted) <= self._device_share:
@@ -360,13 +372,12 @@ class SloPolicy:
         caps = {}
         for session in sessions:
             if session.id in self._capped:
-                others = [other for other in sessions if other.id != session.id]
-                caps[session.id] = max(fair[session.id], self._lowest_rate_in_budget(session, others))
+                caps[session.id] = max(fair[session.id], self._lowest_rate_in_budget(session, step[session.id]))
         return caps
 
-    def _lowest_rate_in_budget(self, session: SessionLoad, others: list[SessionLoad]) -> float:
+    def _lowest_rate_in_budget(self, session: SessionLoad, step: float) -> float:
         """Below this frame rate a chunk takes too long to fill for the budget (0 when no rate is enough)."""
-        spare = session.latency_s - self._step(session, session.stream_batched) - self._wait(session, others)
+        spare = session.latency_s - step - self._wait(session, step)
         frames_waited = 3 + _lag_frames(session, session.stream_batched)
         return frames_waited / spare if spare > 0 else 0.0
 

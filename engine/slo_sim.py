@@ -1,6 +1,7 @@
 """The engine's scheduling on a simulated clock and device: no model, no sleeping.
 
-It follows the worker and session mechanics step for step (an inbox of a chunk and
+It follows the worker and session mechanics step for step (sessions stepping
+together with their rows in shared forwards, an inbox of a chunk and
 the start of the next where the newest frame wins, frame-rate caps, stale frames
 dropped, mode changes restarting the stream, the stream batch's lag, outputs paced at
 their capture spacing, a newer chunk replacing outputs not yet due), so tests and bench/slo.py can run the
@@ -51,16 +52,18 @@ def bursty_captures(low_fps: float, high_fps: float, period_s: float, duration_s
 
 @dataclass
 class Device:
-    """A memory-bound device: each forward costs a fixed pass time plus time per latent row.
-    After slow_after_s every step takes slowdown times as long."""
+    """A memory-bound device: each forward costs a fixed pass time (reading the weights)
+    plus time per latent row. After slow_after_s every step takes slowdown times as long."""
 
     pass_s: float = 0.030
     row_s: float = 0.010
     slow_after_s: float | None = None
     slowdown: float = 2.0
 
-    def step_seconds(self, shape: StepShape, now_s: float) -> float:
-        seconds = shape.passes * (self.pass_s + self.row_s * shape.latents * shape.width)
+    def step_seconds(self, shapes: list[StepShape], now_s: float) -> float:
+        """Sessions' steps run together: forward i holds the rows of every session with an i-th pass."""
+        seconds = sum(self.pass_s + self.row_s * sum(s.latents * s.width for s in shapes if s.passes > i)
+                      for i in range(max(s.passes for s in shapes)))
         if self.slow_after_s is not None and now_s >= self.slow_after_s:
             seconds *= self.slowdown
         return seconds
@@ -76,6 +79,8 @@ class Result:
     frames_dropped: int = 0  # stale, or beyond a frame-rate cap
     first_output_s: float | None = None
     choices: list[str] = field(default_factory=list)  # the policy's state at each plan
+    steps: int = 0  # steps it took part in
+    steps_shared: int = 0  # of those, steps shared with other sessions
 
     @property
     def delivered(self) -> int:
@@ -133,24 +138,33 @@ class _Session:
         return chunk
 
     def restart(self, stream_batched: bool) -> None:
-        """A new pipeline in another mode: what was in flight is lost, a first chunk comes next."""
+        """A new pipeline in another mode: the frames in flight go back to the inbox,
+        ahead of the others, and a first chunk comes next."""
         self.stream_batched = stream_batched
-        self.in_flight.clear()
+        while self.in_flight:
+            self.inbox.extendleft(reversed(self.in_flight.pop()))
         self.frames_needed = 1 if self.stream.low_latency_start else 1 + FRAMES_PER_CHUNK
+        while len(self.inbox) > inbox_limit(self.frames_needed):
+            self._drop_oldest()
         self.ready_since_ns = self.inbox[self.frames_needed - 1] if self.ready else None
 
     def finish(self, chunk: list[int], end_s: float) -> None:
-        """Outputs of a finished chunk, paced at their capture spacing; a newer chunk
-        replaces outputs that were not due yet, as the engine's outbox does."""
-        self.deliver_until(end_s)
+        """Outputs of a finished chunk, paced at their capture spacing; outputs of the
+        chunk before that were not due yet go out at once, as the engine's outbox does."""
+        self.deliver_until(end_s, flush=True)
         self.waiting_outputs = [(end_s + (c - chunk[0]) / NS, end_s - chunk[0] / NS) for c in chunk]
         if self.result.first_output_s is None:
             self.result.first_output_s = end_s
         self.started = True
 
-    def deliver_until(self, now_s: float) -> None:
-        due = [output for output in self.waiting_outputs if output[0] <= now_s]
-        for _, latency in due:
+    def deliver_until(self, now_s: float, flush: bool = False) -> None:
+        """Deliver the outputs due by now; with flush, those not due yet go out now too
+        (without, they are what the run's end leaves undelivered)."""
+        for due_s, latency in self.waiting_outputs:
+            if due_s > now_s:
+                if not flush:
+                    continue
+                latency -= due_s - now_s
             self.result.latencies_s.append(latency)
             self.result.deadline_misses += latency > self.stream.latency_ms / 1000
         self.waiting_outputs = []
@@ -178,60 +192,70 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
             t, index = arrivals[next_arrival]
             sessions[index].put(t)
             next_arrival += 1
-        session = _slo_pick(slo, sessions) if policy == "slo" else turn.next()
-        if session is None:
+        batch = _slo_pick(slo, sessions) if policy == "slo" else turn.next()
+        if not batch:
             if next_arrival == len(arrivals):
                 break
             now_ns = arrivals[next_arrival][0]
             continue
-        stale_before_ns = None
-        if policy == "slo":
-            stream_batched = slo.choice(session.id).stream_batched
-            if session.stream_batched is None:  # its pipeline is built now
-                session.stream_batched = stream_batched
-            elif stream_batched != session.stream_batched:
-                session.restart(stream_batched)
-                if not session.ready:  # the restarted stream's first chunk needs more frames
-                    continue
-            stale_before_ns = slo.stale_before_ns(session.load(), now_ns)
-        first = not session.in_flight and session.frames_needed != FRAMES_PER_CHUNK
-        chunk = session.take_chunk(now_ns, stale_before_ns)
-        if first:
-            shape = StepShape.first_chunk(session.stream.steps, 1 + (len(chunk) - 1) // FRAMES_PER_CHUNK)
-        else:
-            shape = StepShape.steady(session.stream.steps, session.stream_batched)
-        seconds = device.step_seconds(shape, now_ns / NS)
-        slo.cost.observe(shape, seconds)
+        steps = []  # (session, chunk, shape, first)
+        for session in batch:
+            stale_before_ns = None
+            if policy == "slo":
+                stream_batched = slo.choice(session.id).stream_batched
+                if session.stream_batched is None:  # its pipeline is built now
+                    session.stream_batched = stream_batched
+                elif stream_batched != session.stream_batched:
+                    session.restart(stream_batched)
+                    if not session.ready:  # the restarted stream's first chunk needs more frames
+                        continue
+                stale_before_ns = slo.stale_before_ns(session.load(), now_ns)
+            first = not session.in_flight and session.frames_needed != FRAMES_PER_CHUNK
+            chunk = session.take_chunk(now_ns, stale_before_ns)
+            if first:
+                shape = StepShape.first_chunk(session.stream.steps, 1 + (len(chunk) - 1) // FRAMES_PER_CHUNK)
+            else:
+                shape = StepShape.steady(session.stream.steps, session.stream_batched)
+            steps.append((session, chunk, shape, first))
+        if not steps:
+            continue
+        seconds = device.step_seconds([shape for _, _, shape, _ in steps], now_ns / NS)
+        slo.cost.observe(StepShape.together([shape for _, _, shape, _ in steps]), seconds)
         now_ns += round(seconds * NS)
-        session.in_flight.append(chunk)
-        lag_chunks = session.stream.steps - 1 if session.stream_batched and not first else 0
-        if len(session.in_flight) > lag_chunks:
-            session.finish(session.in_flight.popleft(), now_ns / NS)
+        for session, chunk, _, first in steps:
+            session.result.steps += 1
+            session.result.steps_shared += len(steps) > 1
+            session.in_flight.append(chunk)
+            lag_chunks = session.stream.steps - 1 if session.stream_batched and not first else 0
+            if len(session.in_flight) > lag_chunks:
+                session.finish(session.in_flight.popleft(), now_ns / NS)
     for session in sessions:
         session.deliver_until(duration_s)
     return [session.result for session in sessions]
 
 
-def _slo_pick(policy: SloPolicy, sessions: list[_Session]) -> _Session | None:
-    """Plan a step as the worker does: give each session its frame-rate cap, return the one to serve."""
+def _slo_pick(policy: SloPolicy, sessions: list[_Session]) -> list[_Session]:
+    """Plan a step as the worker does: give each session its frame-rate cap, return those to step."""
     plan = policy.plan([session.load() for session in sessions])
     for session in sessions:
         choice = plan.choices[session.id]
         session.gate.set_cap(choice.frame_rate_cap)
         session.result.choices.append(choice.state)
         session.dropping = False
-    return next((session for session in sessions if session.id == plan.next), None)
+    by_id = {session.id: session for session in sessions}
+    return [by_id[id] for id in plan.batch]
 
 
 class _RoundRobin:
     def __init__(self, sessions: list[_Session]):
         self._sessions, self._last = sessions, -1
 
-    def next(self) -> _Session | None:
+    def next(self) -> list[_Session]:
+        """The next ready session in turn, alone (the published code serves one stream)."""
         count = len(self._sessions)
         for offset in range(1, count + 1):
             index = (self._last + offset) % count
             if self._sessions[index].ready:
                 self._last = index
-                return self._sessions[index]
-        return None
+                return [self._sessions[index]]
+        return []

@@ -1,18 +1,20 @@
 """The worker: the one thread that runs work on the device.
 
 It loads the models once (every session of the engine shares them, and one prompt
-cache), builds each session's StreamPipeline, and runs steps: one session's chunk of
-frames through its pipeline. Parameters a host changed are applied just before the
-session's next step, never during one.
+cache), builds each session's StreamPipeline, and runs steps: a chunk of frames of
+each session in the step through its pipeline, the pipelines' DiT calls of one size
+run as one forward (engine/pipeline.py, push_streams). Parameters a host changed are
+applied just before the session's next step, never during one.
 
-Before each step the SLO policy (engine/slo.py) plans: which session goes next, the
-mode each pipeline runs in (a change restarts that stream), and each session's
-frame-rate cap. Every step's time is measured and teaches the policy's cost model;
-a session's first chunk is the warm-up measurement.
+Before each step the SLO policy (engine/slo.py) plans: which sessions step together,
+the mode each pipeline runs in (a change restarts that stream; the frames it had in
+flight go back to the session's inbox), and each session's frame-rate cap. Every
+step's time is measured and teaches the policy's cost model; a session's first chunk
+is the warm-up measurement.
 
-A step that fails, out of memory included, fails only its session: the worker drops
-that session's pipeline and caches, returns the memory to the device, and goes on
-with the others. The IO thread then tells the host and closes the session.
+A step that fails, out of memory included, fails only the session that caused it:
+the worker drops that session's pipeline and caches, returns the memory to the device,
+and goes on with the others. The IO thread then tells the host and closes the session.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from .models.text import PromptCache
 from .models.weights import Models
-from .pipeline import FRAMES_PER_LATENT, StreamPipeline
+from .pipeline import FRAMES_PER_LATENT, StreamPipeline, push_streams
 from .session import InputFrame, Session, paced_outputs
 from .slo import Choice, CostModel, SessionLoad, SloPolicy, StepShape
 
@@ -74,17 +76,10 @@ class Worker:
             self._free_closed_sessions()
             self._work.clear()  # before looking, so a wake() during the look is not lost
             planned = self._plan()
-            if planned is None:
+            if not planned:
                 self._work.wait(IDLE_WAIT_S)
                 continue
-            session, load, choice = planned
-            failure = None
-            try:
-                self._advance(session, load, choice)
-            except Exception as error:  # noqa: BLE001 - any failure ends only this session
-                failure = _failure_message(session, error)
-            if failure is not None:  # out here, the traceback no longer holds the step's tensors
-                self._end(session, failure)
+            self._step(planned)
 
     # -- steps -----------------------------------------------------------------------
     def _load(self) -> None:
@@ -106,28 +101,60 @@ class Worker:
             return session.is_active()  # its pipeline is still to build
         return session.has_work()
 
-    def _plan(self) -> tuple[Session, SessionLoad, Choice] | None:
+    def _plan(self) -> list[tuple[Session, SessionLoad, Choice]]:
         """Ask the policy for a plan and give each session its choice (its frame-rate cap
-        applies at once); the session to serve, with what the policy knew and chose for it."""
+        applies at once); the sessions to step together, with what the policy knew and chose."""
         sessions = [session for session in self._sessions() if session.is_active()]
-        loads = []
+        loads = {}
         for session in sessions:
             stream = self._streams.get(session.id)
             in_flight = stream.in_flight[0][0].t_capture_ns if stream is not None and stream.in_flight else None
             mode = stream.pipeline.settings.stream_batch if stream is not None else None
-            loads.append(session.slo_load(mode, self._has_work(session), in_flight))
-        plan = self._policy.plan(loads)
+            loads[session.id] = session.slo_load(mode, self._has_work(session), in_flight)
+        plan = self._policy.plan(list(loads.values()))
         for session in sessions:
             session.set_choice(plan.choices[session.id])
-        for session, load in zip(sessions, loads):
-            if session.id == plan.next:
-                return session, load, plan.choices[session.id]
-        return None
+        by_id = {session.id: session for session in sessions}
+        return [(by_id[id], loads[id], plan.choices[id]) for id in plan.batch]
 
-    def _advance(self, session: Session, load: SessionLoad, choice: Choice) -> None:
-        """Build the session's pipeline, or run its next chunk if one is complete."""
+    def _step(self, planned: list[tuple[Session, SessionLoad, Choice]]) -> None:
+        """Build the pipelines still to build, and run the others' complete chunks together."""
         if self._models is None:
-            raise RuntimeError(f"the model failed to load ({self.load_error}); restart the engine")
+            for session, _, _ in planned:
+                self._end(session, f"the model failed to load ({self.load_error}); restart the engine")
+            return
+        steps = []  # (session, stream, chunk, shape)
+        for session, load, choice in planned:
+            try:
+                step = self._prepare(session, load, choice)
+            except Exception as error:  # noqa: BLE001 - any failure ends only this session
+                self._end(session, _failure_message(session, error))
+                continue
+            if step is not None:
+                steps.append(step)
+        if not steps:
+            return
+        started = time.perf_counter()
+        results = push_streams([stream.pipeline for _, stream, _, _ in steps],
+                               [np.stack([frame.rgb for frame in chunk]) for _, _, chunk, _ in steps])
+        seconds = time.perf_counter() - started
+        failed = []
+        for (session, stream, chunk, _), finished in zip(steps, results):
+            try:
+                if isinstance(finished, Exception):
+                    raise finished
+                self._finish(session, stream, chunk, finished, seconds, shared=len(steps) > 1)
+            except Exception as error:  # noqa: BLE001 - any failure ends only this session
+                failed.append((session, _failure_message(session, error)))
+        if not failed:  # a failed step's time says nothing of the device's speed
+            self._policy.cost.observe(StepShape.together([shape for _, _, _, shape in steps]), seconds)
+        del results  # out here, no traceback holds the failed steps' tensors any more
+        for session, message in failed:
+            self._end(session, message)
+
+    def _prepare(self, session: Session, load: SessionLoad, choice: Choice
+                 ) -> tuple[Session, _Stream, list[InputFrame], StepShape] | None:
+        """Build the session's pipeline, or apply its changes and take its next chunk if one is complete."""
         stream = self._streams.get(session.id)
         if stream is None:
             session.take_pending()  # the pipeline starts from the session's current settings
@@ -137,7 +164,7 @@ class Worker:
             self._streams[session.id] = _Stream(pipeline)
             session.expect_frames(pipeline.next_chunk_frames)
             session.set_state("ready")
-            return
+            return None
 
         changes = session.take_pending()
         if stream.pipeline.settings.stream_batch != choice.stream_batched:
@@ -146,21 +173,25 @@ class Worker:
             session.set_stream_batch(choice.stream_batched)
             changes["stream_batch"] = choice.stream_batched
         if changes and stream.pipeline.update(**changes):
-            stream.in_flight.clear()  # a restart discards the chunks in the stream batch
-            session.expect_frames(stream.pipeline.next_chunk_frames)
+            # A restart discards the chunks in the stream batch; their frames go round again.
+            returned = [frame for chunk in stream.in_flight for frame in chunk]
+            stream.in_flight.clear()
+            session.expect_frames(stream.pipeline.next_chunk_frames, returned)
         stale_before_ns = self._policy.stale_before_ns(load, time.monotonic_ns())
         # Every chunk after a first one takes 4 frames.
         chunk = session.take_chunk(frames_after=FRAMES_PER_LATENT, stale_before_ns=stale_before_ns)
         if chunk is None:
-            return
-        pipeline = stream.pipeline
-        if pipeline.next_chunk_frames == FRAMES_PER_LATENT:
-            shape = StepShape.steady(pipeline.settings.steps, pipeline.settings.stream_batch)
+            return None
+        settings = stream.pipeline.settings
+        if stream.pipeline.next_chunk_frames == FRAMES_PER_LATENT:
+            shape = StepShape.steady(settings.steps, settings.stream_batch)
         else:
-            shape = StepShape.first_chunk(pipeline.settings.steps, 1 + (len(chunk) - 1) // FRAMES_PER_LATENT)
-        started = time.perf_counter()
-        finished = pipeline.push(np.stack([frame.rgb for frame in chunk]))
-        self._policy.cost.observe(shape, time.perf_counter() - started)
+            shape = StepShape.first_chunk(settings.steps, 1 + (len(chunk) - 1) // FRAMES_PER_LATENT)
+        return session, stream, chunk, shape
+
+    @staticmethod
+    def _finish(session: Session, stream: _Stream, chunk: list[InputFrame], finished: np.ndarray,
+                seconds: float, shared: bool) -> None:
         stream.in_flight.append(chunk)
         outputs = []
         if len(finished):
@@ -168,7 +199,7 @@ class Worker:
             if len(inputs) != len(finished):
                 raise RuntimeError(f"a chunk of {len(inputs)} frames came out as {len(finished)}")
             outputs = paced_outputs(inputs, finished, time.monotonic_ns())
-        session.add_outputs(outputs, time.perf_counter() - started)
+        session.add_outputs(outputs, seconds, shared)
 
     # -- memory ------------------------------------------------------------------------
     def _free_closed_sessions(self) -> None:

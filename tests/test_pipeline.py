@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.models.weights import build_models
-from engine.pipeline import StreamPipeline, StreamSettings
+from engine.pipeline import StreamPipeline, StreamSettings, push_streams
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,75 @@ def test_the_same_seed_gives_the_same_video_and_another_seed_another(models):
     c = np.concatenate(stream(make(models, seed=8), video))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def chunks(pipe: StreamPipeline, video: np.ndarray) -> list[np.ndarray]:
+    first = pipe.first_chunk_frames
+    return [video[:first]] + [video[start:start + 4] for start in range(first, len(video), 4)]
+
+
+SESSIONS = [dict(prompt="a cat", steps=2), dict(prompt="a dog", steps=3, seed=5),
+            dict(prompt="ink", steps=2, stream_batch=False), dict(prompt="fog", low_latency_start=True, steps=2)]
+
+
+def stream_together(pipes: list[StreamPipeline], videos: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Every pipeline's k-th chunk in the k-th push_streams, as the worker batches sessions."""
+    outputs = [[] for _ in pipes]
+    for step in zip(*(chunks(pipe, video) for pipe, video in zip(pipes, videos))):
+        for out, finished in zip(outputs, push_streams(pipes, list(step))):
+            assert not isinstance(finished, Exception), finished
+            out.append(finished)
+    return outputs
+
+
+def test_sessions_stepped_together_get_the_frames_they_would_get_alone(models):
+    """Different prompts, seeds, step counts and modes, and first chunks of 5 and 1 frames:
+    the DiT calls of the same size run as one forward, each against its own caches."""
+    videos = [clip(21 if not s.get("low_latency_start") else 17, seed=i) for i, s in enumerate(SESSIONS)]
+    alone = [np.concatenate(stream(make(models, **s), video)) for s, video in zip(SESSIONS, videos)]
+    calls = []
+    forward_streams = models.dit.forward_streams
+    try:
+        models.dit.forward_streams = lambda inputs: calls.append(len(inputs)) or forward_streams(inputs)
+        together = stream_together([make(models, **s) for s in SESSIONS], videos)
+    finally:
+        del models.dit.forward_streams
+    for expected, got in zip(alone, together):
+        got = np.concatenate(got)
+        assert got.shape == expected.shape
+        assert np.abs(got.astype(int) - expected).max() <= 1  # float rounding of a batched matmul
+    assert max(calls) == len(SESSIONS)  # all four in one forward at some point, not one by one
+
+
+def test_a_session_that_fails_inside_a_shared_step_fails_alone(models):
+    pipes = [make(models, **s) for s in SESSIONS[:3]]
+    for pipe, video in zip(pipes, [clip(5, seed=i) for i in range(3)]):
+        pipe.push(video)
+    frames = [clip(4, seed=i) for i in range(3)]
+    frames[1] = frames[1][..., :2]  # two channels: this host's frames are broken
+    results = push_streams(pipes, frames)
+    assert isinstance(results[1], ValueError) and "3 or 4" in str(results[1])
+    assert all(isinstance(r, np.ndarray) for r in (results[0], results[2]))
+
+
+def test_a_shared_forward_that_runs_out_of_memory_is_run_stream_by_stream(models):
+    """Two streams fit where three do not: the retry alone gives every stream its frames."""
+    videos = [clip(13, seed=i) for i in range(3)]
+    alone = [np.concatenate(stream(make(models), video)) for video in videos]
+    forward_streams = models.dit.forward_streams
+
+    def at_most_two_rows(inputs):
+        if sum(part.latents.shape[0] for part in inputs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return forward_streams(inputs)
+
+    try:
+        models.dit.forward_streams = at_most_two_rows
+        together = stream_together([make(models) for _ in range(3)], videos)
+    finally:
+        del models.dit.forward_streams
+    for expected, got in zip(alone, together):
+        assert np.abs(np.concatenate(got).astype(int) - expected).max() <= 1
 
 
 def test_low_latency_start_answers_the_first_frame_alone(models):

@@ -462,16 +462,16 @@ def test_a_signal_stops_the_engine_cleanly_and_unlinks_its_shared_memory(tmp_pat
 
 def test_a_failing_step_ends_only_its_session_and_the_engine_serves_on(monkeypatch):
     """In-process, to make one session's steps fail as if the device ran out of memory."""
-    push = StreamPipeline.push
+    chunk_steps = StreamPipeline.chunk_steps
     failed_pipelines = []
 
-    def push_or_run_out_of_memory(pipeline, frames):
+    def chunk_steps_or_run_out_of_memory(pipeline, frames):  # the worker steps sessions through chunk_steps
         if pipeline.settings.prompt == "too big":
             failed_pipelines.append(weakref.ref(pipeline))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return push(pipeline, frames)
+        return (yield from chunk_steps(pipeline, frames))
 
-    monkeypatch.setattr(StreamPipeline, "push", push_or_run_out_of_memory)
+    monkeypatch.setattr(StreamPipeline, "chunk_steps", chunk_steps_or_run_out_of_memory)
     server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
                           model_size=(32, 32))
     server.start()

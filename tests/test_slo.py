@@ -118,9 +118,26 @@ def test_four_sessions_all_meet_their_deadlines_when_the_cost_model_says_they_ca
     assert sum(result.deadline_misses for result in fixed) > 0
 
 
+def test_four_sessions_that_fit_only_when_batched_share_forwards_and_meet_their_deadlines():
+    # A step reads the weights (60 ms) whatever its rows: four 16 FPS sessions one after
+    # another need 280 ms per 250 ms of video; together in one forward they need 160.
+    device = Device(pass_s=0.06, row_s=0.005)
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.011 * i), latency_ms=600) for i in range(4)]
+    results = simulate(streams, device, SECONDS)
+
+    for result in results:
+        assert result.steps_shared >= 0.4 * result.steps  # in shared forwards (more or less aligned chunks)
+        assert result.choices[-1] == "meeting targets"
+        assert result.deadline_misses <= 0.01 * result.delivered
+        assert result.delivered >= 0.95 * result.frames_in
+    fixed = simulate(streams, device, SECONDS, policy="fixed")  # one session per step: a queue builds
+    assert sum(result.deadline_misses for result in fixed) > 0.5 * sum(result.delivered for result in fixed)
+
+
 def test_beyond_capacity_it_drops_frames_rather_than_queue_them_and_latency_stays_bounded():
-    streams = [Stream(steady_captures(16, SECONDS, start_s=0.007 * i)) for i in range(8)]  # twice what fits
-    results = simulate(streams, Device(), SECONDS)
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.007 * i)) for i in range(8)]
+    device = Device(pass_s=0.06, row_s=0.03)  # all eight in one step: 540 ms for 32 frames, half what they send
+    results = simulate(streams, device, SECONDS)
 
     for result in results:
         assert result.delivered > 0  # every session is served ...
@@ -129,7 +146,7 @@ def test_beyond_capacity_it_drops_frames_rather_than_queue_them_and_latency_stay
         assert max(late) < 2.0  # no queue builds up: latency stays bounded to the end
         assert result.choices[-1] in ("over budget", "frame rate lowered")  # and says so
     # Queueing every frame, as published, grows the latency to many seconds.
-    fixed = simulate(streams, Device(), SECONDS, policy="fixed")
+    fixed = simulate(streams, device, SECONDS, policy="fixed")
     assert max(max(result.latencies_s) for result in fixed) > 10.0
 
 
@@ -192,4 +209,32 @@ def test_two_sessions_with_different_targets_are_served_and_their_stats_agree_wi
         assert reported["deadline_misses"] <= host_misses + 0.1 * len(measured) + 2
     # The slow session got its lower rate, not the fast one's.
     assert stats["slow"]["frames_in"] < stats["fast"]["frames_in"]
+    assert not server.failed
+
+
+def test_sessions_of_one_size_step_together_in_the_engine():
+    """Three hosts sending in step: their chunks complete together and share forwards."""
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32))
+    server.start()
+    frames = cli.test_pattern(8, 64, 64)
+    try:
+        clients = [EngineClient(server.address, transport="shm", width=64, height=64, timeout_s=60.0,
+                                prompt=prompt).open() for prompt in ("ink", "fog", "glass")]
+        received = [0] * len(clients)
+        deadline = time.monotonic() + 90
+        while min(received) < 40:
+            assert time.monotonic() < deadline, f"too few outputs: {received}"
+            for index, engine_client in enumerate(clients):
+                engine_client.send(frames[index % len(frames)])
+            time.sleep(1 / 16)
+            for index, engine_client in enumerate(clients):
+                received[index] += engine_client.receive(0) is not None
+        stats = [engine_client.stats() for engine_client in clients]
+        for engine_client in clients:
+            engine_client.close()
+    finally:
+        server.close()
+    for reported in stats:
+        assert reported["steps_shared"] > 0.3 * reported["steps"], reported
     assert not server.failed

@@ -15,6 +15,18 @@ Frames go through shared memory (transport="shm": same machine, fastest) or Zero
 send never blocks, a frame the engine has no time for is dropped there, and receive
 returns the newest finished frame. Outputs trail inputs by `lag_frames`.
 
+With transport="spout" (an engine on Windows) no frames pass through the client: the
+engine reads the Spout sender named by the session parameter spout_input ("" for the
+active sender) and publishes its output as the sender spout_output, at width x height
+(frames of another size are fitted to it). send() then raises, and receive() returns
+None after its wait; call receive() or stats() now and then all the same, since they
+keep the session alive.
+
+    with EngineClient(transport="spout", width=512, height=512, prompt="ink",
+                      spout_input="TouchDesigner", spout_output="StreamDiffusion") as engine:
+        while running:
+            engine.receive(timeout=0.5)   # tends the session; the frames go through Spout
+
 The client needs no thread of its own. Every call also tends the connection: twice a
 second it asks the engine for the session's stats, which keeps the session open and
 keeps `state` current. When the engine stops answering, `state` becomes
@@ -65,7 +77,7 @@ from .zmq_io import DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocket
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("shm", "zmq")
+TRANSPORTS = ("shm", "zmq", "spout")
 KEEPALIVE_S = 0.5  # how often the client asks for stats (and so shows the engine it is alive)
 ENGINE_TIMEOUT_S = 3.0  # no answer for this long: the engine is gone
 POLL_S = 0.001  # receive's wait between looks at the output ring
@@ -111,9 +123,10 @@ class EngineClient:
         client_keys: KeySource | tuple[KeySource, KeySource] | None = None,
         **session_params: Any,
     ):
-        """width and height are the size of the frames you will send; session_params are
-        the engine's parameters (prompt, strength, steps, seed, fit, model_width, ...:
-        see `info["schema"]` once open). timeout_s bounds each request to the engine.
+        """width and height are the size of the frames you will send (for spout, of the frames
+        the engine publishes); session_params are the engine's parameters (prompt,
+        strength, steps, seed, fit, model_width, virtualcam, spout_input, ...: see
+        `info["schema"]` once open). timeout_s bounds each request to the engine.
         server_key and client_keys, both or neither, authenticate to an engine that
         requires keys (see the module doc)."""
         if transport not in TRANSPORTS:
@@ -190,9 +203,13 @@ class EngineClient:
 
         format is rgb8 for 3 channels and rgba8 for 4 unless given (bgra8). t_capture_ns
         defaults to now on time.monotonic_ns, the clock latency_ms is measured with.
-        While there is no session (the engine is away) the frame is dropped.
+        While there is no session (the engine is away) the frame is dropped. A spout
+        session takes no frames from here: it raises RuntimeError.
         """
         self._check_open()
+        if self.transport == "spout":
+            raise RuntimeError("a spout session's frames come from the Spout sender named by spout_input, "
+                               "not from send()")
         if not isinstance(frame, np.ndarray):
             raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}")
         format = format or ("rgb8" if frame.shape[-1:] == (3,) else "rgba8")
@@ -221,7 +238,8 @@ class EngineClient:
         return seq
 
     def receive(self, timeout: float = 0.0) -> Output | None:
-        """The newest finished frame not returned yet, waiting up to timeout seconds for one."""
+        """The newest finished frame not returned yet, waiting up to timeout seconds for one.
+        A spout session's frames go to its Spout sender: None, after the wait."""
         self._check_open()
         deadline = time.monotonic() + timeout
         while True:
@@ -392,7 +410,8 @@ class EngineClient:
         return ring
 
     def _take_output(self, wait_s: float) -> Output | None:
-        if self.session is None or (self.transport == "shm" and self._output_ring is None):
+        no_frames_here = self.transport == "spout" or (self.transport == "shm" and self._output_ring is None)
+        if self.session is None or no_frames_here:
             time.sleep(wait_s)
             return None
         if self.transport == "zmq":

@@ -53,6 +53,7 @@ MAX_INT = 2**63 - 1  # ids, sequence numbers, timestamps and seeds fit in int64
 FORMATS: Mapping[str, int] = {"rgba8": 4, "rgb8": 3, "bgra8": 4}  # bytes per pixel
 MAX_FRAME_BYTES = MAX_WIDTH * MAX_HEIGHT * max(FORMATS.values())
 TRANSPORTS = ("shm", "zmq", "spout")
+DEFAULT_SPOUT_OUTPUT = "StreamDiffusion"  # the sender a spout session publishes unless its spout_output names one
 FIT_MODES = ("crop", "stretch", "letterbox")
 
 
@@ -72,6 +73,9 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_SESSION = "unknown_session"  # for the engine: no such session
     MODEL_UNAVAILABLE = "model_unavailable"  # the engine does not serve that model, or could not load it
     SESSION_FAILED = "session_failed"  # a step failed (out of memory, say); the engine closed the session
+    # An output the session asked for besides its host (a virtual camera) cannot be opened
+    # on the engine's machine; the message says why and the fix, and the session goes on.
+    OUTPUT_UNAVAILABLE = "output_unavailable"
 
 
 class ProtocolError(Exception):

@@ -9,7 +9,7 @@ binding (`pip install SpoutGL`, the project's `spout` extra).
         while True:
             pixels = receiver.receive()        # newest new frame, or None
             if pixels is None:
-                receiver.wait_for_frame(0.05)
+                time.sleep(0.002)              # see wait_for_frame for why not only that
                 continue
             ...
 
@@ -174,9 +174,11 @@ class SpoutReceiver:
     def wait_for_frame(self, timeout_s: float) -> bool:
         """Wait up to timeout_s for the sender to signal a new frame; True if it did.
 
-        Senders that signal frames (setFrameSync, as SpoutSender does) wake this early;
-        for others, and while no sender is there, it simply waits the timeout, which
-        keeps a polling loop from spinning.
+        Senders that signal frames (setFrameSync, as SpoutSender does) wake this early.
+        For a sender that never signals (it has no sync event) Spout does not wait at
+        all: it returns at once (True in current Spout, False in older versions), so a
+        polling loop cannot rely on this alone to keep from spinning. While no sender
+        is there it sleeps the timeout.
         """
         if not self.connected:
             time.sleep(timeout_s)

@@ -1,4 +1,5 @@
-"""`python -m engine ...`: run a clip through the pipeline, serve hosts, run the demo, download weights."""
+"""`python -m engine ...`: run a clip through the pipeline, serve hosts, run the demo, download weights,
+list the machine's video paths."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.protocol import DEFAULT_SPOUT_OUTPUT
 from bridge.zmq_io import DEFAULT_ADDRESS
 
 
@@ -118,11 +120,12 @@ FAULT_OOM_PROMPT_ENV = "ENGINE_FAULT_OOM_PROMPT"
 def serve(args: argparse.Namespace) -> None:
     import zmq
 
+    from bridge.spout import SpoutUnavailable
     from bridge.zmq_io import ServerKeys
 
     from .config import get_preset
     from .models.weights import build_models
-    from .server import EngineServer, Limits, check_bind
+    from .server import EngineServer, EngineSpoutSession, Limits, check_bind
 
     auth = ServerKeys.from_dir(args.keys) if args.keys else None
     check_bind(args.bind, auth is not None)
@@ -134,6 +137,12 @@ def serve(args: argparse.Namespace) -> None:
                     max_prompt_chars=args.max_prompt_chars, max_model_size=args.max_model_size)
     device, dtype = _device_and_dtype(args.device)
     size = model_size(args.model, args.size)
+    spout = None
+    if args.spout_in is not None or args.spout_out is not None:
+        # Frames at the model's size unless told otherwise; --size is height x width.
+        width, height = _size_option("--spout-size", args.spout_size) if args.spout_size else size[::-1]
+        spout = EngineSpoutSession(input=args.spout_in or "", output=args.spout_out or DEFAULT_SPOUT_OUTPUT,
+                                   width=width, height=height, prompt=args.prompt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     _inject_faults_from_environment()
 
@@ -143,14 +152,20 @@ def serve(args: argparse.Namespace) -> None:
 
     try:
         server = EngineServer(load_models, model=args.model, address=args.bind, model_size=size,
-                              session_timeout_s=args.session_timeout, limits=limits, auth=auth)
+                              session_timeout_s=args.session_timeout, limits=limits, auth=auth,
+                              virtualcam=args.virtualcam, spout=spout)
     except zmq.ZMQError as error:
         raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
                          "Choose another port with --bind") from None
+    except SpoutUnavailable as error:
+        raise SystemExit(f"error: --spout-in/--spout-out: {error}") from None
     keys_note = "hosts need keys from " + args.keys if auth else "no keys needed on loopback"
     # Hosts' launchers parse "listening at ADDRESS": keep the address followed by a space.
     print(f"engine {args.model} on {device}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",
           flush=True)
+    if spout is not None:
+        print(f"Spout: reading sender {spout.input or '(the active one)'!r}, publishing {spout.output!r} at "
+              f"{spout.width}x{spout.height}; no host needed", flush=True)
     server.serve_forever()
     if server.load_error is not None:
         raise SystemExit(f"error: the engine stopped: {args.model} failed to load: {server.load_error}")
@@ -181,14 +196,14 @@ def _inject_faults_from_environment() -> None:
 
     from .pipeline import StreamPipeline
 
-    push = StreamPipeline.push
+    chunk_steps = StreamPipeline.chunk_steps
 
-    def push_or_run_out_of_memory(pipeline, frames):
+    def chunk_steps_or_run_out_of_memory(pipeline, frames):
         if pipeline.settings.prompt == prompt:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_PROMPT_ENV})")
-        return push(pipeline, frames)
+        return (yield from chunk_steps(pipeline, frames))
 
-    StreamPipeline.push = push_or_run_out_of_memory
+    StreamPipeline.chunk_steps = chunk_steps_or_run_out_of_memory
     logging.getLogger(__name__).warning("fault injection: steps of sessions prompted %r will run out of memory",
                                         prompt)
 
@@ -206,6 +221,12 @@ def keys(args: argparse.Namespace) -> None:
     if not args.server_only:
         print(f"host '{args.client}': copy {directory}/server.key and {directory}/{args.client}.key_secret to it, "
               f"then EngineClient(..., server_key=\"server.key\", client_keys=\"{args.client}.key_secret\")")
+
+
+def devices(args: argparse.Namespace) -> None:
+    from .devices import find_devices, format_table
+
+    print(format_table(find_devices()))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -256,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--output", help="write the result (.mp4)")
     run_parser.set_defaults(handler=run)
 
-    serve_parser = commands.add_parser("serve", help="serve host applications over shared memory and ZeroMQ")
+    serve_parser = commands.add_parser("serve", help="serve host applications over shared memory, ZeroMQ or Spout")
     serve_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
     serve_parser.add_argument("--bind", default=DEFAULT_ADDRESS,
                               help="where hosts connect; anything but loopback (tcp://127.0.0.1:PORT, ipc://PATH) "
@@ -276,6 +297,19 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt taken")
     serve_parser.add_argument("--max-model-size", type=int, default=1024, metavar="PIXELS",
                               help="largest model_width and model_height a session may ask for")
+    serve_parser.add_argument("--virtualcam", action="store_true",
+                              help="send every session's output to a virtual camera too (a session can turn it off "
+                                   "with its virtualcam parameter)")
+    serve_parser.add_argument("--spout-in", metavar="NAME",
+                              help="open a Spout session in the engine, with no host: read this Spout sender "
+                                   "('' for the active one; Windows)")
+    serve_parser.add_argument("--spout-out", metavar="NAME",
+                              help=f"... and publish its output as this Spout sender (default {DEFAULT_SPOUT_OUTPUT})")
+    serve_parser.add_argument("--spout-size", metavar="WxH",
+                              help="size of the --spout-in/--spout-out session's frames; other sizes are fitted to "
+                                   "it (default: the model size)")
+    serve_parser.add_argument("--prompt", default="", help="prompt of the --spout-in/--spout-out session (hosts "
+                                                           "can change it: a params request for session 'spout')")
     serve_parser.set_defaults(handler=serve)
 
     keys_parser = commands.add_parser("keys", help="create CURVE keys for an engine that hosts on other "
@@ -303,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     download_parser.add_argument("--model", required=True, help="wan2.1-1.3b | wan2.1-14b")
     download_parser.add_argument("--no-taehv", action="store_true", help="skip the TAEHV decoder")
     download_parser.set_defaults(handler=download)
+
+    devices_parser = commands.add_parser("devices", help="Spout senders, Syphon servers and virtual cameras on this "
+                                                         "machine: usable or why not, and the fix")
+    devices_parser.set_defaults(handler=devices)
 
     args = parser.parse_args(argv)
     try:

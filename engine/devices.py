@@ -1,4 +1,4 @@
-"""`python -m engine.devices`: the video paths this machine offers, and why each does or does not work.
+"""`python -m engine devices`: the video paths this machine offers, and why each does or does not work.
 
 Lists Spout senders (Windows), Syphon servers (macOS) and virtual-camera backends, one
 row each, with whether the engine can use it and, when it cannot, the reason and the
@@ -97,11 +97,3 @@ def format_table(devices: list[Device]) -> str:
         if device.fix:
             lines.append(line(("", "", ""), f"fix: {device.fix}"))
     return "\n".join(lines)
-
-
-def main() -> None:
-    print(format_table(find_devices()))
-
-
-if __name__ == "__main__":
-    main()

@@ -13,29 +13,46 @@ Two threads, each with one job:
     worker      runs on the device: loads the models, builds pipelines, runs steps
                 (engine/worker.py).
 
-The main thread starts both and waits for a stop (Ctrl-C, SIGTERM, or stop()); closing
-unlinks every shared-memory segment the engine made. Sessions, their inboxes and
-outboxes are described in engine/session.py.
+A Spout session has a third thread of its own, which reads its input sender and
+publishes its output sender (engine/spout_io.py says why there). The main thread
+starts them and waits for a stop (Ctrl-C, SIGTERM, or stop()); closing unlinks every
+shared-memory segment the engine made. Sessions, their inboxes and outboxes are
+described in engine/session.py.
 
 What a host sees (messages as in bridge/protocol.py):
 
 - hello opens a session. The ok payload holds: session (its id), state, model,
   params (the session's parameter values), schema (each parameter's type, bounds and
-  whether it applies "live" at the next step or "reload"s the stream), lag_frames and
-  first_chunk_frames (outputs trail inputs by lag_frames; the first chunk takes
-  first_chunk_frames, later ones 4), session_timeout_s, and with transport "shm" the
-  ring names: the host creates input_ring (its frames, at the hello's size) and reads
-  output_ring, which the engine creates.
+  whether it applies "live" at the next step, "reload"s the stream, or is taken only
+  when the session "open"s), lag_frames and first_chunk_frames (outputs trail inputs
+  by lag_frames; the first chunk takes first_chunk_frames, later ones 4),
+  session_timeout_s, virtualcam (the camera's state, as in stats), and with transport
+  "shm" the ring names: the host creates input_ring (its frames, at the hello's size)
+  and reads output_ring, which the engine creates.
 - Frames go over the session's transport; each output echoes its input's seq and
   t_capture_ns, in the input's pixel format, at the host's size.
+- Transport "spout" (Windows): the host sends and receives no frames. The engine reads
+  the Spout sender named by the parameter spout_input ("" for the active sender) and
+  publishes the outputs, at the hello's size, as the sender spout_output (default
+  "StreamDiffusion"). Both are fixed when the session opens.
 - params changes parameters between steps; the payload says which applied live and
   whether the stream restarts. stats returns the session's state, parameters and
   counters. bye closes the session.
+- virtualcam (a live parameter; `serve --virtualcam` makes it default to true) also
+  sends the session's outputs to a virtual camera. Where none can be opened, the host
+  gets an error without an id, code output_unavailable, field params.virtualcam, whose
+  message is pyvirtualcam's reason and the fix; the session streams on, and stats'
+  virtualcam says the same (state unavailable, reason, fix).
 - States: starting, loading (the model is still loading), ready, streaming, error.
 - When a step fails the host gets an error without an id, code session_failed, and
   the session is closed.
 - A host not heard from for session_timeout_s (no request, ping or frame over ZeroMQ)
-  loses its session; hosts streaming over shared memory keep it with a ping or stats.
+  loses its session; hosts streaming over shared memory or Spout keep it with a ping
+  or stats.
+- `serve --spout-in NAME --spout-out NAME` opens a Spout session in the engine itself,
+  with no host: its id is "spout", no timeout closes it, and any host may change its
+  parameters (params) or read its stats, though none may close it. The engine stops
+  if that session fails.
 
 Safety:
 - The engine binds to loopback unless given keys (ServerKeys, `serve --keys DIR`): then
@@ -64,6 +81,7 @@ from urllib.parse import urlsplit
 import torch
 
 from bridge.protocol import (
+    DEFAULT_SPOUT_OUTPUT,
     FORMATS,
     MAX_HEIGHT,
     MAX_MESSAGE_BYTES,
@@ -79,22 +97,25 @@ from bridge.protocol import (
     ValueSpec,
 )
 from bridge.shm import RingReader, RingWriter, reclaim_abandoned_rings, session_ring_names
+from bridge.spout import SpoutUnavailable, load_spoutgl
 from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request, ServerKeys
 
 from .models.weights import Models
 from .pipeline import StreamSettings
-from .session import MAX_MODEL_SIZE, PARAMS, InputFrame, Session, applies, apply_params, current_params, to_rgb
+from .session import (MAX_MODEL_SIZE, MAX_SPOUT_NAME_CHARS, PARAMS, InputFrame, Session, applies, apply_params,
+                      current_params, session_routes, to_rgb)
+from .spout_io import SpoutSessionIO
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 
-SERVED_TRANSPORTS = ("shm", "zmq")
 DEFAULT_SESSION_TIMEOUT_S = 10.0
 POLL_S = 0.002  # IO loop period while sessions are open: shared memory has no wake-up, so it is polled
 IDLE_POLL_S = 0.05  # with no session open
 REAP_EVERY_S = 0.25  # how often silent hosts are looked for
 JOIN_TIMEOUT_S = 10.0  # how long close() waits for a step (or a model load) in progress
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ENGINE_SPOUT_SESSION = "spout"  # the id of the session `serve --spout-in/--spout-out` opens
 
 
 @dataclass(frozen=True)
@@ -127,6 +148,26 @@ class Limits:
                 "prompt": replace(PARAMS["prompt"], maximum=self.max_prompt_chars),
                 "model_width": replace(PARAMS["model_width"], maximum=self.max_model_size),
                 "model_height": replace(PARAMS["model_height"], maximum=self.max_model_size)}
+
+
+@dataclass(frozen=True)
+class EngineSpoutSession:
+    """The Spout session the engine opens for itself (`serve --spout-in NAME --spout-out NAME`):
+    no host, so no silent-host timeout; TouchDesigner's or OBS's own Spout operators
+    send and show the frames."""
+
+    input: str = ""  # --spout-in: the sender read; "" for Spout's active sender
+    output: str = DEFAULT_SPOUT_OUTPUT  # --spout-out: the sender published
+    width: int = 512  # --spout-size: the frames' size, published and fitted to
+    height: int = 512
+    prompt: str = ""  # --prompt
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("--spout-out needs a sender name")
+        for flag, name in (("--spout-in", self.input), ("--spout-out", self.output)):
+            if len(name) > MAX_SPOUT_NAME_CHARS:
+                raise ValueError(f"{flag} takes a sender name of at most {MAX_SPOUT_NAME_CHARS} characters")
 
 
 def is_loopback(address: str) -> bool:
@@ -163,8 +204,13 @@ class EngineServer:
         session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S,
         limits: Limits = Limits(),
         auth: ServerKeys | None = None,
+        virtualcam: bool = False,
+        spout: EngineSpoutSession | None = None,
     ):
-        """auth: the keys hosts must authenticate with; required unless address is loopback."""
+        """auth: the keys hosts must authenticate with; required unless address is loopback.
+        virtualcam: whether sessions send their outputs to a virtual camera unless they say
+        otherwise. spout: the Spout session to open in the engine itself; raises
+        SpoutUnavailable (saying why, and the fix) where Spout cannot work."""
         check_bind(address, auth is not None)
         self.model = model
         height, width = model_size
@@ -173,6 +219,14 @@ class EngineServer:
         self._default_settings = StreamSettings(height=height, width=width)  # validates the size
         self._session_timeout_s = session_timeout_s
         self.limits = limits
+        self._virtualcam = virtualcam
+        if spout is not None:
+            load_spoutgl()
+            if spout.width > limits.max_frame_width or spout.height > limits.max_frame_height:
+                raise ValueError(f"--spout-size {spout.width}x{spout.height} is over --max-frame-size "
+                                 f"{limits.max_frame_width}x{limits.max_frame_height}")
+        self._engine_spout = spout
+        self._spout_io: dict[str, SpoutSessionIO] = {}  # the IO thread's, by session id
         self._param_specs = limits.params()
         self._sessions: dict[str, Session] = {}  # changed by the IO thread only
         self._sessions_lock = threading.Lock()  # the worker reads the table from its thread
@@ -258,6 +312,8 @@ class EngineServer:
 
     # -- IO thread ------------------------------------------------------------------------
     def _serve_io(self) -> None:
+        if self._engine_spout is not None:
+            self._open_engine_spout_session(self._engine_spout)
         next_reap = time.monotonic()
         while not self._stopping.is_set():
             inbox = self._socket.poll(POLL_S if self._sessions else IDLE_POLL_S)
@@ -271,8 +327,10 @@ class EngineServer:
             for session in self._open_sessions():
                 if session.failure is not None:  # closed (its memory freed) before the host hears of it
                     self._close_session(session, "it failed")
-                    self._socket.notify(session.owner, ProtocolError(ErrorCode.SESSION_FAILED, None, session.failure))
+                    self._tell_owner(session, ProtocolError(ErrorCode.SESSION_FAILED, None, session.failure))
                     continue
+                if session.transport == "spout":
+                    continue  # its own thread moves its frames
                 try:
                     if session.transport == "shm":
                         self._read_input_ring(session)
@@ -296,10 +354,6 @@ class EngineServer:
 
     def _hello(self, request: Request) -> dict[str, Any]:
         hello: Hello = request.message
-        if hello.transport not in SERVED_TRANSPORTS:
-            raise ProtocolError(ErrorCode.BAD_VALUE, "transport",
-                                f"this engine takes frames over {' or '.join(SERVED_TRANSPORTS)}; "
-                                f"{hello.transport} is not supported yet")
         if hello.model not in (self.model, "default"):
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, "model",
                                 f"this engine serves {self.model!r}, not {hello.model!r}; ask for 'default', or "
@@ -309,34 +363,70 @@ class EngineServer:
                                 f"{self.model} failed to load ({self._worker.load_error}); "
                                 "fix that and restart the engine")
         self._check_limits(hello)
-        settings, targets = apply_params(replace(self._default_settings, prompt=hello.prompt), {}, hello.params)
-        session_id = secrets.token_hex(8)
+        if hello.transport == "spout":
+            try:
+                load_spoutgl()
+            except SpoutUnavailable as error:
+                raise ProtocolError(ErrorCode.BAD_VALUE, "transport",
+                                    f"this engine cannot take Spout sessions: {error.reason}; {error.fix}") from None
+        return self._open_session(secrets.token_hex(8), request.sender, hello.transport, hello.width, hello.height,
+                                  hello.prompt, hello.params)
+
+    def _open_engine_spout_session(self, spout: EngineSpoutSession) -> None:
+        params = {"spout_input": spout.input, "spout_output": spout.output}
+        self._open_session(ENGINE_SPOUT_SESSION, None, "spout", spout.width, spout.height, spout.prompt, params)
+
+    def _open_session(self, session_id: str, owner: bytes | None, transport: str, width: int, height: int,
+                      prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Open a session and start moving its frames; returns what hello answers."""
+        settings, targets, routes = apply_params(replace(self._default_settings, prompt=prompt), {},
+                                                 session_routes(transport, self._virtualcam), params)
         state = "starting" if self._worker.state == "ready" else "loading"
-        session = Session(session_id, request.sender, hello.transport, hello.width, hello.height, settings, targets,
-                          state)
+        session = Session(session_id, owner, transport, width, height, settings, targets, routes, state)
         reply = {
             "session": session_id,
             "state": state,
             "model": self.model,
-            "params": current_params(settings, targets),
+            "params": current_params(settings, targets, routes),
             "schema": {name: {**spec.describe(), "applies": applies(name)} for name, spec in self._param_specs.items()},
             "lag_frames": settings.lag_frames,
             "first_chunk_frames": settings.first_chunk_frames,
             "session_timeout_s": self._session_timeout_s,
         }
-        if hello.transport == "shm":
+        if transport == "shm":
             input_ring, output_ring = session_ring_names(session_id)
             try:
-                session.output_ring = RingWriter.create(hello.width, hello.height, "rgba8", name=output_ring)
+                session.output_ring = RingWriter.create(width, height, "rgba8", name=output_ring)
             except OSError as error:  # shared memory is full
                 raise ProtocolError(ErrorCode.TOO_LARGE, "width", str(error)) from None
             reply.update(input_ring=input_ring, output_ring=output_ring)
         with self._sessions_lock:
             self._sessions[session_id] = session
+        if transport == "spout":
+            self._spout_io[session_id] = SpoutSessionIO(session, self._worker.wake)
+            self._spout_io[session_id].start()
         self._worker.wake()
-        log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, hello.transport, hello.width,
-                 hello.height, settings.width, settings.height)
+        log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, transport, width, height,
+                 settings.width, settings.height)
+        self._turn_camera(session)
+        reply["virtualcam"] = session.camera.describe()
         return reply
+
+    def _turn_camera(self, session: Session) -> None:
+        """Open or close the session's virtual camera as its virtualcam parameter says. Where
+        none can be opened, the log and the host hear why and the fix; the session streams on."""
+        unavailable = session.camera.turn(session.routes["virtualcam"], session.target_fps)
+        if unavailable is None:
+            return
+        message = (f"no virtual camera ({unavailable.reason}); to get one: {unavailable.fix}. "
+                   "The session streams on without it")
+        log.warning("session %s: %s", session.id, message)
+        self._tell_owner(session, ProtocolError(ErrorCode.OUTPUT_UNAVAILABLE, "params.virtualcam", message))
+
+    def _tell_owner(self, session: Session, error: ProtocolError) -> None:
+        """Send a session's host an error no request asked about; the engine's own session has none."""
+        if session.owner is not None:
+            self._socket.notify(session.owner, error)
 
     def _check_limits(self, hello: Hello) -> None:
         limits = self.limits
@@ -356,19 +446,26 @@ class EngineServer:
 
     def _params(self, request: Request) -> dict[str, Any]:
         message: ParamsUpdate = request.message
-        session = self._owned_session(request.sender, message.session)
-        settings, targets = apply_params(session.settings, session.targets, message.params)
-        restarts = session.change(settings, targets)
+        session = self._owned_session(request.sender, message.session, shared=True)
+        for name in message.params:
+            if applies(name) == "open" and name in session.routes:
+                raise ProtocolError(ErrorCode.BAD_VALUE, f"params.{name}",
+                                    f"{name} is fixed when a session opens; open a new session to change it")
+        settings, targets, routes = apply_params(session.settings, session.targets, session.routes, message.params)
+        restarts = session.change(settings, targets, routes)
+        if "virtualcam" in message.params:
+            self._turn_camera(session)
         self._worker.wake()
         return {
-            "params": current_params(settings, targets),
+            "params": current_params(settings, targets, routes),
             "restarts": restarts,  # a reload parameter changed: the stream starts over (lag and first chunk again)
             "lag_frames": settings.lag_frames,
             "first_chunk_frames": settings.first_chunk_frames,
+            "virtualcam": session.camera.describe(),
         }
 
     def _stats(self, request: Request) -> dict[str, Any]:
-        stats = self._owned_session(request.sender, request.message.session).stats()
+        stats = self._owned_session(request.sender, request.message.session, shared=True).stats()
         # The engine's device memory, for hosts (and bench/soak.py) watching it over hours.
         stats["device_memory_allocated"] = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else None
         return stats
@@ -378,9 +475,10 @@ class EngineServer:
         self._close_session(session, "the host said bye")
         return {"session": session.id}
 
-    def _owned_session(self, sender: bytes, session_id: str) -> Session:
+    def _owned_session(self, sender: bytes, session_id: str, *, shared: bool = False) -> Session:
+        """The sender's session; with shared, the engine's own Spout session too (it has no host)."""
         session = self._sessions.get(session_id)
-        if session is None or session.owner != sender:
+        if session is None or (session.owner != sender and not (shared and session.owner is None)):
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "session",
                                 f"no session {session_id!r} on this connection; open one with hello")
         return session
@@ -437,6 +535,7 @@ class EngineServer:
                                      width=session.width, height=session.height, format=output.format)
                 if not self._socket.send_frame(session.owner, header, output.pixels):
                     return  # the host's queue is full; the frame waits for room (or a newer chunk)
+            session.camera.submit(output.pixels, output.format)
             session.output_sent(output)
 
     def _close_silent_sessions(self) -> None:
@@ -454,6 +553,14 @@ class EngineServer:
         with self._sessions_lock:
             self._sessions.pop(session.id, None)
         session.close()
+        spout_io = self._spout_io.pop(session.id, None)
+        if spout_io is not None:
+            spout_io.stop()  # its thread closes the Spout receiver and sender
+        session.camera.close()
+        if session.owner is None and not self._stopping.is_set():
+            log.error("the engine stops: its own Spout session closed because %s", session.failure or reason)
+            self.failed = True
+            self.stop()
         if session.input_ring is not None:
             session.input_ring.close()
         if session.output_ring is not None:

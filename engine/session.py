@@ -14,11 +14,16 @@ steps run loses stale frames rather than falling behind; when the SLO policy cap
 session's frame rate, frames beyond the cap are dropped on arrival. The outbox holds
 one chunk's finished frames, released at the cadence their inputs were captured (a
 host showing the newest frame sees every one, not one in four); a frame the host has
-no room for yet waits there, and a newer chunk replaces frames still waiting.
+no room for yet waits there. When a newer chunk finishes, the frames still waiting go
+out at once ahead of it, and frames older than that are dropped.
 
 The session also keeps what the SLO policy plans with (input rate, waits for the
 device) and what stats reports against the targets (time to first frame, output
 frame rate, latency percentiles from capture to sending, deadline misses).
+
+Besides its host, a session's frames can come from and go to other places, its
+routes: a virtual camera (engine/camera.py) and, for transport "spout", a Spout
+sender read and another published (engine/spout_io.py).
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bridge.protocol import DEFAULT_PARAMS, ErrorCode, ProtocolError, ValueSpec
+from bridge.protocol import DEFAULT_PARAMS, DEFAULT_SPOUT_OUTPUT, ErrorCode, ProtocolError, ValueSpec
 from bridge.shm import RingReader, RingWriter
 
+from .camera import SessionCamera
 from .flow import PUBLISHED_STEPS
 from .pipeline import LIVE_SETTINGS, StreamSettings
 from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
@@ -43,6 +49,7 @@ from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, Choice, FrameRateGate,
 STATES = ("starting", "loading", "ready", "streaming", "error")
 
 MAX_MODEL_SIZE = 2048
+MAX_SPOUT_NAME_CHARS = 255  # Spout keeps sender names in 256-byte buffers
 # Frames of one chunk are released at most this far apart, whatever their capture times say.
 MAX_FRAME_SPACING_NS = 1_000_000_000
 
@@ -54,9 +61,17 @@ PARAMS: Mapping[str, ValueSpec] = {
     "model_width": ValueSpec(int, 16, MAX_MODEL_SIZE),
     "model_height": ValueSpec(int, 16, MAX_MODEL_SIZE),
     "low_latency_start": ValueSpec(bool),
+    "virtualcam": ValueSpec(bool),
+    "spout_input": ValueSpec(str, 0, MAX_SPOUT_NAME_CHARS),
+    "spout_output": ValueSpec(str, 1, MAX_SPOUT_NAME_CHARS),
 }
 # Targets for the SLO scheduler (engine/slo.py), not settings of the pipeline.
 TARGETS = ("target_fps", "latency_ms")
+# Routes, where frames come from and go besides the host, and their defaults; not
+# settings of the pipeline either. The Spout ones are a Spout session's only, and are
+# fixed when it opens (engine/spout_io.py says why).
+ROUTES: Mapping[str, Any] = {"virtualcam": False, "spout_input": "", "spout_output": DEFAULT_SPOUT_OUTPUT}
+SPOUT_ROUTES = ("spout_input", "spout_output")
 LATENCY_SAMPLES = 1000  # latest outputs whose latency the percentiles in stats cover
 OUTPUT_FPS_WINDOW_NS = 2_000_000_000  # output frame rate in stats: over the last two seconds ...
 OUTPUT_FPS_SHORTEST_NS = 250_000_000  # ... or since the first output, once that is this long ago
@@ -65,8 +80,18 @@ _SETTING_FIELDS = {"model_width": "width", "model_height": "height"}
 
 
 def applies(name: str) -> str:
-    """'live' for a parameter applied at the next step, 'reload' for one that restarts the stream."""
-    return "live" if name in TARGETS or _SETTING_FIELDS.get(name, name) in LIVE_SETTINGS else "reload"
+    """'live' for a parameter applied at the next step, 'reload' for one that restarts the
+    stream, 'open' for one a session takes only when it opens (in its hello)."""
+    if name in SPOUT_ROUTES:
+        return "open"
+    live = name in TARGETS or name in ROUTES or _SETTING_FIELDS.get(name, name) in LIVE_SETTINGS
+    return "live" if live else "reload"
+
+
+def session_routes(transport: str, virtualcam: bool) -> dict[str, Any]:
+    """The routes a new session of this transport has, at their defaults (virtualcam: the engine's)."""
+    names = ("virtualcam", *SPOUT_ROUTES) if transport == "spout" else ("virtualcam",)
+    return {**{name: ROUTES[name] for name in names}, "virtualcam": virtualcam}
 
 
 def params_schema() -> dict[str, dict]:
@@ -75,29 +100,38 @@ def params_schema() -> dict[str, dict]:
 
 
 def apply_params(
-    settings: StreamSettings, targets: Mapping[str, float], params: Mapping[str, Any]
-) -> tuple[StreamSettings, dict[str, float]]:
-    """New (settings, targets) with params (already checked against PARAMS) applied.
+    settings: StreamSettings, targets: Mapping[str, float], routes: Mapping[str, Any], params: Mapping[str, Any]
+) -> tuple[StreamSettings, dict[str, float], dict[str, Any]]:
+    """New (settings, targets, routes) with params (already checked against PARAMS) applied.
 
     Raises ProtocolError naming the parameter when the pipeline refuses a value
-    (a model size that is not a multiple of 16, a strength of 0).
+    (a model size that is not a multiple of 16, a strength of 0), or when it is a
+    route the session does not have (spout_input on a session that is not Spout's).
     """
-    targets = dict(targets)
+    targets, routes = dict(targets), dict(routes)
     for name, value in params.items():
         if name in TARGETS:
             targets[name] = value
+            continue
+        if name in ROUTES:
+            if name not in routes:
+                raise ProtocolError(ErrorCode.BAD_VALUE, f"params.{name}",
+                                    f"{name} is for sessions with transport spout only")
+            routes[name] = value
             continue
         try:
             settings = replace(settings, **{_SETTING_FIELDS.get(name, name): value})
         except ValueError as error:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"params.{name}", str(error)) from None
-    return settings, targets
+    return settings, targets, routes
 
 
-def current_params(settings: StreamSettings, targets: Mapping[str, float]) -> dict[str, Any]:
+def current_params(settings: StreamSettings, targets: Mapping[str, float], routes: Mapping[str, Any]
+                   ) -> dict[str, Any]:
     """A session's parameters by their protocol names."""
-    values = {name: getattr(settings, _SETTING_FIELDS.get(name, name)) for name in PARAMS if name not in TARGETS}
-    return {**values, **targets}
+    values = {name: getattr(settings, _SETTING_FIELDS.get(name, name))
+              for name in PARAMS if name not in TARGETS and name not in ROUTES}
+    return {**values, **targets, **routes}
 
 
 # ------------------------------------------------------------------------ frames
@@ -155,22 +189,24 @@ class Session:
     def __init__(
         self,
         id: str,
-        owner: bytes,
+        owner: bytes | None,
         transport: str,
         width: int,
         height: int,
         settings: StreamSettings,
         targets: Mapping[str, float],
+        routes: Mapping[str, Any],
         state: str,
     ):
         self.id = id
-        self.owner = owner  # the host's identity on the engine's ZeroMQ socket
+        self.owner = owner  # the host's identity on the engine's ZeroMQ socket; None for the engine's own session
         self.transport = transport
         self.width, self.height = width, height  # of the host's frames, fixed for the session's life
         self.lock = threading.Lock()
         # Changed under lock (single reads need none):
         self.settings = settings  # as the host last set them
         self.targets = dict(targets)
+        self.routes = dict(routes)
         self.state = state
         self.failure: str | None = None  # why the worker gave up on the session
         self.closed = False
@@ -180,7 +216,7 @@ class Session:
         self._outbox: deque[OutputFrame] = deque()
         self._frames_in = self._frames_dropped = self._frames_processed = 0
         self._frames_out = self._outputs_dropped = 0
-        self._steps, self._step_seconds = 0, 0.0
+        self._steps, self._steps_shared, self._step_seconds = 0, 0, 0.0
         # For the SLO scheduler and its stats:
         self._input_rate = RateMeter()  # of the frames as they arrive, before the rate cap
         self._rate_gate = FrameRateGate()
@@ -196,9 +232,10 @@ class Session:
         self._sent_ns: deque[int] = deque()  # send times within the output frame-rate window
         self._deadline_misses = 0
         self._choice: Choice | None = None
-        # Owned by the IO thread:
+        # Owned by the IO thread (the camera is opened and closed there; any thread sending outputs submits to it):
         self.input_ring: RingReader | None = None
         self.output_ring: RingWriter | None = None
+        self.camera = SessionCamera(width, height)
         self.bad_ring_generation = 0  # input ring generation already reported as the wrong size
         self.opened_at = time.monotonic()
 
@@ -226,7 +263,7 @@ class Session:
                 self._ready_since_ns = time.monotonic_ns()
             return ready
 
-    def change(self, settings: StreamSettings, targets: Mapping[str, float]) -> bool:
+    def change(self, settings: StreamSettings, targets: Mapping[str, float], routes: Mapping[str, Any]) -> bool:
         """Take new parameters; the worker applies them between steps. Returns whether
         the stream restarts for them (a reload parameter changed)."""
         with self.lock:
@@ -237,7 +274,7 @@ class Session:
             }
             restarts = any(field not in LIVE_SETTINGS for field in changed)
             self._pending.update(changed)
-            self.settings, self.targets = settings, dict(targets)
+            self.settings, self.targets, self.routes = settings, dict(targets), dict(routes)
             return restarts
 
     def due_output(self, now_ns: int) -> OutputFrame | None:
@@ -276,7 +313,7 @@ class Session:
                 "transport": self.transport,
                 "width": self.width,
                 "height": self.height,
-                "params": current_params(self.settings, self.targets),
+                "params": current_params(self.settings, self.targets, self.routes),
                 "lag_frames": self.settings.lag_frames,
                 "first_chunk_frames": self.settings.first_chunk_frames,
                 "frames_in": self._frames_in,  # received into the inbox
@@ -286,6 +323,7 @@ class Session:
                 "frames_out": self._frames_out,  # finished frames sent back
                 "outputs_dropped": self._outputs_dropped,  # finished frames replaced by newer ones before sending
                 "steps": self._steps,
+                "steps_shared": self._steps_shared,  # of those, steps run together with other sessions
                 "step_ms": 1000 * self._step_seconds / self._steps if self._steps else None,
                 "uptime_s": time.monotonic() - self.opened_at,
                 # Against the targets (engine/slo.py): latencies from capture to the output's sending.
@@ -295,6 +333,7 @@ class Session:
                 "deadline_misses": self._deadline_misses,  # outputs sent later than latency_ms after capture
                 "frames_over_rate": self._frames_over_rate,  # of frames_dropped: beyond the frame-rate cap
                 "scheduler": self._choice.as_dict() if self._choice is not None else None,
+                "virtualcam": self.camera.describe(),
             }
 
     @property
@@ -337,10 +376,13 @@ class Session:
             pending, self._pending = self._pending, {}
             return pending
 
-    def expect_frames(self, frames_needed: int) -> None:
+    def expect_frames(self, frames_needed: int, returned: Sequence[InputFrame] = ()) -> None:
         """Set how many frames the next chunk takes (the pipeline says, after each step
-        and restart); frames beyond that, the oldest, are dropped."""
+        and restart); frames beyond that, the oldest, are dropped. ``returned``: frames
+        that were in flight in a stream that restarted, back to the front of the inbox."""
         with self.lock:
+            self._inbox.extendleft(reversed(returned))
+            self._frames_processed -= len(returned)
             self._frames_needed = frames_needed
             while len(self._inbox) > inbox_limit(frames_needed):
                 self._drop_oldest()
@@ -393,15 +435,20 @@ class Session:
             if self.state != "error":
                 self.state = state
 
-    def add_outputs(self, outputs: list[OutputFrame], step_seconds: float) -> None:
-        """Record a step; its finished frames (if any) replace frames still waiting."""
+    def add_outputs(self, outputs: list[OutputFrame], step_seconds: float, shared: bool = False) -> None:
+        """Record a step (shared: with other sessions). Its finished frames (if any) follow
+        the previous chunk's frames still waiting, which are due at once; anything older is dropped."""
         with self.lock:
             self._steps += 1
+            self._steps_shared += shared
             self._step_seconds += step_seconds
             if outputs and not self.closed:
                 self._had_output = True
-                self._outputs_dropped += len(self._outbox)
+                now_ns = time.monotonic_ns()
+                waiting = list(self._outbox)[-len(outputs):]
+                self._outputs_dropped += len(self._outbox) - len(waiting)
                 self._outbox.clear()
+                self._outbox.extend(replace(output, due_ns=min(output.due_ns, now_ns)) for output in waiting)
                 self._outbox.extend(outputs)
                 self.state = "streaming"
 

@@ -196,7 +196,9 @@ class StreamDiffusionExt:
             return None
         if sys.platform != "win32":
             return "Spout is Windows-only; set Transport to Shared Memory"
-        return "the engine does not take frames over Spout yet; set Transport to Shared Memory"
+        return ("this component exchanges frames over shared memory only; set Transport to Shared Memory, or "
+                "use Syphon Spout Out and In TOPs with an engine started as "
+                "python -m engine serve --spout-in NAME --spout-out NAME")
 
     def _open_link(self, address):
         values = self._engine_values()

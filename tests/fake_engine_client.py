@@ -2,8 +2,9 @@
 
 It behaves as bridge/client.py documents EngineClient:
 - EngineClient(address, *, transport, width, height, model, timeout_s, **params):
-  transport is "shm" or "zmq" (anything else is a ValueError); the prompt is one of
-  the params.
+  transport is "shm", "zmq" or "spout" (anything else is a ValueError); the prompt is
+  one of the params. A spout session's frames go through Spout, not the client: send()
+  raises RuntimeError and receive() returns None.
 - open() raises TimeoutError when no engine answers at the address, and RemoteError
   when the engine refuses the session; close() may be called twice.
 - send(frame, t_capture_ns) never blocks; the frame must be uint8 [height, width, 3|4].
@@ -82,8 +83,8 @@ _session_ids = itertools.count(1)
 
 class FakeEngineClient:
     def __init__(self, address, *, transport="shm", width, height, model="default", timeout_s=5.0, **params):
-        if transport not in ("shm", "zmq"):
-            raise ValueError(f"transport must be one of shm, zmq, got {transport!r}")
+        if transport not in ("shm", "zmq", "spout"):
+            raise ValueError(f"transport must be one of shm, zmq, spout, got {transport!r}")
         self.address, self.transport, self.width, self.height, self.model = address, transport, width, height, model
         self.params = dict(params)
         self.session: str | None = None
@@ -116,6 +117,8 @@ class FakeEngineClient:
 
     # -- frames
     def send(self, frame, t_capture_ns=None, *, format=None) -> int:
+        if self.transport == "spout":
+            raise RuntimeError("a spout session's frames come from the Spout sender named by spout_input")
         if frame.dtype != np.uint8 or frame.shape[:2] != (self.height, self.width) or frame.shape[2] not in (3, 4):
             raise ValueError(f"frame must be uint8 ({self.height}, {self.width}, 3|4), got {frame.shape}")
         seq = next(self._seq)

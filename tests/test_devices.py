@@ -1,4 +1,4 @@
-"""`python -m engine.devices`: what this machine offers, with why and the fix."""
+"""`python -m engine devices`: what this machine offers, with why and the fix."""
 
 import platform
 import subprocess
@@ -42,16 +42,27 @@ def test_on_linux_the_v4l2loopback_backend_is_reported_with_why_and_when_missing
 
 
 @linux_only
-def test_the_command_prints_a_table_and_needs_no_torch():
-    check = "import runpy, sys; runpy.run_module('engine.devices', run_name='__main__'); print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_the_command_says_spout_and_syphon_are_unavailable_here_and_why():
+    result = subprocess.run([sys.executable, "-m", "engine", "devices"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["kind", "name", "usable", "why"]
-    assert any(line.startswith("spout") and "Spout is Windows-only" in line for line in lines)
-    assert any(line.startswith("syphon") and "Syphon is macOS-only" in line for line in lines)
+    spout = lines.index(next(line for line in lines if line.startswith("spout")))
+    assert lines[spout].split()[1:3] == ["-", "no"] and "Spout is Windows-only" in lines[spout]
+    assert "fix: use the shm or zmq transport here" in lines[spout + 1]
+    syphon = lines.index(next(line for line in lines if line.startswith("syphon")))
+    assert lines[syphon].split()[1:3] == ["-", "no"] and "Syphon is macOS-only" in lines[syphon]
+    assert "fix:" in lines[syphon + 1]
     assert any(line.startswith("virtual camera") for line in lines)
-    assert lines[-1] == "False"  # torch was never imported
+
+
+def test_the_command_needs_no_torch():
+    check = ("import runpy, sys; sys.argv = ['engine', 'devices']; runpy.run_module('engine', run_name='__main__'); "
+             "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
 
 
 def test_spout_senders_are_listed_one_per_row_where_spoutgl_works(monkeypatch):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "obs_scripts"))
 
 import streamdiffusion  # noqa: E402 - the script, from obs_scripts/
 from fake_engine_client import ENGINES, FakeEngine, FakeEngineClient  # noqa: E402
-from streamdiffusion_obs import engine_link, environment, libobs, pipeline, spout  # noqa: E402
+from streamdiffusion_obs import engine_link, environment, libobs, spout  # noqa: E402
 from streamdiffusion_obs.frames import cover_crop  # noqa: E402
 from streamdiffusion_obs.settings import OUTPUT_SOURCE_NAME, SPOUT_OUTPUT_SOURCE_NAME  # noqa: E402
 
@@ -391,20 +391,10 @@ def test_spout_without_the_plugin_says_to_install_it(scene_with_pattern, monkeyp
     run_until(lambda: output_source() is not None and output_source().frames_pushed > 0)
 
 
-class SpoutEngineClient(FakeEngineClient):
-    """A client whose bridge/ opens Spout sessions (the real one does not yet)."""
-
-    def __init__(self, address, *, transport="shm", **kwargs):
-        super().__init__(address, transport="zmq" if transport == "spout" else transport, **kwargs)
-        self.transport = transport
-
-
 def test_the_spout_path_wires_the_plugins_filter_and_capture_source(scene_with_pattern, monkeypatch):
     monkeypatch.setattr(spout, "PLATFORM", "win32")
     obs.register_type(spout.FILTER_ID, "Spout Filter")
     obs.register_type(spout.CAPTURE_ID, "Spout2 Capture")
-    monkeypatch.setattr(pipeline.bridge_client, "TRANSPORTS", ("shm", "zmq", "spout"))
-    monkeypatch.setattr(engine_link, "EngineClient", SpoutEngineClient)
     engine = FakeEngine(ADDRESS)
     load(input_source="Camera", transport="spout")
     run_until(lambda: scene_with_pattern.filters and obs.source(SPOUT_OUTPUT_SOURCE_NAME) is not None)

@@ -1,44 +1,17 @@
-"""Spout in and out against a fake SpoutGL module that behaves as the real binding does.
-
-The fake follows Python-SpoutGL's API and Spout's C++ behaviour as the reference sheet
-(host-integration.md §2) and the Spout SDK document them:
-- receiveImage(buffer, gl_format, invert, host_fbo) -> bool. None (or an empty buffer)
-  means "no pixels". With no sender it returns False and the receiver is released
-  (size back to 0x0). When a sender is new or changed it returns True without copying,
-  and isUpdated() is True once. Otherwise it copies the texture into the buffer in
-  gl_format's byte order and returns True; with no pixels it returns False.
-- The binding checks the buffer against the sender size last seen before calling
-  C++, and raises BufferError("Buffer not large enough") when it is too small.
-- isFrameNew() says whether the last copy was a new frame; it means something only
-  while isFrameCountEnabled().
-- sendImage is labelled (buffer, height, width, ...) but its 2nd and 3rd arguments
-  reach C++ SendImage(pixels, width, height, ...) in that position.
-- getSenderFormat() is a DXGI code: 87 = B8G8R8A8 (Spout's default), 28 = R8G8B8A8.
-- Spout calls need a GL context: createOpenGL() makes a hidden one.
-"""
+"""Spout in and out against a fake SpoutGL module that behaves as the real binding does
+(tests/fake_spoutgl.py says how, and from which sources)."""
 
 import sys
-import types
+import threading
 
 import numpy as np
 import pytest
 
 from bridge.protocol import ProtocolError
 from bridge.spout import SpoutReceiver, SpoutSender, SpoutUnavailable, list_senders, load_spoutgl
+from fake_spoutgl import DXGI_B8G8R8A8, DXGI_R8G8B8A8, GL_BGRA_EXT, GL_RGBA, FakeSpoutMachine, convert
 
 pytestmark = pytest.mark.timeout(30)
-
-GL_RGBA, GL_BGRA_EXT, GL_RGB, GL_BGR_EXT = 0x1908, 0x80E1, 0x1907, 0x80E0
-GL_ORDER = {GL_RGBA: "RGBA", GL_BGRA_EXT: "BGRA", GL_RGB: "RGB", GL_BGR_EXT: "BGR"}
-DXGI_B8G8R8A8, DXGI_R8G8B8A8 = 87, 28
-DXGI_ORDER = {DXGI_B8G8R8A8: "BGRA", DXGI_R8G8B8A8: "RGBA"}
-
-
-def convert(pixels: np.ndarray, source: str, target: str) -> np.ndarray:
-    """What OpenGL does between channel orders; a missing alpha reads as opaque."""
-    planes = {channel: pixels[..., i] for i, channel in enumerate(source)}
-    planes.setdefault("A", np.full(pixels.shape[:2], 255, np.uint8))
-    return np.stack([planes[channel] for channel in target], axis=-1)
 
 
 def image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -49,193 +22,9 @@ def image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return pixels
 
 
-class SharedTexture:
-    """One sender's texture, as Spout's shared memory describes it. A resize makes a new one."""
-
-    def __init__(self, width: int, height: int, dxgi_format: int):
-        self.width, self.height, self.dxgi_format = width, height, dxgi_format
-        self.pixels = np.zeros((height, width, 4), np.uint8)  # in the DXGI format's byte order
-        self.frame_count = 0
-
-
-class FakeSpoutMachine:
-    """The Spout state of one machine, shared by every fake sender and receiver on it."""
-
-    def __init__(self):
-        self.senders: dict[str, SharedTexture] = {}  # in the order they started
-        self.frame_counting = True  # Spout's global "frame count" setting
-        self.frame_sync_signals: set[str] = set()
-        self.receivers: list[FakeReceiver] = []
-        self.spout_senders: list[FakeSender] = []
-
-    def publish(self, name: str, rgba: np.ndarray, dxgi_format: int = DXGI_B8G8R8A8) -> None:
-        """Another application draws a frame into its sender `name`."""
-        height, width = rgba.shape[:2]
-        texture = self.senders.get(name)
-        if texture is None or (texture.width, texture.height, texture.dxgi_format) != (width, height, dxgi_format):
-            frame_count = texture.frame_count if texture else 0  # the sender's count goes on across a resize
-            texture = self.senders[name] = SharedTexture(width, height, dxgi_format)
-            texture.frame_count = frame_count
-        texture.pixels = convert(rgba, "RGBA", DXGI_ORDER[dxgi_format])
-        texture.frame_count += 1
-
-    def close_sender(self, name: str) -> None:
-        self.senders.pop(name, None)
-
-    def active_sender(self) -> str:
-        return next(iter(self.senders), "")
-
-    def module(self) -> types.ModuleType:
-        spoutgl = types.ModuleType("SpoutGL")
-        spoutgl.SpoutReceiver = lambda: FakeReceiver(self)
-        spoutgl.SpoutSender = lambda: FakeSender(self)
-        spoutgl.enums = types.SimpleNamespace(
-            GL_RGBA=GL_RGBA, GL_BGRA_EXT=GL_BGRA_EXT, GL_RGB=GL_RGB, GL_BGR_EXT=GL_BGR_EXT
-        )
-        return spoutgl
-
-
-class FakeReceiver:
-    def __init__(self, machine: FakeSpoutMachine):
-        self._machine = machine
-        machine.receivers.append(self)
-        self.gl_context = False
-        self.released = False
-        self.receive_formats: list[int] = []
-        self.frame_sync_waits: list[tuple[str, int]] = []
-        self._name = ""
-        self._texture: SharedTexture | None = None
-        self._width = self._height = 0
-        self._updated = False
-        self._frame_new = False
-        self._last_frame_count = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.releaseReceiver()
-
-    def createOpenGL(self) -> bool:
-        self.gl_context = True
-        return True
-
-    def closeOpenGL(self) -> bool:
-        self.gl_context = False
-        return True
-
-    def setReceiverName(self, name: str) -> None:
-        self._name = name
-
-    def receiveImage(self, buffer, gl_format: int, invert: bool, host_fbo: int) -> bool:
-        assert self.gl_context, "Cannot get GL device context"
-        assert (invert, host_fbo) == (False, 0)
-        self.receive_formats.append(gl_format)
-        pixels = None if buffer is None or buffer.size == 0 else buffer
-        if pixels is not None:
-            if pixels.nbytes < self._width * self._height * len(GL_ORDER[gl_format]):
-                raise BufferError("Buffer not large enough")
-            if not pixels.flags.c_contiguous:
-                raise BufferError("Buffer must be contiguous")
-        texture = self._machine.senders.get(self._name or self._machine.active_sender())
-        if texture is None:  # ReleaseReceiver
-            self._texture, self._width, self._height = None, 0, 0
-            self._last_frame_count = 0
-            return False
-        self._updated = texture is not self._texture
-        if self._updated:  # and frame counting restarts for the new texture (EnableFrameCount)
-            self._texture, self._width, self._height = texture, texture.width, texture.height
-            self._last_frame_count = 0
-            return True
-        if pixels is None:
-            return False
-        self._frame_new = texture.frame_count != self._last_frame_count
-        self._last_frame_count = texture.frame_count
-        copied = convert(texture.pixels, DXGI_ORDER[texture.dxgi_format], GL_ORDER[gl_format])
-        pixels.reshape(-1)[: copied.size] = copied.reshape(-1)
-        return True
-
-    def isUpdated(self) -> bool:
-        updated, self._updated = self._updated, False
-        return updated
-
-    def isConnected(self) -> bool:
-        return self._texture is not None
-
-    def isFrameNew(self) -> bool:
-        return self._frame_new
-
-    def isFrameCountEnabled(self) -> bool:
-        return self._machine.frame_counting
-
-    def getSenderWidth(self) -> int:
-        return self._width
-
-    def getSenderHeight(self) -> int:
-        return self._height
-
-    def getSenderFormat(self) -> int:
-        return self._texture.dxgi_format if self._texture else DXGI_B8G8R8A8
-
-    def getSenderList(self) -> list[str]:
-        return list(self._machine.senders)
-
-    def getActiveSender(self) -> str:
-        return self._machine.active_sender()
-
-    def getSenderInfo(self, name: str):
-        texture = self._machine.senders[name]
-        return types.SimpleNamespace(width=texture.width, height=texture.height)
-
-    def waitFrameSync(self, sender_name: str, timeout: int = 0) -> bool:
-        self.frame_sync_waits.append((sender_name, timeout))
-        return sender_name in self._machine.frame_sync_signals
-
-    def releaseReceiver(self) -> None:
-        self.released = True
-
-
-class FakeSender:
-    def __init__(self, machine: FakeSpoutMachine):
-        self._machine = machine
-        machine.spout_senders.append(self)
-        self.gl_context = False
-        self.name = ""
-
-    def createOpenGL(self) -> bool:
-        self.gl_context = True
-        return True
-
-    def closeOpenGL(self) -> bool:
-        self.gl_context = False
-        return True
-
-    def setSenderName(self, name: str) -> None:
-        self.name = name
-
-    def sendImage(self, buffer, height: int, width: int, gl_format: int, invert: bool, host_fbo: int) -> bool:
-        # Labelled as the binding labels them; C++ SendImage takes this position as width.
-        cpp_width, cpp_height = height, width
-        assert self.gl_context, "Cannot get GL device context"
-        channels = len(GL_ORDER[gl_format])
-        if buffer.nbytes < cpp_width * cpp_height * channels:
-            raise BufferError("Buffer not large enough")
-        if not buffer.flags.c_contiguous:
-            raise BufferError("Buffer must be contiguous")
-        sent = buffer.reshape(-1)[: cpp_width * cpp_height * channels].reshape(cpp_height, cpp_width, channels)
-        self._machine.publish(self.name, convert(sent, GL_ORDER[gl_format], "RGBA"))
-        return True
-
-    def setFrameSync(self, sender_name: str) -> None:
-        self._machine.frame_sync_signals.add(sender_name)
-
-    def releaseSender(self) -> None:
-        self._machine.close_sender(self.name)
-
-
 @pytest.fixture
-def spout(monkeypatch) -> FakeSpoutMachine:
-    machine = FakeSpoutMachine()
+def spout(monkeypatch, tmp_path) -> FakeSpoutMachine:
+    machine = FakeSpoutMachine(tmp_path)
     monkeypatch.setitem(sys.modules, "SpoutGL", machine.module())
     return machine
 
@@ -355,10 +144,11 @@ def test_waiting_uses_the_senders_frame_sync(spout):
     with SpoutReceiver() as receiver:
         spout.publish("TD", image(2, 2))
         connect(receiver)
-        assert receiver.wait_for_frame(0.25) is False
-        spout.frame_sync_signals.add("TD")
+        assert receiver.wait_for_frame(0.25) is True  # a sender that never signals: Spout does not block
+        spout.signal_frame("TD")
         assert receiver.wait_for_frame(0.25) is True
-        assert spout.receivers[0].frame_sync_waits == [("TD", 250), ("TD", 250)]
+        assert receiver.wait_for_frame(0.25) is False  # the signal was taken: this one times out
+        assert spout.receivers[0].frame_sync_waits == [("TD", 250)] * 3
 
 
 def test_a_receiver_owns_a_hidden_gl_context_for_its_lifetime(spout):
@@ -367,6 +157,25 @@ def test_a_receiver_owns_a_hidden_gl_context_for_its_lifetime(spout):
     assert fake.gl_context
     receiver.close()
     assert fake.released and not fake.gl_context
+
+
+def test_objects_made_on_one_thread_share_its_context_and_only_there(spout):
+    failures = []
+
+    def receive_here(receiver):
+        try:
+            receiver.receive()
+        except AssertionError as error:
+            failures.append(str(error))
+
+    with SpoutReceiver("TD") as receiver, SpoutSender("engine") as sender:
+        assert spout.gl_contexts == {threading.get_ident(): spout.receivers[0]}  # the sender works in it
+        other = threading.Thread(target=receive_here, args=(receiver,))
+        other.start()
+        other.join()
+        assert failures == ["Cannot get GL device context"]
+        assert sender.send(image(2, 2))
+    assert spout.gl_contexts == {}  # the sender was closed first, then the receiver with the context
 
 
 def test_an_unknown_format_is_refused(spout):
@@ -404,7 +213,7 @@ def test_what_a_sender_sends_a_receiver_gets_and_frame_sync_is_signalled(spout):
         for frame in frames:
             sender.send(frame)
             assert np.array_equal(receiver.receive(), frame)
-        assert "engine" in spout.frame_sync_signals
+        assert spout.frame_signalled("engine")
 
 
 def test_closing_a_sender_removes_it(spout):

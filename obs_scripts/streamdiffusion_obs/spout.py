@@ -9,8 +9,8 @@ With the Spout2 plugin for OBS (Off-World-Live/obs-spout2-plugin) installed:
 - the plugin's Spout capture source (spout_capture) shows SENDER_FROM_ENGINE.
 Frames then never pass through the script or the CPU: no read-back, no copies.
 
-Where any part is missing (another OS, the plugin, or an engine and bridge/ that take
-Spout sessions), unavailable_reason() says which, and the script uses the frame path.
+Where any part is missing (another OS, the plugin, or a bridge/ that opens Spout
+sessions), unavailable_reason() says which, and the script uses the frame path.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def unavailable_reason(client_transports: Collection[str]) -> str | None:
         return ("the Spout2 plugin for OBS is not installed (no source type "
                 f"{' or '.join(missing)}): get it from github.com/Off-World-Live/obs-spout2-plugin")
     if "spout" not in client_transports:
-        return "this engine's bridge/ does not open Spout sessions yet"
+        return "the bridge/ this script loads is too old to open Spout sessions: update it"
     return None
 
 

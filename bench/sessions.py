@@ -1,0 +1,79 @@
+"""Sessions stepping together against one after another, on the real model.
+
+    python bench/sessions.py                                   # tiny preset on CPU
+    python bench/sessions.py --preset wan2.1-1.3b --size 512x512   # on a GPU (random weights, bf16)
+
+For n sessions (different prompts and seeds, stream-batched, 2 steps), the time of one
+steady step of all n: each pipeline pushed in turn, and all pushed at once with
+push_streams (their DiT calls in one forward). The ratio is what the SLO policy's
+cost model learns online; engine/slo_sim.py's device assumes a fixed cost per forward
+plus a cost per row, which this measures on a real device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from engine.config import get_preset
+from engine.models.dit import CausalWanDiT
+from engine.models.text import TinyTextEncoder
+from engine.models.vae import TINY_VAE, WAN21_VAE, WanVAE
+from engine.pipeline import StreamPipeline, StreamSettings, push_streams
+
+PROMPTS = ("ink", "fog", "glass", "neon", "paper", "oil", "chalk", "clay")
+
+
+def median_seconds(run, sync, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--size", default="64x64", help="model HxW")
+    parser.add_argument("--sessions", default="1,2,4,8")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    height, width = (int(v) for v in args.size.split("x"))
+    device = "cuda" if torch.cuda.is_available() and args.preset != "tiny" else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    config = get_preset(args.preset)
+    torch.manual_seed(0)
+    with torch.device(device):
+        dit = CausalWanDiT(config).to(dtype).eval()
+        vae = WanVAE(TINY_VAE if args.preset == "tiny" else WAN21_VAE).to(dtype).eval()
+    text = TinyTextEncoder(config.text_len, config.text_dim, device=device)
+    chunk = np.random.default_rng(0).integers(0, 255, (4, height, width, 3), dtype=np.uint8)
+    first = np.random.default_rng(1).integers(0, 255, (5, height, width, 3), dtype=np.uint8)
+
+    print(f"{args.preset} at {height}x{width} on {device}, stream batch of 2 steps, median of {args.rounds} steps")
+    print(f"{'sessions':>8} {'in turn ms':>10} {'together ms':>11} {'ratio':>6} {'ms per session':>14}")
+    for count in (int(n) for n in args.sessions.split(",")):
+        pipes = [StreamPipeline(dit, vae, text, StreamSettings(height=height, width=width, steps=2, seed=i,
+                                                               prompt=PROMPTS[i % len(PROMPTS)]))
+                 for i in range(count)]
+        for pipe in pipes:  # first chunk, then fill the stream batch
+            pipe.push(first)
+            pipe.push(chunk)
+        in_turn = median_seconds(lambda: [pipe.push(chunk) for pipe in pipes], sync, args.rounds)
+        together = median_seconds(lambda: push_streams(pipes, [chunk] * count), sync, args.rounds)
+        print(f"{count:>8} {in_turn * 1000:>10.1f} {together * 1000:>11.1f} {together / in_turn:>6.2f} "
+              f"{together * 1000 / count:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()

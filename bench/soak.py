@@ -119,8 +119,9 @@ def settle(client: EngineClient) -> dict:
     counts `before` and `after` a last drain:
     inputs_waiting  frames handed over that the engine neither processed nor dropped:
                     they can only sit in the inbox, at most one chunk (next_chunk_frames)
-    outputs_waiting frames processed but not yet sent or replaced: the stream batch's
-                    lag, plus a chunk whose step is running (FRAMES_PER_CHUNK)
+    outputs_waiting frames processed but not yet sent or dropped: the stream batch's
+                    lag, a chunk whose step is running, and the outbox (the last chunk's
+                    frames and those of the chunk before, still going out): 3 chunks
     outputs         sent by the engine before the last drain <= received or skipped by
                     the host <= sent by the engine after it
     """
@@ -133,7 +134,7 @@ def settle(client: EngineClient) -> dict:
     outputs_waiting = before["frames_processed"] - before["frames_out"] - before["outputs_dropped"]
     accounted_outputs = counters.received + counters.skipped
     ok = (0 <= inputs_waiting <= before["next_chunk_frames"]
-          and 0 <= outputs_waiting <= before["lag_frames"] + FRAMES_PER_CHUNK
+          and 0 <= outputs_waiting <= before["lag_frames"] + 3 * FRAMES_PER_CHUNK
           and before["frames_out"] <= accounted_outputs <= after["frames_out"])
     return {"ok": ok, "inputs_waiting": inputs_waiting, "outputs_waiting": outputs_waiting,
             "accounted_outputs": accounted_outputs, "counters": counters.as_dict(), "before": before, "after": after}

@@ -15,10 +15,11 @@ The policy:
 
 1. Time to first frame first: a session waiting for its first output goes ahead of
    steady-state work, alone (its first chunk is 1 frame when it asked for
-   low_latency_start). Otherwise every session with a complete chunk steps together:
+   low_latency_start). Otherwise the sessions with a complete chunk step together:
    the pipelines run their DiT calls of one size as one forward (engine/pipeline.py,
-   push_streams), which reads the weights once for all of them, so a step of n
-   sessions costs far less than n steps. The cost model learns what it costs.
+   push_streams), which reads the weights once for all of them, so on a GPU a step
+   of n sessions costs far less than n steps. The cost model learns what each shared
+   step costs, and a session joins one only while that pays (JOIN_GAIN).
 2. Mode: stream batching (one forward for all denoising steps: the most frames a
    second, but lag_frames more latency) unless its predicted latency is over budget
    where the other mode's is not. A pipeline starts in the chosen mode; a later change
@@ -63,6 +64,12 @@ DEVICE_SHARE = 0.95
 # When neither mode meets a budget, the other mode must predict at most this share of
 # the current one's latency to be worth restarting the stream for.
 SWITCH_GAIN = 0.95
+# A session joins a shared step when that adds at most this share of its own step's
+# time (a compute-bound device, a CPU, gains nothing: its sessions then step in turn,
+# each without waiting for the others' work). A shared step not measured within the
+# last RETRY_STEPS steps is tried again, to follow a device whose load changes.
+JOIN_GAIN = 0.9
+RETRY_STEPS = 200
 
 
 # ------------------------------------------------------------------------ cost model
@@ -113,8 +120,12 @@ class CostModel:
         self._stall_factor = stall_factor
         self._seconds: dict[StepShape, float] = {}
         self._stalled: set[StepShape] = set()  # shapes whose last measurement was left out as a stall
+        self._observations = 0
+        self._last_observed: dict[StepShape, int] = {}
 
     def observe(self, shape: StepShape, seconds: float) -> None:
+        self._observations += 1
+        self._last_observed[shape] = self._observations
         known = self._seconds.get(shape)
         if known is None:
             self._seconds[shape] = seconds
@@ -124,6 +135,10 @@ class CostModel:
             return
         self._stalled.discard(shape)
         self._seconds[shape] = known + self._smoothing * (seconds - known)
+
+    def measured_lately(self, shape: StepShape, within: int) -> bool:
+        """Whether a step of this shape was among the last ``within`` measured."""
+        return self._observations - self._last_observed.get(shape, -within) < within
 
     def predict(self, shape: StepShape) -> float | None:
         """Seconds for a step of this shape, or None before any step was measured."""
@@ -278,8 +293,7 @@ class SloPolicy:
         return now_ns - round((session.latency_s - step - lag_s) * 1e9)
 
     # -- order -------------------------------------------------------------------
-    @staticmethod
-    def _batch(sessions: list[SessionLoad]) -> list[str]:
+    def _batch(self, sessions: list[SessionLoad]) -> list[str]:
         ready = [session for session in sessions if session.ready]
         first_frames = [session for session in ready if not session.started]
         if first_frames:  # alone, in the order they opened
@@ -290,7 +304,21 @@ class SloPolicy:
                 return math.inf
             return session.deadline_capture_ns / 1e9 + session.latency_s
 
-        return [session.id for session in sorted(ready, key=deadline)]
+        batch: list[StepShape] = []
+        ids = []
+        for session in sorted(ready, key=deadline):
+            own = _steady(session, session.stream_batched)
+            if not batch or self._pays_to_join(batch, own):
+                batch.append(own)
+                ids.append(session.id)
+        return ids
+
+    def _pays_to_join(self, batch: list[StepShape], own: StepShape) -> bool:
+        joint = StepShape.together([*batch, own])
+        if not self.cost.measured_lately(joint, RETRY_STEPS):
+            return True  # try it, to learn what it costs
+        added = self.cost.predict(joint) - self.cost.predict(StepShape.together(batch))
+        return added <= JOIN_GAIN * self.cost.predict(own)
 
     # -- mode and predictions ---------------------------------------------------------
     def _choice(self, session: SessionLoad, sessions: list[SessionLoad], cap: float | None) -> Choice:
@@ -317,10 +345,23 @@ class SloPolicy:
         return Choice(mode, cap, self._step(sessions, session, mode), latency, state)
 
     def _step(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None) -> float | None:
-        """A steady step of all the sessions together, with this one in the given mode."""
-        shapes = [StepShape.steady(other.steps, (batched if other is session else other.stream_batched) is not False)
-                  for other in sessions]
-        return self.cost.predict(StepShape.together(shapes))
+        """The step that finishes this session's chunk, in the given mode: shared with all
+        the sessions where that costs less than their steps in turn, else its own."""
+        costs = self._costs(sessions, session, batched)
+        return None if costs is None else costs[0]
+
+    def _costs(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None
+               ) -> tuple[float, float] | None:
+        """(the step that finishes this session's chunk, the device time its chunk takes)."""
+        shapes = [_steady(other, batched if other is session else other.stream_batched) for other in sessions]
+        own = self.cost.predict(_steady(session, batched))
+        joint = self.cost.predict(StepShape.together(shapes))
+        in_turn = [self.cost.predict(shape) for shape in shapes]
+        if own is None or joint is None or None in in_turn:
+            return None
+        if joint <= sum(in_turn):
+            return joint, joint / len(sessions)
+        return own, own
 
     def _latency(self, session: SessionLoad, batched: bool, interval: float, sessions: list[SessionLoad]
                  ) -> float | None:
@@ -343,15 +384,18 @@ class SloPolicy:
     # -- frame rates -------------------------------------------------------------------
     def _frame_rate_caps(self, sessions: list[SessionLoad]) -> dict[str, float]:
         """Caps for the sessions that lose frames while demand exceeds the device's time."""
-        # Sessions step together, so each chunk costs its session a share of a joint step.
-        step = {session.id: self._step(sessions, session, session.stream_batched) for session in sessions}
-        if None in step.values():
+        # Sessions that step together each take a share of the shared step's time.
+        costs = {session.id: self._costs(sessions, session, session.stream_batched) for session in sessions}
+        if None in costs.values():
             self._capped.clear()
             return {}
 
+        step = {id: step for id, (step, _) in costs.items()}
+        device_time = {id: time for id, (_, time) in costs.items()}
+
         def load(rates: dict[str, float]) -> float:
             """Share of the device's time these frame rates take."""
-            return sum(rates[id] / FRAMES_PER_CHUNK * step[id] / len(sessions) for id in rates)
+            return sum(rates[id] / FRAMES_PER_CHUNK * device_time[id] for id in rates)
 
         wanted = {session.id: session.input_fps or session.target_fps for session in sessions}
         if load(wanted) <= self._device_share:
@@ -380,6 +424,10 @@ class SloPolicy:
         spare = session.latency_s - step - self._wait(session, step)
         frames_waited = 3 + _lag_frames(session, session.stream_batched)
         return frames_waited / spare if spare > 0 else 0.0
+
+
+def _steady(session: SessionLoad, batched: bool | None) -> StepShape:
+    return StepShape.steady(session.steps, batched is not False)
 
 
 def _lag_frames(session: SessionLoad, batched: bool | None) -> int:

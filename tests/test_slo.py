@@ -126,12 +126,21 @@ def test_four_sessions_that_fit_only_when_batched_share_forwards_and_meet_their_
     results = simulate(streams, device, SECONDS)
 
     for result in results:
-        assert result.steps_shared >= 0.4 * result.steps  # in shared forwards (more or less aligned chunks)
+        assert result.steps_shared >= 0.9 * result.steps  # in shared forwards
         assert result.choices[-1] == "meeting targets"
-        assert result.deadline_misses <= 0.01 * result.delivered
+        settled = result.latencies_s[len(result.latencies_s) // 10:]  # once the policy has learnt the costs
+        assert max(settled) <= 0.6
         assert result.delivered >= 0.95 * result.frames_in
     fixed = simulate(streams, device, SECONDS, policy="fixed")  # one session per step: a queue builds
     assert sum(result.deadline_misses for result in fixed) > 0.5 * sum(result.delivered for result in fixed)
+
+
+def test_on_a_compute_bound_device_sessions_step_in_turn_once_sharing_is_seen_not_to_pay():
+    device = Device(pass_s=0.0, row_s=0.01)  # a shared step costs what its sessions' steps cost in turn
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.011 * i), latency_ms=600) for i in range(4)]
+    for result in simulate(streams, device, SECONDS):
+        assert result.steps_shared <= 0.1 * result.steps  # tried, and now and then tried again
+        assert result.deadline_misses <= 0.01 * result.delivered
 
 
 def test_beyond_capacity_it_drops_frames_rather_than_queue_them_and_latency_stays_bounded():
@@ -213,7 +222,8 @@ def test_two_sessions_with_different_targets_are_served_and_their_stats_agree_wi
 
 
 def test_sessions_of_one_size_step_together_in_the_engine():
-    """Three hosts sending in step: their chunks complete together and share forwards."""
+    """Three hosts sending in step: their chunks complete together and share forwards, at least
+    while the policy measures what that costs (on a CPU it saves little, so it may go on in turn)."""
     server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
                           model_size=(32, 32))
     server.start()
@@ -236,5 +246,5 @@ def test_sessions_of_one_size_step_together_in_the_engine():
     finally:
         server.close()
     for reported in stats:
-        assert reported["steps_shared"] > 0.3 * reported["steps"], reported
+        assert reported["steps_shared"] >= 1, reported
     assert not server.failed

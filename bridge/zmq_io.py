@@ -157,6 +157,29 @@ class ClientKeys:
         return cls(load_public_key(server_key), pair)
 
 
+class AuthorizedClients:
+    """The client public keys in a folder, as they are at each handshake: a key added
+    (python -m engine keys --client NAME) or removed takes effect at the next connection,
+    without restarting the engine. The folder holds a few small files and hosts connect
+    rarely, so it is simply read again each time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """zmq.auth's question: may the client with this (Z85) public key connect?"""
+        return client_key in self.keys()
+
+    def keys(self) -> set[bytes]:
+        keys = set()
+        for path in self.folder.glob("*.key"):
+            try:
+                keys.add(zmq.auth.load_certificate(path)[0])
+            except (OSError, ValueError):  # being written, or not a key file: not a key
+                continue
+        return keys
+
+
 def make_keys(directory: str | os.PathLike, client: str | None = "client") -> dict[str, Path]:
     """Write CURVE key files into directory, readable by their owner only.
 
@@ -301,7 +324,8 @@ class EngineSocket:
         # its own; it must run before the socket binds, so no connection slips past it.
         self._authenticator = ThreadAuthenticator(self._context, log=log)
         self._authenticator.start()
-        self._authenticator.configure_curve(domain="*", location=str(auth.authorized_clients))
+        self._authenticator.configure_curve_callback(domain="*",
+                                                     credentials_provider=AuthorizedClients(auth.authorized_clients))
         self._socket.curve_server = True
         self._socket.curve_publickey = auth.keys.public
         self._socket.curve_secretkey = auth.keys.secret

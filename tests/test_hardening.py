@@ -133,6 +133,14 @@ def test_only_a_host_with_a_listed_key_gets_a_session(tmp_path, keys):
                         client_keys=keys / "studio.key_secret") as studio:
                 stream_until_output(studio)
                 assert studio.state == "streaming"
+
+        # Keys added or removed while the engine runs apply at the next connection.
+        made = make_keys(keys, "latecomer")
+        with client(engine.address, "zmq", server_key=server_key, client_keys=made["client_secret"]) as latecomer:
+            stream_until_output(latecomer)
+        made["authorized"].unlink()
+        with pytest.raises(AuthenticationError):
+            client(engine.address, "zmq", server_key=server_key, client_keys=made["client_secret"]).open()
     finally:
         assert engine.stop() == 0, engine.log()
 

@@ -166,7 +166,7 @@ def serve(args: argparse.Namespace) -> None:
     if spout is not None:
         print(f"Spout: reading sender {spout.input or '(the active one)'!r}, publishing {spout.output!r} at "
               f"{spout.width}x{spout.height}; no host needed", flush=True)
-    server.serve_forever()
+    server.serve_forever(parent_pid=args.parent_pid)
     if server.load_error is not None:
         raise SystemExit(f"error: the engine stopped: {args.model} failed to load: {server.load_error}")
     print("engine stopped", flush=True)
@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt taken")
     serve_parser.add_argument("--max-model-size", type=int, default=1024, metavar="PIXELS",
                               help="largest model_width and model_height a session may ask for")
+    serve_parser.add_argument("--parent-pid", type=int, metavar="PID",
+                              help="stop when the process PID ends (applications that start the engine pass their "
+                                   "own, so a crash leaves no engine behind)")
     serve_parser.add_argument("--virtualcam", action="store_true",
                               help="send every session's output to a virtual camera too (a session can turn it off "
                                    "with its virtualcam parameter)")

@@ -70,6 +70,7 @@ Safety:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -168,6 +169,28 @@ class EngineSpoutSession:
         for flag, name in (("--spout-in", self.input), ("--spout-out", self.output)):
             if len(name) > MAX_SPOUT_NAME_CHARS:
                 raise ValueError(f"{flag} takes a sender name of at most {MAX_SPOUT_NAME_CHARS} characters")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether the process pid is still running."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        exit_code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code))
+        kernel32.CloseHandle(handle)
+        return exit_code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def is_loopback(address: str) -> bool:
@@ -278,15 +301,20 @@ class EngineServer:
         """Why the model failed to load, once it has."""
         return self._worker.load_error
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, parent_pid: int | None = None) -> None:
         """Run until Ctrl-C or SIGTERM (call from the main thread), then close. A model
-        that fails to load stops the engine too (failed, load_error say why)."""
+        that fails to load stops the engine too (failed, load_error say why). With
+        parent_pid, the engine also stops once that process has ended: an application
+        that started it and crashed leaves no engine holding the GPU behind."""
         previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
             while not self.wait(0.2):  # a timed wait, so the signal handlers get to run
                 if self.load_error is not None:
                     self.failed = True
+                    break
+                if parent_pid is not None and not process_alive(parent_pid):
+                    log.info("the process that started the engine (pid %d) has ended; stopping", parent_pid)
                     break
         finally:
             self.close()

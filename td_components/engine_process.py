@@ -40,7 +40,9 @@ class EngineProcess:
         """Start `python -m engine serve`; raises OSError when python cannot be run, and
         ValueError for extra arguments that do not parse."""
         # Split as a POSIX shell would, on Windows too: write paths with forward slashes.
-        command = [python, "-m", "engine", "serve", "--model", model, "--bind", address, *shlex.split(extra_args)]
+        # --parent-pid: the engine stops by itself if TouchDesigner crashes.
+        command = [python, "-m", "engine", "serve", "--model", model, "--bind", address, "--parent-pid",
+                   str(os.getpid()), *shlex.split(extra_args)]
         environment = dict(os.environ, PYTHONUNBUFFERED="1")  # so its log arrives line by line
         # Python settings in TouchDesigner's environment, if any, would point the engine's
         # interpreter at TouchDesigner's standard library instead of its own.

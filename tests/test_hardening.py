@@ -268,6 +268,42 @@ def test_an_engine_paused_longer_than_the_hosts_patience_survives_and_hosts_resu
         assert engine.stop() == 0, engine.log()
 
 
+LAUNCHER = """
+import os, subprocess, sys, time
+engine = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", "32x32",
+                           "--bind", "tcp://127.0.0.1:*", "--parent-pid", str(os.getpid())],
+                          stdout=subprocess.PIPE, text=True)
+print(engine.pid, engine.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def has_ended(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie nobody reaps still counts as ended
+
+
+@linux_only
+def test_an_engine_started_by_an_application_that_crashes_stops_by_itself():
+    """TouchDesigner and OBS start the engine with --parent-pid; their crash must not leave it holding the GPU."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    engine_pid, listening = launcher.stdout.readline().split(" ", 1)
+    assert "listening at" in listening
+    engine_pid = int(engine_pid)
+    assert not has_ended(engine_pid)
+    launcher.kill()  # the application crashes; the engine is not killed with it
+    launcher.wait()
+    try:
+        wait_until(lambda: has_ended(engine_pid), "the engine to notice its parent is gone")
+    finally:
+        if not has_ended(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)
+
+
 RING_OWNER = """
 import sys
 from bridge.shm import RingWriter

@@ -472,7 +472,7 @@ def test_the_local_engine_buttons_start_and_stop_python_m_engine_serve(scene_wit
     while not (tmp_path / "started").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert (tmp_path / "started").read_text().split() == [
-        str(REPO), "-m", "engine", "serve", "--model", "tiny", "--bind", ADDRESS]
+        str(REPO), "-m", "engine", "serve", "--model", "tiny", "--bind", ADDRESS, "--parent-pid", str(os.getpid())]
     assert status("Local engine").startswith("running (pid ")
 
     obs.click(props, "stop_engine")

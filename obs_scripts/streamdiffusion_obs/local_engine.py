@@ -32,7 +32,9 @@ class LocalEngine:
         with tempfile.NamedTemporaryFile("w", prefix="streamdiffusion-engine-", suffix=".log", delete=False) as log:
             self.log_path = Path(log.name)
             self._process = subprocess.Popen(
-                [str(python), "-m", "engine", "serve", "--model", model, "--bind", address],
+                # --parent-pid: the engine stops by itself if OBS crashes.
+                [str(python), "-m", "engine", "serve", "--model", model, "--bind", address, "--parent-pid",
+                 str(os.getpid())],
                 cwd=str(repo_root), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=_child_environment(), creationflags=_NO_CONSOLE_WINDOW,
             )

@@ -585,7 +585,7 @@ class ParallelStreamPipeline:
         """Take a chunk of frames (as StreamPipeline.push); return the finished frames
         that are back, uint8 [T', H, W, 3], possibly none."""
         m = self.next_tick
-        pixels, size = model_frames(frames, self.first_chunk_frames if m == 0 else FRAMES_PER_LATENT,
+        pixels, size = model_frames(frames, (self.first_chunk_frames if m == 0 else FRAMES_PER_LATENT,),
                                     self.settings, device=self.device, dtype=self.dtype)
         s = self.settings
         self.pushes[m] = PushRecord(size, self.context_version, s.seed, s.fit)

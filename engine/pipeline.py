@@ -39,6 +39,7 @@ from .motion import MotionNoiseController, MotionSettings
 
 FIT_MODES = ("crop", "letterbox", "stretch")
 FRAMES_PER_LATENT = 4
+MAX_CHUNK_LATENTS = 2  # latent frames a chunk after the first may hold (without stream batching)
 # Text-to-video starts from pure noise, so its steps start at the top of the schedule.
 T2V_STEPS = (1000, 750, 500, 250)
 # The first timestep is 1000 * noise scale - 100: below this it would be negative.
@@ -160,8 +161,24 @@ class StreamPipeline:
 
     @property
     def next_chunk_frames(self) -> int:
-        """How many frames the next ``push`` takes."""
-        return self.first_chunk_frames if self.cache is None else FRAMES_PER_LATENT
+        """How many frames the next ``push`` takes (the fewest, see ``chunk_sizes``)."""
+        return self.chunk_sizes[0]
+
+    @property
+    def started(self) -> bool:
+        """Whether the stream's first chunk is done (the next ``push`` takes a later chunk)."""
+        return self.cache is not None
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        """The chunk lengths the next ``push`` takes. Without stream batching a chunk after
+        the first may be 2 latent frames (8 video frames): one forward per step for both,
+        more frames a second for 4 frames more latency."""
+        if not self.started:
+            return (self.first_chunk_frames,)
+        if self.settings.stream_batch:
+            return (FRAMES_PER_LATENT,)
+        return tuple(FRAMES_PER_LATENT * latents for latents in range(1, MAX_CHUNK_LATENTS + 1))
 
     # -- streaming ----------------------------------------------------------------
     def push(self, frames) -> np.ndarray:
@@ -169,7 +186,8 @@ class StreamPipeline:
         the finished frames as uint8 [T', H, W, 3], possibly none while filling.
 
         The first chunk of a stream has ``first_chunk_frames`` frames, every later
-        one 4. In t2v mode ``frames`` is the number of frames to generate instead."""
+        one 4 (or 8 without stream batching: ``chunk_sizes``). In t2v mode ``frames``
+        is the number of frames to generate instead (None: ``next_chunk_frames``)."""
         [finished] = push_streams([self], [frames])
         if isinstance(finished, Exception):
             raise finished
@@ -180,9 +198,13 @@ class StreamPipeline:
         (a :class:`StreamInput`), is sent back that call's flow, and returns the
         finished frames. ``push_streams`` drives it."""
         first = self.cache is None
-        expected = self.first_chunk_frames if first else FRAMES_PER_LATENT
+        expected = self.chunk_sizes
         if self.settings.mode == "t2v":
-            latents = self._noise_latents(expected, first)
+            count = expected[0] if frames is None else frames
+            if count not in expected:
+                raise ValueError(f"frames is {frames!r}; this chunk of the stream takes "
+                                 f"{' or '.join(map(str, expected))}")
+            latents = self._noise_latents(count, first)
             size = (self.settings.height, self.settings.width)
             pixels = None
         else:
@@ -221,7 +243,7 @@ class StreamPipeline:
         if not s.stream_batch:
             self.cache.frame_start = [self.next_latent]
             x0 = yield from self._denoise_alone(latents, noise_scale, first_t, self.cache, chunk)
-            self.next_latent += 1
+            self.next_latent += latents.shape[2]
             return self._decode(x0, size)
         return (yield from self._stream_batch_step(latents, noise_scale, first_t, size, chunk))
 
@@ -291,7 +313,7 @@ class StreamPipeline:
         return context.to(self.device, self.dtype)
 
     # -- pixels ---------------------------------------------------------------
-    def _to_model(self, frames, expected: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _to_model(self, frames, expected: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
         return model_frames(frames, expected, self.settings, device=self.device, dtype=self.dtype)
 
     def _decode(self, x0: torch.Tensor, size) -> np.ndarray:
@@ -372,7 +394,7 @@ def prompt_context(prompts: PromptCache, settings: StreamSettings) -> torch.Tens
     return blend_embeddings(list(embeddings[:, None]), [w for _, w in weighted], method=settings.blend)
 
 
-def model_frames(frames, expected: int, settings: StreamSettings, *, device, dtype
+def model_frames(frames, expected: tuple[int, ...], settings: StreamSettings, *, device, dtype
                  ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Validate a chunk and fit it to the model: [1, 3, T, h, w] in [-1, 1], and the host's (H, W)."""
     video = _as_video(frames, expected)
@@ -392,7 +414,7 @@ def host_frames(decoded: torch.Tensor, size: tuple[int, int], fit: str) -> np.nd
     return (restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _as_video(frames, expected: int) -> torch.Tensor:
+def _as_video(frames, expected: tuple[int, ...]) -> torch.Tensor:
     """[T, H, W, C] tensor from a numpy array or tensor, with readable errors."""
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(np.ascontiguousarray(frames))
@@ -403,8 +425,9 @@ def _as_video(frames, expected: int) -> torch.Tensor:
                          f"got shape {list(frames.shape)}")
     if frames.shape[0] == 0:
         raise ValueError("frames is an empty chunk: expected at least one frame")
-    if frames.shape[0] != expected:
-        raise ValueError(f"frames holds {frames.shape[0]} frames; this chunk of the stream takes {expected}")
+    if frames.shape[0] not in expected:
+        raise ValueError(f"frames holds {frames.shape[0]} frames; this chunk of the stream takes "
+                         f"{' or '.join(map(str, expected))}")
     if frames.dtype != torch.uint8 and not frames.is_floating_point():
         raise ValueError(f"frames must be uint8 (0-255) or float (0-1), got dtype {frames.dtype}")
     if frames.is_floating_point() and not torch.isfinite(frames).all():

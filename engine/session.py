@@ -388,6 +388,11 @@ class Session:
                 self._drop_oldest()
             self._ready_since_ns = time.monotonic_ns() if len(self._inbox) >= frames_needed else None
 
+    @property
+    def frames_needed(self) -> int:
+        with self.lock:
+            return self._frames_needed
+
     def take_chunk(self, frames_after: int, stale_before_ns: int | None = None) -> list[InputFrame] | None:
         """The next chunk's frames, the oldest, or None until enough have come. Frames
         captured before stale_before_ns are dropped first while a full chunk stays.
@@ -407,9 +412,11 @@ class Session:
             self._ready_since_ns = now_ns if len(self._inbox) >= frames_after else None
             return chunk
 
-    def slo_load(self, stream_batched: bool | None, ready: bool, in_flight_capture_ns: int | None) -> SessionLoad:
+    def slo_load(self, stream_batched: bool | None, ready: bool, in_flight_capture_ns: int | None,
+                 latents: int = 1) -> SessionLoad:
         """What the SLO policy needs of this session; the worker adds what its pipeline knows
-        (its mode, whether it has a step to run, the capture time of the oldest frame in flight)."""
+        (its mode, whether it has a step to run, the capture time of the oldest frame in
+        flight, the latent frames of its chunks)."""
         with self.lock:
             oldest = in_flight_capture_ns
             if oldest is None and self._inbox:
@@ -417,7 +424,7 @@ class Session:
             dropping, self._dropped_stale = self._dropped_stale, False
             return SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
                                "latency_ms" in self.targets, self._had_output, ready, oldest, self._input_rate.fps,
-                               self._waits.longest, dropping)
+                               self._waits.longest, dropping, latents)
 
     def set_choice(self, choice: Choice) -> None:
         """The scheduler's decision for this session: its frame-rate cap, and for stats."""

@@ -37,9 +37,11 @@ The policy:
    capped to an even cadence: every session gets the same share of its target (or,
    when targets fit, of the frames beyond them), never below the rate its budget needs
    (slower frames make a chunk take longer to fill). The cap goes once demand fits.
-
-Not done here: every step after a first chunk takes one latent frame (4 video
-frames), the only size a StreamPipeline step takes after its first chunk.
+5. Chunk size: without stream batching a chunk after the first may hold 2 latent
+   frames (8 video frames, one forward per denoising step for both). The policy
+   takes 2 while chunks of 1 would need more of the device than it has and the
+   budget allows the 4 frames more a chunk of 2 waits for; it goes back to 1 with
+   some slack (LATENTS_BACK). A chunk-size change needs no restart.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 DEFAULT_TARGET_FPS = 16.0
 DEFAULT_LATENCY_MS = 500.0
@@ -70,6 +74,9 @@ SWITCH_GAIN = 0.95
 # last RETRY_STEPS steps is tried again, to follow a device whose load changes.
 JOIN_GAIN = 0.9
 RETRY_STEPS = 200
+# Chunks of 2 latent frames go back to 1 once chunks of 1 would take at most this share
+# of the device's time that is theirs.
+LATENTS_BACK = 0.8
 
 
 # ------------------------------------------------------------------------ cost model
@@ -95,9 +102,9 @@ class StepShape:
                          max(s.passes for s in shapes), sum(s.sessions for s in shapes))
 
     @staticmethod
-    def steady(steps: int, stream_batched: bool) -> StepShape:
-        """A step after the first chunk."""
-        return StepShape(1, steps, 1) if stream_batched else StepShape(1, 1, steps)
+    def steady(steps: int, stream_batched: bool, latents: int = 1) -> StepShape:
+        """A step after the first chunk (of 2 latent frames only without stream batching)."""
+        return StepShape(1, steps, 1) if stream_batched else StepShape(latents, 1, steps)
 
     @staticmethod
     def first_chunk(steps: int, latents: int) -> StepShape:
@@ -108,10 +115,11 @@ class StepShape:
 class CostModel:
     """Seconds a step of each shape takes: a moving average of measured steps.
 
-    A shape not measured yet is estimated from the measured ones by its work (latent
-    rows times passes), which overestimates what batching saves; so the first
-    measurement (a session's first chunk, the warm-up) already gives every shape a
-    usable estimate, and each later step refines its own. A lone step STALL_FACTOR
+    A shape not measured yet is estimated from the measured ones: as a time per
+    forward (the weights read) plus a time per latent row, fitted to them once two
+    shapes tell the two apart, and before that by its work (latent rows times passes).
+    So the first measurement (a session's first chunk, the warm-up) already gives
+    every shape a usable estimate, and each later step refines its own. A lone step STALL_FACTOR
     times slower than its estimate is left out: one paused second would otherwise
     throttle every session for many steps while the average forgets it."""
 
@@ -146,8 +154,22 @@ class CostModel:
             return self._seconds[shape]
         if not self._seconds:
             return None
+        fit = self._fit()
+        if fit is not None:
+            per_pass, per_row = fit
+            return per_pass * shape.passes + per_row * shape.work
         per_work = sum(seconds / known.work for known, seconds in self._seconds.items()) / len(self._seconds)
         return per_work * shape.work
+
+    def _fit(self) -> tuple[float, float] | None:
+        """Seconds per forward (reading the weights) and per latent row, fitted to the measured
+        shapes; None until two shapes tell them apart (or the fit makes no physical sense)."""
+        shapes = list(self._seconds)
+        terms = np.array([[shape.passes, shape.work] for shape in shapes], dtype=float)
+        if np.linalg.matrix_rank(terms) < 2:
+            return None
+        (per_pass, per_row), *_ = np.linalg.lstsq(terms, np.array([self._seconds[s] for s in shapes]), rcond=None)
+        return (float(per_pass), float(per_row)) if per_pass >= 0 and per_row > 0 else None
 
 
 # ------------------------------------------------------------------- frame rates
@@ -235,6 +257,7 @@ class SessionLoad:
     input_fps: float | None  # its frames' rate as they arrive, before any cap
     wait_s: float | None  # the longest its recent chunks waited for the device once complete
     dropping: bool  # lost stale frames since the last plan
+    latents: int = 1  # latent frames in its chunks after the first (2 only without stream batching)
 
 
 @dataclass(frozen=True)
@@ -246,10 +269,12 @@ class Choice:
     predicted_step_s: float | None
     predicted_latency_s: float | None
     state: str  # meeting targets | frame rate lowered | over budget | warming up
+    latents: int = 1  # latent frames per chunk after the first: 1 (4 frames) or 2 (8 frames)
 
     def as_dict(self) -> dict:
         return {
             "stream_batch": self.stream_batched,
+            "chunk_frames": FRAMES_PER_CHUNK * self.latents,
             "frame_rate_cap": None if self.frame_rate_cap is None else round(self.frame_rate_cap, 2),
             "predicted_step_ms": _ms(self.predicted_step_s),
             "predicted_latency_ms": _ms(self.predicted_latency_s),
@@ -333,7 +358,8 @@ class SloPolicy:
             current, other = (batched, alone) if mode else (alone, batched)
             if current > session.latency_s and (other <= session.latency_s or other < current * SWITCH_GAIN):
                 mode = not mode
-        latency = batched if mode else alone
+        latents = 1 if mode else self._chunk_latents(session, sessions, interval)
+        latency = batched if mode else self._latency(session, False, interval, sessions, latents)
         if latency is None:
             state = "warming up"
         elif latency > session.latency_s:
@@ -342,19 +368,45 @@ class SloPolicy:
             state = "frame rate lowered"
         else:
             state = "meeting targets"
-        return Choice(mode, cap, self._step(sessions, session, mode), latency, state)
+        return Choice(mode, cap, self._step(sessions, session, mode, latents), latency, state, latents)
 
-    def _step(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None) -> float | None:
+    def _chunk_latents(self, session: SessionLoad, sessions: list[SessionLoad], interval: float) -> int:
+        """Latent frames per chunk without stream batching: 2 (one forward per step for 8
+        frames) while the device cannot keep up with chunks of 1 and the budget allows
+        the 4 frames more that a chunk of 2 waits for; else 1."""
+        two = self._latency(session, False, interval, sessions, 2)
+        load_one, load_two = self._load(sessions, session, 1), self._load(sessions, session, 2)
+        if two is None or load_one is None or load_two is None or two > session.latency_s:
+            return 1
+        # Some slack both ways, so that a load near the limit does not flip the chunk size at every plan.
+        over = load_one > (self._device_share * LATENTS_BACK if session.latents == 2 else self._device_share)
+        return 2 if over and load_two < load_one else 1
+
+    def _load(self, sessions: list[SessionLoad], session: SessionLoad, latents: int) -> float | None:
+        """Share of the device's time every session's frames take, this one in chunks of latents."""
+        load = 0.0
+        for other in sessions:
+            chunk_latents = latents if other is session else other.latents
+            costs = self._costs(sessions, other, other.stream_batched, latents if other is session else None)
+            if costs is None:
+                return None
+            load += (other.input_fps or other.target_fps) / (FRAMES_PER_CHUNK * chunk_latents) * costs[1]
+        return load
+
+    def _step(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None,
+              latents: int | None = None) -> float | None:
         """The step that finishes this session's chunk, in the given mode: shared with all
         the sessions where that costs less than their steps in turn, else its own."""
-        costs = self._costs(sessions, session, batched)
+        costs = self._costs(sessions, session, batched, latents)
         return None if costs is None else costs[0]
 
-    def _costs(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None
-               ) -> tuple[float, float] | None:
-        """(the step that finishes this session's chunk, the device time its chunk takes)."""
-        shapes = [_steady(other, batched if other is session else other.stream_batched) for other in sessions]
-        own = self.cost.predict(_steady(session, batched))
+    def _costs(self, sessions: list[SessionLoad], session: SessionLoad, batched: bool | None,
+               latents: int | None = None) -> tuple[float, float] | None:
+        """(the step that finishes this session's chunk, the device time its chunk takes),
+        with this session in the given mode and chunk size (by default its current one)."""
+        shapes = [_steady(session, batched, latents) if other is session else _steady(other, other.stream_batched)
+                  for other in sessions]
+        own = self.cost.predict(_steady(session, batched, latents))
         joint = self.cost.predict(StepShape.together(shapes))
         in_turn = [self.cost.predict(shape) for shape in shapes]
         if own is None or joint is None or None in in_turn:
@@ -363,12 +415,14 @@ class SloPolicy:
             return joint, joint / len(sessions)
         return own, own
 
-    def _latency(self, session: SessionLoad, batched: bool, interval: float, sessions: list[SessionLoad]
-                 ) -> float | None:
-        step = self._step(sessions, session, batched)
+    def _latency(self, session: SessionLoad, batched: bool, interval: float, sessions: list[SessionLoad],
+                 latents: int = 1) -> float | None:
+        step = self._step(sessions, session, batched, latents)
         if step is None:
             return None
-        return (3 + _lag_frames(session, batched)) * interval + self._wait(session, step) + step
+        # A chunk's first frame waits for the chunk's other frames, the stream batch's lag, the device.
+        chunk_frames = FRAMES_PER_CHUNK * (latents if not batched else 1)
+        return (chunk_frames - 1 + _lag_frames(session, batched)) * interval + self._wait(session, step) + step
 
     @staticmethod
     def _wait(session: SessionLoad, step: float) -> float:
@@ -422,12 +476,13 @@ class SloPolicy:
     def _lowest_rate_in_budget(self, session: SessionLoad, step: float) -> float:
         """Below this frame rate a chunk takes too long to fill for the budget (0 when no rate is enough)."""
         spare = session.latency_s - step - self._wait(session, step)
-        frames_waited = 3 + _lag_frames(session, session.stream_batched)
+        chunk_frames = FRAMES_PER_CHUNK * (session.latents if session.stream_batched is False else 1)
+        frames_waited = chunk_frames - 1 + _lag_frames(session, session.stream_batched)
         return frames_waited / spare if spare > 0 else 0.0
 
 
-def _steady(session: SessionLoad, batched: bool | None) -> StepShape:
-    return StepShape.steady(session.steps, batched is not False)
+def _steady(session: SessionLoad, batched: bool | None, latents: int | None = None) -> StepShape:
+    return StepShape.steady(session.steps, batched is not False, session.latents if latents is None else latents)
 
 
 def _lag_frames(session: SessionLoad, batched: bool | None) -> int:

@@ -101,7 +101,9 @@ class _Session:
         self.waits = WaitMeter()
         self.in_flight: deque[list[int]] = deque()
         self.stream_batched: bool | None = None  # None until its pipeline is built
-        self.started = False
+        self.started = False  # has had its first output
+        self.streaming = False  # its first chunk is taken: the chunks now are 4 frames, or 8 for 2 latents
+        self.latents = 1
         self.dropping = False
         self.waiting_outputs: list[tuple[float, float]] = []  # (due, latency) paced, not yet delivered
         self.result = Result()
@@ -126,14 +128,20 @@ class _Session:
         oldest = self.in_flight[0][0] if self.in_flight else (self.inbox[0] if self.inbox else None)
         return SessionLoad(self.id, self.stream.target_fps, self.stream.latency_ms / 1000, self.stream.steps,
                            self.stream_batched, True, self.started, self.ready, oldest, self.meter.fps,
-                           self.waits.longest, self.dropping)
+                           self.waits.longest, self.dropping, self.latents)
 
-    def take_chunk(self, now_ns: int, stale_before_ns: int | None) -> list[int]:
+    def expect_frames(self, frames_needed: int) -> None:
+        self.frames_needed = frames_needed
+        while len(self.inbox) > inbox_limit(frames_needed):
+            self._drop_oldest()
+
+    def take_chunk(self, now_ns: int, stale_before_ns: int | None, frames_after: int) -> list[int]:
         while stale_before_ns is not None and len(self.inbox) > self.frames_needed and self.inbox[0] < stale_before_ns:
             self._drop_oldest()
         self.waits.add((now_ns - self.ready_since_ns) / NS)
         chunk = [self.inbox.popleft() for _ in range(self.frames_needed)]
-        self.frames_needed = FRAMES_PER_CHUNK
+        self.frames_needed = frames_after
+        self.streaming = True
         self.ready_since_ns = now_ns if self.ready else None
         return chunk
 
@@ -141,6 +149,7 @@ class _Session:
         """A new pipeline in another mode: the frames in flight go back to the inbox,
         ahead of the others, and a first chunk comes next."""
         self.stream_batched = stream_batched
+        self.streaming, self.latents = False, 1
         while self.in_flight:
             self.inbox.extendleft(reversed(self.in_flight.pop()))
         self.frames_needed = 1 if self.stream.low_latency_start else 1 + FRAMES_PER_CHUNK
@@ -200,7 +209,7 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
             continue
         steps = []  # (session, chunk, shape, first)
         for session in batch:
-            stale_before_ns = None
+            stale_before_ns, steady_frames = None, FRAMES_PER_CHUNK
             if policy == "slo":
                 stream_batched = slo.choice(session.id).stream_batched
                 if session.stream_batched is None:  # its pipeline is built now
@@ -209,13 +218,20 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
                     session.restart(stream_batched)
                     if not session.ready:  # the restarted stream's first chunk needs more frames
                         continue
+                if not session.stream_batched:  # chunks of 1 or 2 latent frames, as the policy chose
+                    steady_frames = FRAMES_PER_CHUNK * slo.choice(session.id).latents
+                if session.streaming and session.frames_needed != steady_frames:
+                    session.expect_frames(steady_frames)
+                    if not session.ready:
+                        continue
                 stale_before_ns = slo.stale_before_ns(session.load(), now_ns)
-            first = not session.in_flight and session.frames_needed != FRAMES_PER_CHUNK
-            chunk = session.take_chunk(now_ns, stale_before_ns)
+            first = not session.streaming
+            chunk = session.take_chunk(now_ns, stale_before_ns, steady_frames)
             if first:
                 shape = StepShape.first_chunk(session.stream.steps, 1 + (len(chunk) - 1) // FRAMES_PER_CHUNK)
             else:
-                shape = StepShape.steady(session.stream.steps, session.stream_batched)
+                session.latents = len(chunk) // FRAMES_PER_CHUNK
+                shape = StepShape.steady(session.stream.steps, session.stream_batched, session.latents)
             steps.append((session, chunk, shape, first))
         if not steps:
             continue

@@ -50,6 +50,7 @@ class _Stream:
     # Chunks pushed whose frames have not come out yet, oldest first: at most the
     # stream batch's depth, since each push finishes the oldest.
     in_flight: deque[list[InputFrame]] = field(default_factory=deque)
+    latents: int = 1  # latent frames in its chunks after the first, as the policy chose
 
 
 class Worker:
@@ -110,7 +111,8 @@ class Worker:
             stream = self._streams.get(session.id)
             in_flight = stream.in_flight[0][0].t_capture_ns if stream is not None and stream.in_flight else None
             mode = stream.pipeline.settings.stream_batch if stream is not None else None
-            loads[session.id] = session.slo_load(mode, self._has_work(session), in_flight)
+            latents = stream.latents if stream is not None else 1
+            loads[session.id] = session.slo_load(mode, self._has_work(session), in_flight, latents)
         plan = self._policy.plan(list(loads.values()))
         for session in sessions:
             session.set_choice(plan.choices[session.id])
@@ -177,16 +179,20 @@ class Worker:
             returned = [frame for chunk in stream.in_flight for frame in chunk]
             stream.in_flight.clear()
             session.expect_frames(stream.pipeline.next_chunk_frames, returned)
+        pipeline = stream.pipeline
+        # Chunks after the first take 4 frames, or 8 where the policy chose 2 latent frames.
+        steady_frames = FRAMES_PER_LATENT * (1 if pipeline.settings.stream_batch else choice.latents)
+        if pipeline.started and session.frames_needed != steady_frames:
+            session.expect_frames(steady_frames)
         stale_before_ns = self._policy.stale_before_ns(load, time.monotonic_ns())
-        # Every chunk after a first one takes 4 frames.
-        chunk = session.take_chunk(frames_after=FRAMES_PER_LATENT, stale_before_ns=stale_before_ns)
+        chunk = session.take_chunk(frames_after=steady_frames, stale_before_ns=stale_before_ns)
         if chunk is None:
             return None
-        settings = stream.pipeline.settings
-        if stream.pipeline.next_chunk_frames == FRAMES_PER_LATENT:
-            shape = StepShape.steady(settings.steps, settings.stream_batch)
+        if pipeline.started:
+            stream.latents = len(chunk) // FRAMES_PER_LATENT
+            shape = StepShape.steady(pipeline.settings.steps, pipeline.settings.stream_batch, stream.latents)
         else:
-            shape = StepShape.first_chunk(settings.steps, 1 + (len(chunk) - 1) // FRAMES_PER_LATENT)
+            shape = StepShape.first_chunk(pipeline.settings.steps, 1 + (len(chunk) - 1) // FRAMES_PER_LATENT)
         return session, stream, chunk, shape
 
     @staticmethod

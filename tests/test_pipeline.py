@@ -131,6 +131,25 @@ def test_a_shared_forward_that_runs_out_of_memory_is_run_stream_by_stream(models
         assert np.abs(np.concatenate(got).astype(int) - expected).max() <= 1
 
 
+def test_without_stream_batching_a_chunk_may_hold_two_latent_frames(models):
+    pipe = make(models, stream_batch=False, steps=2)
+    calls = []
+    forward_streams = models.dit.forward_streams
+    try:
+        models.dit.forward_streams = lambda inputs: calls.append(inputs[0].latents.shape[2]) or forward_streams(inputs)
+        counts = [len(pipe.push(chunk)) for chunk in (clip(5), clip(8, seed=1), clip(4, seed=2), clip(8, seed=3))]
+    finally:
+        del models.dit.forward_streams
+    assert counts == [5, 8, 4, 8]
+    assert calls == [2, 2, 2, 2, 1, 1, 2, 2]  # 2 steps per chunk; an 8-frame chunk is one 2-latent forward per step
+    assert pipe.next_latent == 2 + 2 + 1 + 2
+    batched = make(models, stream_batch=True)
+    batched.push(clip(5))
+    assert batched.chunk_sizes == (4,)
+    with pytest.raises(ValueError, match="takes 4$"):
+        batched.push(clip(8))
+
+
 def test_low_latency_start_answers_the_first_frame_alone(models):
     pipe = make(models, low_latency_start=True, stream_batch=False)
     video = clip(1 + 4 * 3)

@@ -87,6 +87,28 @@ def test_stream_batching_is_kept_while_its_lag_fits_the_latency_budget_which_can
     assert default.stream_batched and default.state == "over budget"
 
 
+def test_chunks_of_two_latent_frames_when_chunks_of_one_cannot_keep_up_within_the_budget():
+    """3 steps: stream batching's lag (8 frames) is over an 850 ms budget, so the stream runs
+    without it; then chunks of 1 latent frame need 1.3x the device, chunks of 2 only 0.7x."""
+    cost = CostModel()
+    cost.observe(StepShape.steady(3, stream_batched=True), 0.13)
+    cost.observe(StepShape.steady(3, stream_batched=False), 0.33)
+    cost.observe(StepShape.steady(3, stream_batched=False, latents=2), 0.36)
+    policy = SloPolicy(cost)
+
+    def choice(latency_s: float):
+        load = SessionLoad("s", target_fps=16, latency_s=latency_s, steps=3, stream_batched=False,
+                           mode_adjustable=True, started=True, ready=True, deadline_capture_ns=0, input_fps=16,
+                           wait_s=0.05, dropping=False)
+        return policy.plan([load]).choices["s"]
+
+    # 2 latents: 7 frames of 62.5 ms + 50 ms wait + 360 ms = 847.5 ms.
+    two = choice(0.85)
+    assert not two.stream_batched and two.latents == 2 and two.predicted_latency_s == pytest.approx(0.8475)
+    assert two.as_dict()["chunk_frames"] == 8
+    assert choice(0.8).latents == 1  # 4 frames more would break the budget: chunks of 1, frames dropped
+
+
 # ----------------------------------------------------------- simulated clock and device
 
 
@@ -126,7 +148,7 @@ def test_four_sessions_that_fit_only_when_batched_share_forwards_and_meet_their_
     results = simulate(streams, device, SECONDS)
 
     for result in results:
-        assert result.steps_shared >= 0.9 * result.steps  # in shared forwards
+        assert result.steps_shared >= 0.6 * result.steps  # mostly in shared forwards
         assert result.choices[-1] == "meeting targets"
         settled = result.latencies_s[len(result.latencies_s) // 10:]  # once the policy has learnt the costs
         assert max(settled) <= 0.6

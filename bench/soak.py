@@ -118,14 +118,15 @@ def settle(client: EngineClient) -> dict:
     The host has stopped sending and drained its outputs; then, with the engine's
     counts `before` and `after` a last drain:
     inputs_waiting  frames handed over that the engine neither processed nor dropped:
-                    they can only sit in the inbox, at most one chunk (next_chunk_frames)
+                    they can only sit in the inbox, less than a chunk (next_chunk_frames)
+                    once the engine's counts have settled
     outputs_waiting frames processed but not yet sent or dropped: the stream batch's
                     lag, a chunk whose step is running, and the outbox (the last chunk's
                     frames and those of the chunk before, still going out): 3 chunks
     outputs         sent by the engine before the last drain <= received or skipped by
                     the host <= sent by the engine after it
     """
-    before = client.stats()
+    before = settled_stats(client)
     drain(client, DRAIN_S / 3)
     after = client.stats()
     counters = client.counters
@@ -138,6 +139,21 @@ def settle(client: EngineClient) -> dict:
           and before["frames_out"] <= accounted_outputs <= after["frames_out"])
     return {"ok": ok, "inputs_waiting": inputs_waiting, "outputs_waiting": outputs_waiting,
             "accounted_outputs": accounted_outputs, "counters": counters.as_dict(), "before": before, "after": after}
+
+
+def settled_stats(client: EngineClient, patience_s: float = 30.0) -> dict:
+    """The session's stats once the engine has stopped taking in its frames: on a busy
+    machine a step can take longer than the drain, and a chunk still being taken would
+    look like frames gone missing."""
+    stats = client.stats()
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        drain(client, 0.5)
+        again = client.stats()
+        if all(again[name] == stats[name] for name in ("frames_processed", "frames_dropped", "frames_out")):
+            return again
+        stats = again
+    return stats
 
 
 def drain(client: EngineClient, seconds: float, tally: Tally | None = None) -> None:

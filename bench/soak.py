@@ -118,8 +118,8 @@ def settle(client: EngineClient) -> dict:
     The host has stopped sending and drained its outputs; then, with the engine's
     counts `before` and `after` a last drain:
     inputs_waiting  frames handed over that the engine neither processed nor dropped:
-                    they can only sit in the inbox, less than a chunk (next_chunk_frames)
-                    once the engine's counts have settled
+                    exactly those in its inbox (frames_waiting) once its counts have
+                    settled, nothing being in transit any more
     outputs_waiting frames processed but not yet sent or dropped: the stream batch's
                     lag, a chunk whose step is running, and the outbox (the last chunk's
                     frames and those of the chunk before, still going out): 3 chunks
@@ -134,8 +134,8 @@ def settle(client: EngineClient) -> dict:
     inputs_waiting = handed - before["frames_processed"] - before["frames_dropped"]
     outputs_waiting = before["frames_processed"] - before["frames_out"] - before["outputs_dropped"]
     accounted_outputs = counters.received + counters.skipped
-    ok = (0 <= inputs_waiting <= before["next_chunk_frames"]
-          and 0 <= outputs_waiting <= before["lag_frames"] + 3 * FRAMES_PER_CHUNK
+    ok = (inputs_waiting == before["frames_waiting"]
+          and 0 <= outputs_waiting <= before["lag_frames"] + 3 * max(FRAMES_PER_CHUNK, before["next_chunk_frames"])
           and before["frames_out"] <= accounted_outputs <= after["frames_out"])
     return {"ok": ok, "inputs_waiting": inputs_waiting, "outputs_waiting": outputs_waiting,
             "accounted_outputs": accounted_outputs, "counters": counters.as_dict(), "before": before, "after": after}
@@ -150,7 +150,7 @@ def settled_stats(client: EngineClient, patience_s: float = 30.0) -> dict:
     while time.monotonic() < deadline:
         drain(client, 0.5)
         again = client.stats()
-        if all(again[name] == stats[name] for name in ("frames_processed", "frames_dropped", "frames_out")):
+        if all(again[name] == stats[name] for name in ("frames_in", "frames_processed", "frames_dropped", "frames_out")):
             return again
         stats = again
     return stats

@@ -141,8 +141,11 @@ def serve(args: argparse.Namespace) -> None:
     if args.spout_in is not None or args.spout_out is not None:
         # Frames at the model's size unless told otherwise; --size is height x width.
         width, height = _size_option("--spout-size", args.spout_size) if args.spout_size else size[::-1]
-        spout = EngineSpoutSession(input=args.spout_in or "", output=args.spout_out or DEFAULT_SPOUT_OUTPUT,
-                                   width=width, height=height, prompt=args.prompt)
+        try:
+            spout = EngineSpoutSession(input=args.spout_in or "", output=args.spout_out or DEFAULT_SPOUT_OUTPUT,
+                                       width=width, height=height, prompt=args.prompt)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     _inject_faults_from_environment()
 
@@ -159,6 +162,8 @@ def serve(args: argparse.Namespace) -> None:
                          "Choose another port with --bind") from None
     except SpoutUnavailable as error:
         raise SystemExit(f"error: --spout-in/--spout-out: {error}") from None
+    except ValueError as error:  # --spout-size over --max-frame-size
+        raise SystemExit(f"error: {error}") from None
     keys_note = "hosts need keys from " + args.keys if auth else "no keys needed on loopback"
     # Hosts' launchers parse "listening at ADDRESS": keep the address followed by a space.
     print(f"engine {args.model} on {device}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",

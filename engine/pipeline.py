@@ -364,12 +364,15 @@ def push_streams(pipelines: list[StreamPipeline], chunks: list) -> list[np.ndarr
 
 
 def _forward_together(dit: CausalWanDiT, calls: list[StreamInput]) -> list[torch.Tensor | Exception]:
+    positions = [call.cache.save_position() for call in calls]
     try:
         return dit.forward_streams(calls)
     except Exception as error:  # noqa: BLE001 - retried alone below, or returned for its stream
         if len(calls) == 1:
             return [error]
     # Out of the except clause, so the failed forward's tensors are freed before the retries.
+    for call, position in zip(calls, positions):
+        call.cache.restore_position(position)
     return [flow for call in calls for flow in _forward_together(dit, [call])]
 
 

@@ -25,7 +25,8 @@ What a host sees (messages as in bridge/protocol.py):
   params (the session's parameter values), schema (each parameter's type, bounds and
   whether it applies "live" at the next step, "reload"s the stream, or is taken only
   when the session "open"s), lag_frames and first_chunk_frames (outputs trail inputs
-  by lag_frames; the first chunk takes first_chunk_frames, later ones 4),
+  by lag_frames; the first chunk takes first_chunk_frames, later ones 4, or 8 when
+  the scheduler runs a stream without stream batching in chunks of 2 latent frames),
   session_timeout_s, virtualcam (the camera's state, as in stats), and with transport
   "shm" the ring names: the host creates input_ring (its frames, at the hello's size)
   and reads output_ring, which the engine creates.
@@ -179,7 +180,7 @@ def process_alive(pid: int) -> bool:
         kernel32 = ctypes.windll.kernel32
         handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
         if not handle:
-            return False
+            return kernel32.GetLastError() == 5  # ERROR_ACCESS_DENIED: it runs, as another user
         exit_code = ctypes.c_ulong()
         kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code))
         kernel32.CloseHandle(handle)

@@ -14,8 +14,9 @@ steps run loses stale frames rather than falling behind; when the SLO policy cap
 session's frame rate, frames beyond the cap are dropped on arrival. The outbox holds
 one chunk's finished frames, released at the cadence their inputs were captured (a
 host showing the newest frame sees every one, not one in four); a frame the host has
-no room for yet waits there. When a newer chunk finishes, the frames still waiting go
-out at once ahead of it, and frames older than that are dropped.
+no room for yet waits there. When a newer chunk finishes, the newest frames still
+waiting (up to as many as the new chunk brings) go out at once ahead of it, and any
+older ones are dropped.
 
 The session also keeps what the SLO policy plans with (input rate, waits for the
 device) and what stats reports against the targets (time to first frame, output
@@ -145,13 +146,13 @@ class InputFrame:
     t_capture_ns: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class OutputFrame:
     pixels: np.ndarray  # [height, width, channels] uint8 in `format`
     format: str
     seq: int
     t_capture_ns: int
-    due_ns: int  # time.monotonic_ns() from which it may be sent
+    due_ns: int  # time.monotonic_ns() from which it may be sent (brought forward under the session's lock)
 
 
 def to_rgb(pixels: np.ndarray, format: str) -> np.ndarray:
@@ -319,6 +320,7 @@ class Session:
                 "frames_in": self._frames_in,  # received into the inbox
                 "frames_dropped": self._frames_dropped + ring_skipped,  # stale frames discarded before a step
                 "frames_processed": self._frames_processed,  # taken into steps
+                "frames_waiting": len(self._inbox),  # in the inbox, for the next step
                 "next_chunk_frames": self._frames_needed,  # how many frames the next step takes
                 "frames_out": self._frames_out,  # finished frames sent back
                 "outputs_dropped": self._outputs_dropped,  # finished frames replaced by newer ones before sending
@@ -444,7 +446,8 @@ class Session:
 
     def add_outputs(self, outputs: list[OutputFrame], step_seconds: float, shared: bool = False) -> None:
         """Record a step (shared: with other sessions). Its finished frames (if any) follow
-        the previous chunk's frames still waiting, which are due at once; anything older is dropped."""
+        the frames still waiting, up to as many as it brings, which are due at once; any
+        older ones are dropped."""
         with self.lock:
             self._steps += 1
             self._steps_shared += shared
@@ -454,8 +457,10 @@ class Session:
                 now_ns = time.monotonic_ns()
                 waiting = list(self._outbox)[-len(outputs):]
                 self._outputs_dropped += len(self._outbox) - len(waiting)
+                for output in waiting:  # the same objects: a sender may hold one (output_sent compares)
+                    output.due_ns = min(output.due_ns, now_ns)
                 self._outbox.clear()
-                self._outbox.extend(replace(output, due_ns=min(output.due_ns, now_ns)) for output in waiting)
+                self._outbox.extend(waiting)
                 self._outbox.extend(outputs)
                 self.state = "streaming"
 

@@ -86,20 +86,34 @@ LATENTS_BACK = 0.8
 class StepShape:
     """What a step computes, as far as its time goes."""
 
-    latents: int  # latent frames in each forward (2 for a full first chunk, else 1)
+    latents: int  # latent frames in each forward (a first chunk's 1 or 2; 2 for a chunk of 8 frames)
     width: int  # rows in each forward: the denoising steps when stream-batched, else 1; summed over sessions
     passes: int  # forwards run one after another: the denoising steps without stream batching, else 1
     sessions: int = 1  # sessions stepping together
+    first: bool = False  # a stream's first chunk
+    # For sessions stepping together (see together), the forwards and latent rows in all.
+    shared_forwards: int = 0
+    shared_rows: int = 0
+
+    @property
+    def forwards(self) -> int:
+        return self.shared_forwards or self.passes
 
     @property
     def work(self) -> int:
-        return self.latents * self.width * self.passes
+        """Latent rows over all the step's forwards."""
+        return self.shared_rows or self.latents * self.width * self.passes
 
     @staticmethod
     def together(shapes: list[StepShape]) -> StepShape:
-        """Sessions' steps run as one: their rows share each forward, the longest runs on."""
-        return StepShape(max(s.latents for s in shapes), sum(s.width for s in shapes),
-                         max(s.passes for s in shapes), sum(s.sessions for s in shapes))
+        """Sessions' steps run as one: calls with as many latent frames share each forward
+        (engine/pipeline.py, push_streams), the longest runs on alone."""
+        if len(shapes) == 1:
+            return shapes[0]
+        forwards = sum(max(s.passes for s in shapes if s.latents == latents) for latents in {s.latents for s in shapes})
+        return StepShape(max(s.latents for s in shapes), sum(s.width for s in shapes), max(s.passes for s in shapes),
+                         sum(s.sessions for s in shapes), any(s.first for s in shapes), forwards,
+                         sum(s.work for s in shapes))
 
     @staticmethod
     def steady(steps: int, stream_batched: bool, latents: int = 1) -> StepShape:
@@ -109,7 +123,7 @@ class StepShape:
     @staticmethod
     def first_chunk(steps: int, latents: int) -> StepShape:
         """A stream's first chunk: every denoising step in turn on its latents."""
-        return StepShape(latents, 1, steps)
+        return StepShape(latents, 1, steps, first=True)
 
 
 class CostModel:
@@ -130,10 +144,12 @@ class CostModel:
         self._stalled: set[StepShape] = set()  # shapes whose last measurement was left out as a stall
         self._observations = 0
         self._last_observed: dict[StepShape, int] = {}
+        self._fitted: tuple[float, float] | None | bool = False  # False: to fit again
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         self._observations += 1
         self._last_observed[shape] = self._observations
+        self._fitted = False
         known = self._seconds.get(shape)
         if known is None:
             self._seconds[shape] = seconds
@@ -154,22 +170,23 @@ class CostModel:
             return self._seconds[shape]
         if not self._seconds:
             return None
-        fit = self._fit()
-        if fit is not None:
-            per_pass, per_row = fit
-            return per_pass * shape.passes + per_row * shape.work
+        if self._fitted is False:
+            self._fitted = self._fit()
+        if self._fitted is not None:
+            per_forward, per_row = self._fitted
+            return per_forward * shape.forwards + per_row * shape.work
         per_work = sum(seconds / known.work for known, seconds in self._seconds.items()) / len(self._seconds)
         return per_work * shape.work
 
     def _fit(self) -> tuple[float, float] | None:
         """Seconds per forward (reading the weights) and per latent row, fitted to the measured
         shapes; None until two shapes tell them apart (or the fit makes no physical sense)."""
-        shapes = list(self._seconds)
-        terms = np.array([[shape.passes, shape.work] for shape in shapes], dtype=float)
+        shapes = [shape for shape in self._seconds if not shape.first]  # a first chunk's VAE work is its own
+        terms = np.array([[shape.forwards, shape.work] for shape in shapes], dtype=float).reshape(-1, 2)
         if np.linalg.matrix_rank(terms) < 2:
             return None
-        (per_pass, per_row), *_ = np.linalg.lstsq(terms, np.array([self._seconds[s] for s in shapes]), rcond=None)
-        return (float(per_pass), float(per_row)) if per_pass >= 0 and per_row > 0 else None
+        (per_forward, per_row), *_ = np.linalg.lstsq(terms, np.array([self._seconds[s] for s in shapes]), rcond=None)
+        return (float(per_forward), float(per_row)) if per_forward >= 0 and per_row > 0 else None
 
 
 # ------------------------------------------------------------------- frame rates
@@ -411,7 +428,7 @@ class SloPolicy:
         in_turn = [self.cost.predict(shape) for shape in shapes]
         if own is None or joint is None or None in in_turn:
             return None
-        if joint <= sum(in_turn):
+        if joint <= JOIN_GAIN * sum(in_turn):  # sharing pays (as _batch decides, session by session)
             return joint, joint / len(sessions)
         return own, own
 

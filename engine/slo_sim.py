@@ -61,9 +61,13 @@ class Device:
     slowdown: float = 2.0
 
     def step_seconds(self, shapes: list[StepShape], now_s: float) -> float:
-        """Sessions' steps run together: forward i holds the rows of every session with an i-th pass."""
-        seconds = sum(self.pass_s + self.row_s * sum(s.latents * s.width for s in shapes if s.passes > i)
-                      for i in range(max(s.passes for s in shapes)))
+        """Sessions' steps run together: calls with as many latent frames share forwards, the
+        i-th holding the rows of every such session with an i-th pass (as push_streams runs them)."""
+        seconds = 0.0
+        for latents in {s.latents for s in shapes}:
+            group = [s for s in shapes if s.latents == latents]
+            seconds += sum(self.pass_s + self.row_s * sum(s.latents * s.width for s in group if s.passes > i)
+                           for i in range(max(s.passes for s in group)))
         if self.slow_after_s is not None and now_s >= self.slow_after_s:
             seconds *= self.slowdown
         return seconds

@@ -50,7 +50,7 @@ class _Stream:
     # Chunks pushed whose frames have not come out yet, oldest first: at most the
     # stream batch's depth, since each push finishes the oldest.
     in_flight: deque[list[InputFrame]] = field(default_factory=deque)
-    latents: int = 1  # latent frames in its chunks after the first, as the policy chose
+    latents: int = 1  # latent frames in its last chunk after the first
 
 
 class Worker:
@@ -80,7 +80,10 @@ class Worker:
             if not planned:
                 self._work.wait(IDLE_WAIT_S)
                 continue
-            self._step(planned)
+            failed = self._step(planned)
+            # Out here, no frame of the step holds the failed pipelines any more.
+            for session, message in failed:
+                self._end(session, message)
 
     # -- steps -----------------------------------------------------------------------
     def _load(self) -> None:
@@ -119,40 +122,42 @@ class Worker:
         by_id = {session.id: session for session in sessions}
         return [(by_id[id], loads[id], plan.choices[id]) for id in plan.batch]
 
-    def _step(self, planned: list[tuple[Session, SessionLoad, Choice]]) -> None:
-        """Build the pipelines still to build, and run the others' complete chunks together."""
+    def _step(self, planned: list[tuple[Session, SessionLoad, Choice]]) -> list[tuple[Session, str]]:
+        """Build the pipelines still to build, and run the others' complete chunks together.
+        Returns the sessions that failed, with what to tell their hosts."""
         if self._models is None:
-            for session, _, _ in planned:
-                self._end(session, f"the model failed to load ({self.load_error}); restart the engine")
-            return
+            return [(session, f"the model failed to load ({self.load_error}); restart the engine")
+                    for session, _, _ in planned]
+        failed = []
         steps = []  # (session, stream, chunk, shape)
         for session, load, choice in planned:
             try:
                 step = self._prepare(session, load, choice)
             except Exception as error:  # noqa: BLE001 - any failure ends only this session
-                self._end(session, _failure_message(session, error))
+                failed.append((session, _failure_message(session, error)))
                 continue
             if step is not None:
                 steps.append(step)
         if not steps:
-            return
+            return failed
         started = time.perf_counter()
         results = push_streams([stream.pipeline for _, stream, _, _ in steps],
                                [np.stack([frame.rgb for frame in chunk]) for _, _, chunk, _ in steps])
         seconds = time.perf_counter() - started
-        failed = []
+        step_failed = False
         for (session, stream, chunk, _), finished in zip(steps, results):
+            if isinstance(finished, Exception):
+                failed.append((session, _failure_message(session, finished)))
+                finished.__traceback__ = None  # it holds the failed step's pipeline and tensors
+                step_failed = True
+                continue
             try:
-                if isinstance(finished, Exception):
-                    raise finished
                 self._finish(session, stream, chunk, finished, seconds, shared=len(steps) > 1)
             except Exception as error:  # noqa: BLE001 - any failure ends only this session
                 failed.append((session, _failure_message(session, error)))
-        if not failed:  # a failed step's time says nothing of the device's speed
+        if not step_failed:  # a failed step's time says nothing of the device's speed
             self._policy.cost.observe(StepShape.together([shape for _, _, _, shape in steps]), seconds)
-        del results  # out here, no traceback holds the failed steps' tensors any more
-        for session, message in failed:
-            self._end(session, message)
+        return failed
 
     def _prepare(self, session: Session, load: SessionLoad, choice: Choice
                  ) -> tuple[Session, _Stream, list[InputFrame], StepShape] | None:
@@ -178,6 +183,7 @@ class Worker:
             # A restart discards the chunks in the stream batch; their frames go round again.
             returned = [frame for chunk in stream.in_flight for frame in chunk]
             stream.in_flight.clear()
+            stream.latents = 1
             session.expect_frames(stream.pipeline.next_chunk_frames, returned)
         pipeline = stream.pipeline
         # Chunks after the first take 4 frames, or 8 where the policy chose 2 latent frames.

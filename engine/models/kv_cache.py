@@ -116,6 +116,15 @@ class KVCache:
         copy.sink_directions, copy._pending = None, None
         return copy
 
+    def save_position(self) -> tuple:
+        """The cache's bookkeeping (not its keys and values), to undo a forward that failed
+        part-way: planned again from here, the retry writes where the failed one did."""
+        return [list(slots) for slots in self.slot_frame], list(self.frame_start), self.sink_directions, self._pending
+
+    def restore_position(self, saved: tuple) -> None:
+        slot_frame, frame_start, self.sink_directions, self._pending = saved
+        self.slot_frame, self.frame_start = [list(slots) for slots in slot_frame], list(frame_start)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 

@@ -13,8 +13,6 @@ plus a cost per row, which this measures on a real device.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -23,20 +21,10 @@ from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
 from engine.models.text import TinyTextEncoder
 from engine.models.vae import TINY_VAE, WAN21_VAE, WanVAE
+from engine.parallel import median_run_seconds
 from engine.pipeline import StreamPipeline, StreamSettings, push_streams
 
 PROMPTS = ("ink", "fog", "glass", "neon", "paper", "oil", "chalk", "clay")
-
-
-def median_seconds(run, sync, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -60,17 +48,16 @@ def main() -> None:
     chunk = np.random.default_rng(0).integers(0, 255, (4, height, width, 3), dtype=np.uint8)
     first = np.random.default_rng(1).integers(0, 255, (5, height, width, 3), dtype=np.uint8)
 
-    print(f"{args.preset} at {height}x{width} on {device}, stream batch of 2 steps, median of {args.rounds} steps")
+    print(f"{args.preset} at {height}x{width} on {device}, stream batch of 2 steps, median of {args.rounds} steps after one")
     print(f"{'sessions':>8} {'in turn ms':>10} {'together ms':>11} {'ratio':>6} {'ms per session':>14}")
     for count in (int(n) for n in args.sessions.split(",")):
         pipes = [StreamPipeline(dit, vae, text, StreamSettings(height=height, width=width, steps=2, seed=i,
                                                                prompt=PROMPTS[i % len(PROMPTS)]))
                  for i in range(count)]
-        for pipe in pipes:  # first chunk, then fill the stream batch
+        for pipe in pipes:  # the first chunk (median_run_seconds's warm-up fills the stream batch)
             pipe.push(first)
-            pipe.push(chunk)
-        in_turn = median_seconds(lambda: [pipe.push(chunk) for pipe in pipes], sync, args.rounds)
-        together = median_seconds(lambda: push_streams(pipes, [chunk] * count), sync, args.rounds)
+        in_turn = median_run_seconds(lambda: [pipe.push(chunk) for pipe in pipes], sync, args.rounds)
+        together = median_run_seconds(lambda: push_streams(pipes, [chunk] * count), sync, args.rounds)
         print(f"{count:>8} {in_turn * 1000:>10.1f} {together * 1000:>11.1f} {together / in_turn:>6.2f} "
               f"{together * 1000 / count:>14.1f}")
 

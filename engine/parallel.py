@@ -729,6 +729,20 @@ def _check_parallel_settings(settings: StreamSettings) -> None:
 # -- starting --------------------------------------------------------------------------------
 
 @torch.no_grad()
+
+def median_run_seconds(run: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    """Median wall time of run() over repeats calls after one warm-up call (a stream's
+    first call differs), with sync() (the device's) around each."""
+    run()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
 def measure_tick_costs(config: ModelConfig, settings: StreamSettings, *, rank: int, world: int, vae, decoder,
                        device: torch.device, dtype: torch.dtype, repeats: int = 3) -> tuple[float, float]:
     """Seconds of this rank's role work in one stream tick (VAE encode of a chunk on
@@ -742,15 +756,7 @@ def measure_tick_costs(config: ModelConfig, settings: StreamSettings, *, rank: i
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def median_seconds(run) -> float:
-        run()  # warm-up (and a stream's first call, which differs)
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_run_seconds(run, sync, repeats)
 
     with torch.device(device):
         block = WanBlock(config).to(dtype).eval()

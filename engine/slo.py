@@ -437,9 +437,7 @@ class SloPolicy:
         step = self._step(sessions, session, batched, latents)
         if step is None:
             return None
-        # A chunk's first frame waits for the chunk's other frames, the stream batch's lag, the device.
-        chunk_frames = FRAMES_PER_CHUNK * (latents if not batched else 1)
-        return (chunk_frames - 1 + _lag_frames(session, batched)) * interval + self._wait(session, step) + step
+        return _frames_waited(session, batched, latents) * interval + self._wait(session, step) + step
 
     @staticmethod
     def _wait(session: SessionLoad, step: float) -> float:
@@ -493,13 +491,17 @@ class SloPolicy:
     def _lowest_rate_in_budget(self, session: SessionLoad, step: float) -> float:
         """Below this frame rate a chunk takes too long to fill for the budget (0 when no rate is enough)."""
         spare = session.latency_s - step - self._wait(session, step)
-        chunk_frames = FRAMES_PER_CHUNK * (session.latents if session.stream_batched is False else 1)
-        frames_waited = chunk_frames - 1 + _lag_frames(session, session.stream_batched)
-        return frames_waited / spare if spare > 0 else 0.0
+        return _frames_waited(session, session.stream_batched, session.latents) / spare if spare > 0 else 0.0
 
 
 def _steady(session: SessionLoad, batched: bool | None, latents: int | None = None) -> StepShape:
     return StepShape.steady(session.steps, batched is not False, session.latents if latents is None else latents)
+
+
+def _frames_waited(session: SessionLoad, batched: bool | None, latents: int) -> int:
+    """Frames a chunk's first frame waits for: the chunk's other frames, then the stream batch's lag."""
+    chunk_frames = FRAMES_PER_CHUNK * (latents if batched is False else 1)
+    return chunk_frames - 1 + _lag_frames(session, batched)
 
 
 def _lag_frames(session: SessionLoad, batched: bool | None) -> int:

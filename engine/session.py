@@ -8,7 +8,8 @@ and `t_capture_ns` of the input frame it came from. Everything the two threads s
 is guarded by the session's lock; the pipeline itself belongs to the worker alone.
 
 Both boxes are bounded and latest wins. The inbox holds the frames the next chunk
-needs and the start of the one after (engine/slo.py's inbox_limit): a frame arriving
+needs and the start of the one after, and as many more (at most 8) as can still make
+their deadline by the SLO policy's prediction (engine/slo.py's inbox_limit): a frame arriving
 when it is full pushes out the oldest, so a session whose frames come faster than its
 steps run loses stale frames rather than falling behind; when the SLO policy caps the
 session's frame rate, frames beyond the cap are dropped on arrival. The outbox holds
@@ -43,8 +44,8 @@ from bridge.shm import RingReader, RingWriter
 from .camera import SessionCamera
 from .flow import PUBLISHED_STEPS
 from .pipeline import LIVE_SETTINGS, StreamSettings
-from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
-                  inbox_limit, percentile)
+from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, FRAMES_PER_CHUNK, Choice, FrameRateGate, RateMeter,
+                  SessionLoad, WaitMeter, excused_wait_start, inbox_limit, percentile)
 
 # What a session reports to its host, in the order a healthy session goes through them.
 STATES = ("starting", "loading", "ready", "streaming", "error")
@@ -233,6 +234,7 @@ class Session:
         self._sent_ns: deque[int] = deque()  # send times within the output frame-rate window
         self._deadline_misses = 0
         self._choice: Choice | None = None
+        self._spare_frames = 0  # the scheduler's room in the inbox beyond a chunk and the start of the next
         # Owned by the IO thread (the camera is opened and closed there; any thread sending outputs submits to it):
         self.input_ring: RingReader | None = None
         self.output_ring: RingWriter | None = None
@@ -256,7 +258,7 @@ class Session:
                 self._frames_dropped += 1
                 self._frames_over_rate += 1
                 return False
-            while len(self._inbox) >= inbox_limit(self._frames_needed):
+            while len(self._inbox) >= inbox_limit(self._frames_needed, self._spare_frames):
                 self._drop_oldest()
             self._inbox.append(frame)
             ready = len(self._inbox) >= self._frames_needed
@@ -386,7 +388,7 @@ class Session:
             self._inbox.extendleft(reversed(returned))
             self._frames_processed -= len(returned)
             self._frames_needed = frames_needed
-            while len(self._inbox) > inbox_limit(frames_needed):
+            while len(self._inbox) > inbox_limit(frames_needed, self._spare_frames):
                 self._drop_oldest()
             self._ready_since_ns = time.monotonic_ns() if len(self._inbox) >= frames_needed else None
 
@@ -426,13 +428,21 @@ class Session:
             dropping, self._dropped_stale = self._dropped_stale, False
             return SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
                                "latency_ms" in self.targets, self._had_output, ready, oldest, self._input_rate.fps,
-                               self._waits.longest, dropping, latents)
+                               self._waits.longest, dropping, latents,
+                               1 + (self.settings.first_chunk_frames - 1) // FRAMES_PER_CHUNK)
 
     def set_choice(self, choice: Choice) -> None:
         """The scheduler's decision for this session: its frame-rate cap, and for stats."""
         with self.lock:
             self._choice = choice
+            self._spare_frames = choice.spare_frames
             self._rate_gate.set_cap(choice.frame_rate_cap)
+
+    def excuse_wait(self, start_ns: int, end_ns: int) -> None:
+        """Leave the device's time from start_ns to end_ns (first chunks) out of the wait of the
+        chunk now complete or completing (see slo.WaitMeter)."""
+        with self.lock:
+            self._ready_since_ns = excused_wait_start(self._ready_since_ns, start_ns, end_ns)
 
     def set_stream_batch(self, stream_batched: bool) -> None:
         """Record the mode the scheduler runs the session's pipeline in (lag_frames follows it)."""

@@ -8,14 +8,16 @@ reasons with a cost model of a step, learned online from the steps the worker ti
 How a frame's latency adds up (d: the time between the session's frames):
 
     latency = (3 + lag_frames) * d   the chunk of 4 fills, then the stream batch's lag
-            + wait                   other sessions' steps ahead of this one (as measured)
+            + wait                   other sessions' steps ahead of this one (as measured;
+                                     first chunks, put ahead once on purpose, not counted)
             + step                   the step that finishes the frame (the cost model)
 
 The policy:
 
-1. Time to first frame first: a session waiting for its first output goes ahead of
-   steady-state work, alone (its first chunk is 1 frame when it asked for
-   low_latency_start). Otherwise the sessions with a complete chunk step together:
+1. Time to first frame first: sessions waiting for their first output go ahead of
+   steady-state work (a first chunk is 1 frame when the session asked for
+   low_latency_start), together where that pays as below (sessions opened at once).
+   Otherwise the sessions with a complete chunk step together:
    the pipelines run their DiT calls of one size as one forward (engine/pipeline.py,
    push_streams), which reads the weights once for all of them, so on a GPU a step
    of n sessions costs far less than n steps. The cost model learns what each shared
@@ -30,13 +32,16 @@ The policy:
    frame the step would output plus that session's budget; the sessions stepping
    together are listed in that order.
 4. Overload, in this order. A session's inbox holds one chunk and the start of the
-   next (inbox_limit) and the newest frame wins, so frames are never queued into
-   seconds of lag; and a step drops frames that could no longer make their deadline
-   when a newer chunk is waiting (both counted as dropped). If a session keeps losing
+   next, and as many more frames as the budget has room for by the prediction (at
+   most MAX_SPARE_FRAMES: a burst is served within the budget rather than dropped);
+   the newest frame wins, so frames are never queued into seconds of lag; and a step
+   drops frames that could no longer make their deadline when a newer chunk is
+   waiting (both counted as dropped). If a session keeps losing
    frames while the sessions' demand exceeds the device's time, its frame rate is
    capped to an even cadence: every session gets the same share of its target (or,
    when targets fit, of the frames beyond them), never below the rate its budget needs
    (slower frames make a chunk take longer to fill). The cap goes once demand fits.
+   Demand is judged once a steady step has been measured, not from first chunks.
 5. Chunk size: without stream batching a chunk after the first may hold 2 latent
    frames (8 video frames, one forward per denoising step for both). The policy
    takes 2 while chunks of 1 would need more of the device than it has and the
@@ -77,6 +82,9 @@ RETRY_STEPS = 200
 # Chunks of 2 latent frames go back to 1 once chunks of 1 would take at most this share
 # of the device's time that is theirs.
 LATENTS_BACK = 0.8
+# At most this many frames are held beyond a chunk and the start of the next, however
+# large a budget (frames are large; a longer burst is what frame-rate caps are for).
+MAX_SPARE_FRAMES = 2 * FRAMES_PER_CHUNK
 
 
 # ------------------------------------------------------------------------ cost model
@@ -160,6 +168,12 @@ class CostModel:
         self._stalled.discard(shape)
         self._seconds[shape] = known + self._smoothing * (seconds - known)
 
+    @property
+    def steady_measured(self) -> bool:
+        """Whether a step after a first chunk has been measured: a first chunk's cost (every
+        denoising step in turn, its frames encoded) says little of a steady step's."""
+        return any(not shape.first for shape in self._seconds)
+
     def measured_lately(self, shape: StepShape, within: int) -> bool:
         """Whether a step of this shape was among the last ``within`` measured."""
         return self._observations - self._last_observed.get(shape, -within) < within
@@ -209,7 +223,12 @@ class RateMeter:
 
 
 class WaitMeter:
-    """The longest of a session's recent waits for the device, a chunk complete."""
+    """The longest of a session's recent waits for the device, a chunk complete.
+
+    Time the device spends on first chunks does not count (see excused_wait_start): they go
+    ahead of every other step on purpose, once per stream, so a wait behind one says
+    nothing of the steady state, and a session that opens would otherwise make the
+    others' waits look long for many chunks, and their streams restart in another mode."""
 
     def __init__(self, window: int = WAIT_WINDOW):
         self._waits: deque[float] = deque(maxlen=window)
@@ -222,10 +241,19 @@ class WaitMeter:
         return max(self._waits, default=None)
 
 
-def inbox_limit(frames_needed: int) -> int:
+def excused_wait_start(ready_since_ns: int | None, start_ns: int, end_ns: int) -> int | None:
+    """When a chunk complete since ready_since_ns counts as waiting from, once the device's
+    time from start_ns to end_ns (first chunks) is left out of its wait."""
+    if ready_since_ns is None or ready_since_ns >= end_ns:
+        return ready_since_ns
+    return ready_since_ns + end_ns - max(ready_since_ns, start_ns)
+
+
+def inbox_limit(frames_needed: int, spare_frames: int = 0) -> int:
     """Frames a session's inbox holds: the next chunk and the start of the one after,
-    so frames arriving while the chunk waits for the device are kept, not a chunk more."""
-    return frames_needed + FRAMES_PER_CHUNK - 1
+    so frames arriving while the chunk waits for the device are kept, and as many more
+    as the policy sees room for in the budget (Choice.spare_frames)."""
+    return frames_needed + FRAMES_PER_CHUNK - 1 + spare_frames
 
 
 class FrameRateGate:
@@ -275,6 +303,7 @@ class SessionLoad:
     wait_s: float | None  # the longest its recent chunks waited for the device once complete
     dropping: bool  # lost stale frames since the last plan
     latents: int = 1  # latent frames in its chunks after the first (2 only without stream batching)
+    first_chunk_latents: int = 2  # latent frames of its first chunk: 1 for a 1-frame (low-latency) start, else 2
 
 
 @dataclass(frozen=True)
@@ -287,11 +316,15 @@ class Choice:
     predicted_latency_s: float | None
     state: str  # meeting targets | frame rate lowered | over budget | warming up
     latents: int = 1  # latent frames per chunk after the first: 1 (4 frames) or 2 (8 frames)
+    # Frames the inbox may hold beyond a chunk and the start of the next: as many as can
+    # wait in it and still make the deadline, so a burst is absorbed instead of dropped.
+    spare_frames: int = 0
 
     def as_dict(self) -> dict:
         return {
             "stream_batch": self.stream_batched,
             "chunk_frames": FRAMES_PER_CHUNK * self.latents,
+            "spare_frames": self.spare_frames,
             "frame_rate_cap": None if self.frame_rate_cap is None else round(self.frame_rate_cap, 2),
             "predicted_step_ms": _ms(self.predicted_step_s),
             "predicted_latency_ms": _ms(self.predicted_latency_s),
@@ -338,18 +371,23 @@ class SloPolicy:
     def _batch(self, sessions: list[SessionLoad]) -> list[str]:
         ready = [session for session in sessions if session.ready]
         first_frames = [session for session in ready if not session.started]
-        if first_frames:  # alone, in the order they opened
-            return [first_frames[0].id]
+        if first_frames:  # ahead of steady work, in the order they opened
+            return self._join(first_frames, lambda session: StepShape.first_chunk(session.steps,
+                                                                                  session.first_chunk_latents))
 
         def deadline(session: SessionLoad) -> float:
             if session.deadline_capture_ns is None:
                 return math.inf
             return session.deadline_capture_ns / 1e9 + session.latency_s
 
+        return self._join(sorted(ready, key=deadline), lambda session: _steady(session, session.stream_batched))
+
+    def _join(self, candidates: list[SessionLoad], shape_of) -> list[str]:
+        """The first candidate, and each next one while joining the step pays."""
         batch: list[StepShape] = []
         ids = []
-        for session in sorted(ready, key=deadline):
-            own = _steady(session, session.stream_batched)
+        for session in candidates:
+            own = shape_of(session)
             if not batch or self._pays_to_join(batch, own):
                 batch.append(own)
                 ids.append(session.id)
@@ -385,7 +423,10 @@ class SloPolicy:
             state = "frame rate lowered"
         else:
             state = "meeting targets"
-        return Choice(mode, cap, self._step(sessions, session, mode, latents), latency, state, latents)
+        # Each frame held in the inbox beyond the chunk adds an interval to the latency.
+        room = 0 if latency is None else math.floor((session.latency_s - latency) / interval)
+        spare = max(0, min(MAX_SPARE_FRAMES, room))
+        return Choice(mode, cap, self._step(sessions, session, mode, latents), latency, state, latents, spare)
 
     def _chunk_latents(self, session: SessionLoad, sessions: list[SessionLoad], interval: float) -> int:
         """Latent frames per chunk without stream batching: 2 (one forward per step for 8
@@ -455,7 +496,9 @@ class SloPolicy:
         """Caps for the sessions that lose frames while demand exceeds the device's time."""
         # Sessions that step together each take a share of the shared step's time.
         costs = {session.id: self._costs(sessions, session, session.stream_batched) for session in sessions}
-        if None in costs.values():
+        # Estimates from first chunks alone would cap rates on a guess; until a steady step
+        # is measured the inbox bound and stale-frame drops keep latency in hand.
+        if None in costs.values() or not self.cost.steady_measured:
             self._capped.clear()
             return {}
 

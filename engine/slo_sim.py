@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .slo import (FRAMES_PER_CHUNK, CostModel, FrameRateGate, RateMeter, SessionLoad, SloPolicy, StepShape,
-                  WaitMeter, inbox_limit, percentile)
+                  WaitMeter, excused_wait_start, inbox_limit, percentile)
 
 NS = 1_000_000_000
 
@@ -85,6 +85,7 @@ class Result:
     choices: list[str] = field(default_factory=list)  # the policy's state at each plan
     steps: int = 0  # steps it took part in
     steps_shared: int = 0  # of those, steps shared with other sessions
+    restarts: int = 0  # stream restarts for a change of mode
 
     @property
     def delivered(self) -> int:
@@ -109,6 +110,7 @@ class _Session:
         self.streaming = False  # its first chunk is taken: the chunks now are 4 frames, or 8 for 2 latents
         self.latents = 1
         self.dropping = False
+        self.spare_frames = 0  # the policy's room in the inbox beyond a chunk and the start of the next
         self.waiting_outputs: list[tuple[float, float]] = []  # (due, latency) paced, not yet delivered
         self.result = Result()
 
@@ -118,7 +120,7 @@ class _Session:
         if not self.gate.admit(t_capture_ns):
             self.result.frames_dropped += 1
             return
-        if self.bounded_inbox and len(self.inbox) >= inbox_limit(self.frames_needed):
+        if self.bounded_inbox and len(self.inbox) >= inbox_limit(self.frames_needed, self.spare_frames):
             self._drop_oldest()
         self.inbox.append(t_capture_ns)
         if self.ready and self.ready_since_ns is None:
@@ -132,11 +134,12 @@ class _Session:
         oldest = self.in_flight[0][0] if self.in_flight else (self.inbox[0] if self.inbox else None)
         return SessionLoad(self.id, self.stream.target_fps, self.stream.latency_ms / 1000, self.stream.steps,
                            self.stream_batched, True, self.started, self.ready, oldest, self.meter.fps,
-                           self.waits.longest, self.dropping, self.latents)
+                           self.waits.longest, self.dropping, self.latents,
+                           1 if self.stream.low_latency_start else 2)
 
     def expect_frames(self, frames_needed: int) -> None:
         self.frames_needed = frames_needed
-        while len(self.inbox) > inbox_limit(frames_needed):
+        while len(self.inbox) > inbox_limit(frames_needed, self.spare_frames):
             self._drop_oldest()
 
     def take_chunk(self, now_ns: int, stale_before_ns: int | None, frames_after: int) -> list[int]:
@@ -152,6 +155,7 @@ class _Session:
     def restart(self, stream_batched: bool) -> None:
         """A new pipeline in another mode: the frames in flight go back to the inbox,
         ahead of the others, and a first chunk comes next."""
+        self.result.restarts += 1
         self.stream_batched = stream_batched
         self.streaming, self.latents = False, 1
         while self.in_flight:
@@ -200,11 +204,16 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
     slo, turn = SloPolicy(CostModel()), _RoundRobin(sessions)
 
     now_ns, next_arrival = 0, 0  # whole nanoseconds, so a frame is never missed by rounding
+    first_chunks_ns: tuple[int, int] | None = None  # the last step's span, when it ran first chunks
     while now_ns < duration_s * NS:
         while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= now_ns:
             t, index = arrivals[next_arrival]
             sessions[index].put(t)
             next_arrival += 1
+        if first_chunks_ns is not None and policy == "slo":  # once the frames that came during it are in
+            for session in sessions:
+                session.ready_since_ns = excused_wait_start(session.ready_since_ns, *first_chunks_ns)
+            first_chunks_ns = None
         batch = _slo_pick(slo, sessions) if policy == "slo" else turn.next()
         if not batch:
             if next_arrival == len(arrivals):
@@ -241,6 +250,8 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
             continue
         seconds = device.step_seconds([shape for _, _, shape, _ in steps], now_ns / NS)
         slo.cost.observe(StepShape.together([shape for _, _, shape, _ in steps]), seconds)
+        if any(first for _, _, _, first in steps):
+            first_chunks_ns = (now_ns, now_ns + round(seconds * NS))
         now_ns += round(seconds * NS)
         for session, chunk, _, first in steps:
             session.result.steps += 1
@@ -260,6 +271,7 @@ def _slo_pick(policy: SloPolicy, sessions: list[_Session]) -> list[_Session]:
     for session in sessions:
         choice = plan.choices[session.id]
         session.gate.set_cap(choice.frame_rate_cap)
+        session.spare_frames = choice.spare_frames
         session.result.choices.append(choice.state)
         session.dropping = False
     by_id = {session.id: session for session in sessions}

@@ -140,10 +140,14 @@ class Worker:
                 steps.append(step)
         if not steps:
             return failed
-        started = time.perf_counter()
+        started_ns = time.monotonic_ns()
         results = push_streams([stream.pipeline for _, stream, _, _ in steps],
                                [np.stack([frame.rgb for frame in chunk]) for _, _, chunk, _ in steps])
-        seconds = time.perf_counter() - started
+        ended_ns = time.monotonic_ns()
+        seconds = (ended_ns - started_ns) / 1e9
+        if any(shape.first for _, _, _, shape in steps):
+            for session in self._sessions():
+                session.excuse_wait(started_ns, ended_ns)
         step_failed = False
         for (session, stream, chunk, _), finished in zip(steps, results):
             if isinstance(finished, Exception):

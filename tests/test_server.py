@@ -227,10 +227,11 @@ def test_two_hosts_have_their_own_sessions_and_closing_one_leaves_the_other_alon
             last = last_finished_seq(41, first, lag)
             for host in hosts:
                 host.wait_for_output(last)
-            # Same frames and prompt: the same picture (each session has its own caches);
-            # another prompt: another picture.
-            assert np.array_equal(hosts[0].frame(last), hosts[1].frame(last))
-            assert not np.array_equal(hosts[0].frame(last), hosts[2].frame(last))
+            # Same frames and prompt: the same picture (each session has its own caches; a
+            # forward shared with other sessions may round a value the other way); another
+            # prompt: another picture.
+            assert_same_picture(hosts[0].frame(last), hosts[1].frame(last))
+            assert np.abs(hosts[0].frame(last).astype(int) - hosts[2].frame(last)).mean() > 0.1
             assert whale.stats()["params"]["prompt"] == "a blue whale"
         finally:
             whale.close()
@@ -241,8 +242,15 @@ def test_two_hosts_have_their_own_sessions_and_closing_one_leaves_the_other_alon
         last = last_finished_seq(len(frames), first, lag)
         for host in hosts[:2]:
             host.wait_for_output(last)
-        assert np.array_equal(hosts[0].frame(last), hosts[1].frame(last))
+        assert_same_picture(hosts[0].frame(last), hosts[1].frame(last))
         assert fox.stats()["frames_dropped"] == 0 and fox.state == "streaming"
+
+
+def assert_same_picture(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal but for the float rounding of forwards shared with other sessions: a level
+    here and there (a prompt changes nearly half the pixels, 0.5 levels on average)."""
+    difference = np.abs(a.astype(int) - b)
+    assert difference.max() <= 1 and difference.mean() < 0.01
 
 
 # ---------------------------------------------------------------------- bad input

@@ -14,8 +14,8 @@ from bridge.client import EngineClient
 from engine import cli
 from engine.models.weights import build_models
 from engine.server import EngineServer
-from engine.slo import CostModel, FrameRateGate, SessionLoad, SloPolicy, StepShape, percentile
-from engine.slo_sim import Device, Stream, simulate, steady_captures
+from engine.slo import CostModel, FrameRateGate, SessionLoad, SloPolicy, StepShape, excused_wait_start, percentile
+from engine.slo_sim import Device, Stream, bursty_captures, simulate, steady_captures
 
 SECONDS = 30.0  # simulated
 BUDGET_S = 0.5
@@ -52,6 +52,14 @@ def test_one_stalled_step_does_not_throttle_the_sessions_after_it():
     cost.observe(shape, 0.5)  # a lasting change shows twice in a row and is taken
     cost.observe(shape, 0.5)
     assert cost.predict(shape) == pytest.approx(0.3)
+
+
+def test_time_spent_on_first_chunks_is_left_out_of_a_waiting_chunks_wait():
+    start, end = 1_000, 1_300  # a step of first chunks
+    assert excused_wait_start(900, start, end) == 1_200  # complete before it: its wait counts 100 + what follows
+    assert excused_wait_start(1_100, start, end) == end  # complete during it: counts from its end
+    assert excused_wait_start(1_400, start, end) == 1_400  # complete after it: untouched
+    assert excused_wait_start(None, start, end) is None  # no complete chunk
 
 
 def test_a_frame_rate_cap_lets_frames_through_evenly():
@@ -107,6 +115,23 @@ def test_chunks_of_two_latent_frames_when_chunks_of_one_cannot_keep_up_within_th
     assert not two.stream_batched and two.latents == 2 and two.predicted_latency_s == pytest.approx(0.8475)
     assert two.as_dict()["chunk_frames"] == 8
     assert choice(0.8).latents == 1  # 4 frames more would break the budget: chunks of 1, frames dropped
+
+
+def test_frame_rates_are_capped_only_once_a_steady_step_has_been_measured():
+    """A first chunk's cost (every denoising step in turn, its frames encoded) is a poor
+    guess of a steady step's: four sessions opened at once must not be throttled on it."""
+    cost = CostModel()
+    cost.observe(StepShape.first_chunk(2, latents=2), 0.4)
+    policy = SloPolicy(cost)
+    loads = [SessionLoad(f"s{i}", target_fps=32, latency_s=1.0, steps=2, stream_batched=True, mode_adjustable=True,
+                         started=True, ready=True, deadline_capture_ns=0, input_fps=32, wait_s=0.0, dropping=True)
+             for i in range(4)]
+    assert all(choice.frame_rate_cap is None for choice in policy.plan(loads).choices.values())
+
+    # Measured: four sessions' shared step takes 0.4 s, so 4 x 8 chunks a second need 3.2x the device.
+    cost.observe(StepShape.together([StepShape.steady(2, True)] * 4), 0.4)
+    caps = [choice.frame_rate_cap for choice in policy.plan(loads).choices.values()]
+    assert all(cap is not None and cap < 16 for cap in caps)
 
 
 # ----------------------------------------------------------- simulated clock and device
@@ -190,6 +215,38 @@ def test_a_new_sessions_first_chunk_goes_ahead_of_steady_state_work():
     # One frame in (low-latency start), at most the step in progress ahead of it, then its
     # first chunk (every denoising step on one latent frame: 40 ms here).
     assert results[-1].first_output_s - joins_s <= 0.04 + 0.04 + 0.005
+
+
+def test_sessions_opened_together_take_their_first_chunks_together_on_a_memory_bound_device():
+    streams = [Stream(steady_captures(16, SECONDS)) for _ in range(4)]  # all complete a first chunk at 250 ms
+    results = simulate(streams, Device(pass_s=0.03, row_s=0.01), SECONDS)
+
+    # Together: 2 denoising steps of 30 ms + 4 x 2 latent rows of 10 ms = 220 ms (one after
+    # another the last would wait for 4 x 100 ms).
+    assert [result.first_output_s for result in results] == pytest.approx([0.25 + 0.22] * 4)
+
+
+def test_a_session_opening_does_not_restart_the_others_streams():
+    """The newcomer's first chunk goes ahead of the others' steps once; their waits behind
+    it are not what a steady step waits, so they must not switch mode (a restart) for it."""
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.013 * i), latency_ms=650) for i in range(3)]
+    newcomer = Stream(steady_captures(16, SECONDS, start_s=10.0), latency_ms=650)
+    results = simulate([*streams, newcomer], Device(pass_s=0.03, row_s=0.01), SECONDS)
+
+    assert [result.restarts for result in results] == [0, 0, 0, 0]
+    for result in results:
+        assert result.deadline_misses == 0
+        assert result.choices[-1] == "meeting targets"
+
+
+def test_a_burst_the_budget_has_room_for_is_absorbed_not_dropped():
+    """Four sessions sending 1 s at 32 FPS, 1 s at 8: the bursts' frames wait in the inbox
+    (room the policy gives while they can still make the deadline) and are all served."""
+    streams = [Stream(bursty_captures(8, 32, 1.0, SECONDS)) for _ in range(4)]
+    for result in simulate(streams, Device(pass_s=0.03, row_s=0.01), SECONDS):
+        assert result.frames_dropped <= 0.01 * result.frames_in  # a few while the sessions start
+        assert result.delivered >= 0.98 * result.frames_in
+        assert result.latency_percentile(99) <= 0.55  # the slow second's chunks take 375 ms to fill
 
 
 # ----------------------------------------------------------------- the real engine

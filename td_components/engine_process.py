@@ -91,20 +91,16 @@ class EngineProcess:
         self.stopping = True
         if self._process.poll() is None:
             self._process.terminate()  # SIGTERM; on Windows TerminateProcess, which ends it at once
-        threading.Thread(target=self._reap, name="engine-reaper", daemon=True).start()
+        threading.Thread(target=self._wait_or_kill, args=(STOP_GRACE_S,), name="engine-reaper", daemon=True).start()
 
     def shutdown(self, timeout_s: float = STOP_GRACE_S) -> None:
         """Stop it and wait until it is gone (killing it after timeout_s): for closing TouchDesigner."""
         self.stop()
+        self._wait_or_kill(timeout_s)
+
+    def _wait_or_kill(self, timeout_s: float) -> None:
         try:
             self._process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-    def _reap(self) -> None:
-        try:
-            self._process.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()

@@ -76,6 +76,9 @@ class ErrorCode(str, enum.Enum):
     # An output the session asked for besides its host (a virtual camera) cannot be opened
     # on the engine's machine; the message says why and the fix, and the session goes on.
     OUTPUT_UNAVAILABLE = "output_unavailable"
+    # The engine failed to handle a valid request (a fault of the engine's, in its log); it
+    # goes on serving, this session included.
+    INTERNAL = "internal"
 
 
 class ProtocolError(Exception):

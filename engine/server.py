@@ -365,9 +365,7 @@ class EngineServer:
                         self._read_input_ring(session)
                     self._send_due_outputs(session, now_ns)
                 except Exception as error:  # noqa: BLE001 - one session's frames failing must not stop the others
-                    log.exception("session %s: moving its frames failed", session.id)
-                    session.fail(f"the engine could not move this session's frames ({type(error).__name__}: "
-                                 f"{error}); open a new session")
+                    _fail_moving_frames(session, error)
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + REAP_EVERY_S
                 self._close_silent_sessions()
@@ -378,6 +376,12 @@ class EngineServer:
             payload = handlers[type(request.message)](request)
         except ProtocolError as error:
             self._socket.reply_error(request, error)
+        except Exception as error:  # noqa: BLE001 - a fault handling one request must not end every session
+            kind = type(request.message).__name__
+            log.exception("handling a %s failed", kind)
+            self._socket.reply_error(request, ProtocolError(
+                ErrorCode.INTERNAL, None, f"the engine failed to handle this {kind} ({type(error).__name__}: {error}); "
+                "it goes on serving: try again, and if it happens again report it with the engine's log"))
         else:
             self._socket.reply_ok(request, payload)
 
@@ -520,8 +524,13 @@ class EngineServer:
         except ProtocolError as error:
             self._socket.reply_error(frame, error)
             return
-        rgb = to_rgb(frame.pixels, header.format)
-        if session.put(InputFrame(rgb, header.format, header.seq, header.t_capture_ns), frame.dropped):
+        try:
+            ready = session.put(InputFrame(to_rgb(frame.pixels, header.format), header.format, header.seq,
+                                           header.t_capture_ns), frame.dropped)
+        except Exception as error:  # noqa: BLE001 - one session's frames failing must not stop the others
+            _fail_moving_frames(session, error)
+            return
+        if ready:
             self._worker.wake()
 
     def _read_input_ring(self, session: Session) -> None:
@@ -596,6 +605,12 @@ class EngineServer:
             session.output_ring.close()  # unlinks it
         self._worker.wake()  # to free the session's pipeline
         log.info("session %s closed: %s", session.id, reason)
+
+
+def _fail_moving_frames(session: Session, error: Exception) -> None:
+    log.exception("session %s: moving its frames failed", session.id)
+    session.fail(f"the engine could not move this session's frames ({type(error).__name__}: {error}); "
+                 "open a new session")
 
 
 def _check_size(session: Session, width: int, height: int) -> None:

@@ -415,6 +415,39 @@ def test_a_session_whose_frames_cannot_be_moved_fails_alone(monkeypatch):
     assert not server.failed
 
 
+def test_a_fault_handling_one_request_is_answered_and_every_session_goes_on(monkeypatch):
+    """In-process, to make the engine fail taking one parameter change (a fault of its own,
+    not bad input): the host hears why, and the engine, that session included, serves on."""
+    import engine.session
+
+    change = engine.session.Session.change
+    faulty = set()  # sessions whose next change fails
+
+    def change_failing_once(session, *args, **kwargs):
+        if session.id in faulty:
+            faulty.discard(session.id)
+            raise KeyError("guidance")
+        return change(session, *args, **kwargs)
+
+    monkeypatch.setattr(engine.session.Session, "change", change_failing_once)
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32))
+    server.start()
+    try:
+        with client(server.address, "zmq") as first, client(server.address, "shm") as second:
+            faulty.add(first.session)
+            with pytest.raises(RemoteError) as answered:
+                first.set(prompt="a fault")
+            assert answered.value.code == "internal" and "ParamsUpdate" in answered.value.message
+            assert "KeyError" in answered.value.message and "goes on serving" in answered.value.message
+            assert first.set(prompt="asked again")["params"]["prompt"] == "asked again"  # the same session
+            stream_until_output(first)
+            stream_until_output(second)
+    finally:
+        server.close()
+    assert not server.failed
+
+
 @pytest.mark.parametrize("weights, message", [
     ("missing", "does not exist"),
     ("empty", "failed to load"),

@@ -53,6 +53,9 @@ PLATFORM_BACKENDS = {
 }
 V4L2LOOPBACK_MODPROBE = "sudo modprobe v4l2loopback devices=1"
 DEFAULT_QUEUED_FRAMES = 4  # one chunk of the engine's output
+# close() waits this long for the pacing thread to release the camera (so that it can be
+# opened again at once), and no longer: a device that hangs must not hold up the caller.
+CLOSE_WAIT_S = 1.0
 
 # Which channels of each protocol format make up R, G, B.
 _RGB_CHANNELS = {"rgba8": [0, 1, 2], "rgb8": [0, 1, 2], "bgra8": [2, 1, 0]}
@@ -168,13 +171,13 @@ class VirtualCamera:
             self._changed.notify()
         return True
 
-    def close(self) -> None:
-        """Stop sending (frames still queued are dropped) and release the camera."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Stop sending (frames still queued are dropped); the pacing thread then releases
+        the camera. Waits up to wait_s for that."""
         with self._changed:
             self._closed = True
             self._changed.notify()
-        self._thread.join()
-        self._camera.close()
+        self._thread.join(wait_s)
 
     def __enter__(self) -> VirtualCamera:
         return self
@@ -194,6 +197,12 @@ class VirtualCamera:
         return pixels[..., _RGB_CHANNELS[format]]  # fancy indexing: a new, contiguous array
 
     def _send_paced(self) -> None:
+        try:
+            self._send_until_closed()
+        finally:
+            self._camera.close()  # here, not in close(): a send that hangs holds only this thread
+
+    def _send_until_closed(self) -> None:
         period = 1.0 / self.fps
         next_due: float | None = None
         while True:

@@ -46,7 +46,9 @@ from .session import InputFrame, Session
 log = logging.getLogger(__name__)
 
 POLL_S = 0.002  # between looks at the sender while it has no new frame
-JOIN_TIMEOUT_S = 5.0  # how long stop() waits for the thread to close its Spout objects
+# How long stop() waits for the thread to close its Spout objects: milliseconds normally;
+# a driver that hangs holds up the IO thread (every other session) no longer than this.
+JOIN_TIMEOUT_S = 1.0
 # The format frames go back out in: Spout's own texture format (DXGI B8G8R8A8), so the
 # driver has nothing to reorder.
 OUTPUT_FORMAT = "bgra8"
@@ -68,9 +70,12 @@ class SpoutSessionIO:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop and wait for the thread to close the receiver and sender."""
+        """Stop and wait (bounded) for the thread to close the receiver and sender."""
         self._stopping.set()
         self._thread.join(JOIN_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning("session %s: Spout has not answered for %.0f s; its sender closes when it does",
+                        self._session.id, JOIN_TIMEOUT_S)
 
     def _run(self) -> None:
         session = self._session

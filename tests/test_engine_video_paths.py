@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fake_spoutgl import DXGI_B8G8R8A8, FOLDER_ENV, GL_BGRA_EXT, FakeSpoutMachine, convert
+from fake_spoutgl import DXGI_B8G8R8A8, FOLDER_ENV, GL_BGRA_EXT, FakeReceiver, FakeSpoutMachine, convert
 from processes import PATIENCE_S, ServedEngine as Engine
 from test_virtualcam import fake_pyvirtualcam
 from bridge.client import EngineClient, RemoteError
@@ -135,6 +135,39 @@ def test_a_spout_sessions_thread_reads_a_bgra_sender_into_the_inbox_and_publishe
     assert session.failure is None
     # Made, used and closed on its own thread, the sender before the receiver whose context it shared.
     assert spout.gl_contexts == {} and spout.senders.get("engine out") is None
+
+
+def test_closing_a_spout_session_whose_driver_hangs_holds_up_the_io_thread_a_bounded_time(monkeypatch, tmp_path,
+                                                                                            caplog):
+    """The IO thread closes sessions, every host's frames wait meanwhile: a stuck Spout call
+    costs them at most JOIN_TIMEOUT_S, and the session's thread closes Spout once it returns."""
+    import engine.spout_io
+
+    spout = FakeSpoutMachine(tmp_path)
+    monkeypatch.setitem(sys.modules, "SpoutGL", spout.module())
+    receiving, answer = threading.Event(), threading.Event()
+    receive_image = FakeReceiver.receiveImage
+
+    def hanging_receive_image(receiver, *args):
+        receiving.set()
+        answer.wait()
+        return receive_image(receiver, *args)
+
+    monkeypatch.setattr(FakeReceiver, "receiveImage", hanging_receive_image)
+    monkeypatch.setattr(engine.spout_io, "JOIN_TIMEOUT_S", 0.05)
+    routes = {**session_routes("spout", virtualcam=False), "spout_input": "TD out", "spout_output": "engine out"}
+    session = Session("s1", None, "spout", SIZE, SIZE, StreamSettings(height=32, width=32), {}, routes, "ready")
+    spout_io = SpoutSessionIO(session, lambda: None)
+    spout_io.start()
+    spout.publish("TD out", rgba(cli.test_pattern(1, SIZE, SIZE)[0]))
+    assert receiving.wait(PATIENCE_S)
+    session.close()
+    started = time.monotonic()
+    spout_io.stop()
+    assert time.monotonic() - started < PATIENCE_S  # returned without the driver, not when it answered
+    assert "Spout has not answered" in caplog.text
+    answer.set()
+    wait_until(lambda: spout.gl_contexts == {}, "the session's thread to close Spout")
 
 
 def test_a_hosts_spout_session_streams_a_sender_through_the_model_into_another(tmp_path):

@@ -219,6 +219,22 @@ def test_a_failing_camera_stops_taking_frames_and_says_why():
         assert output.submit(frame(2)) is False
 
 
+def test_closing_a_camera_whose_device_hangs_returns_and_the_camera_is_released_when_it_answers():
+    """The engine's IO thread closes cameras: a stuck driver must hold up no other session."""
+    camera = FakeCamera()
+    camera.gate.clear()  # send() blocks
+    output = paced(camera)
+    output.submit(frame(1))
+    assert camera.sending.wait(WAIT_S)
+    started = time.monotonic()
+    output.close(wait_s=0.05)
+    assert time.monotonic() - started < WAIT_S  # bounded, not until the device answers
+    assert not camera.closed  # still in send()
+    camera.gate.set()
+    wait_until(lambda: camera.closed)  # released by the pacing thread once send returns
+    assert output.submit(frame(2)) is False
+
+
 # -------------------------------------------------------------------- format conversion
 
 

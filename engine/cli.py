@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--size", default="256x256", help="host frame size HxW")
     demo_parser.add_argument("--model-size", help="model size HxW, multiples of 16 (tiny: 64x64, else 512x512)")
     demo_parser.add_argument("--prompt", default="a watercolour painting")
+    demo_parser.add_argument("--latency-ms", type=float, default=500.0,
+                             help="the session's budget from capture to output, which the scheduler holds its "
+                                  "frames to (stream batching goes where its lag does not fit)")
     demo_parser.add_argument("--output", default="out/demo.mp4")
     demo_parser.set_defaults(handler=demo)
 

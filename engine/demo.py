@@ -29,7 +29,8 @@ def run_demo(args: argparse.Namespace) -> None:
     model_height, model_width = model_size(args.model, args.model_size)
     engine, address = start_engine(args.model, args.weights, f"{model_height}x{model_width}")
     try:
-        with EngineClient(address, transport=args.transport, width=width, height=height, prompt=args.prompt) as client:
+        with EngineClient(address, transport=args.transport, width=width, height=height, prompt=args.prompt,
+                          latency_ms=args.latency_ms) as client:
             wait_until_ready(client, engine)
             print(f"streaming {args.frames} frames of {width}x{height} at {args.fps:g} fps through {args.transport} "
                   f"(model at {model_width}x{model_height}) ...", flush=True)
@@ -106,6 +107,13 @@ def report(args: argparse.Namespace, received: list[Output], arrivals: list[floa
         raise SystemExit("error: too few frames came back to measure")
     fps = (len(received) - 1) / (arrivals[-1] - arrivals[0])
     p50, p90, p99 = np.percentile([output.latency_ms for output in received], [50, 90, 99])
-    print(f"output {fps:.1f} frames/s; glass-to-glass latency p50 {p50:.0f} ms, p90 {p90:.0f} ms, p99 {p99:.0f} ms")
+    print(f"output {fps:.1f} frames/s; glass-to-glass latency p50 {p50:.0f} ms, p90 {p90:.0f} ms, p99 {p99:.0f} ms "
+          f"(budget {args.latency_ms:g} ms; the scheduler: {scheduler_summary(stats)})")
     write_video(args.output, [np.stack([output.pixels for output in received])], args.fps)
     print(f"wrote {args.output}")
+
+
+def scheduler_summary(stats: dict) -> str:
+    choice = stats.get("scheduler") or {}
+    mode = "stream-batched" if choice.get("stream_batch") else "steps in turn"
+    return f"{choice.get('state', 'no choice yet')}, {mode}, chunks of {choice.get('chunk_frames', '?')} frames"

@@ -121,6 +121,7 @@ def script_properties():
     obs.obs_properties_add_int_slider(stream, "steps", _label("steps", "Steps"), 1, 4, 1)
     obs.obs_properties_add_int(stream, "seed", "Seed", 0, 2**31 - 1, 1)
     obs.obs_properties_add_int_slider(stream, "target_fps", "Target FPS", 1, 60, 1)
+    obs.obs_properties_add_int_slider(stream, "latency_ms", "Latency budget (ms)", 100, 2000, 10)
     obs.obs_properties_add_int(stream, "width", _label("width", "Output width"), 64, 4096, 2)
     obs.obs_properties_add_int(stream, "height", _label("height", "Output height"), 64, 4096, 2)
     transports = obs.obs_properties_add_list(stream, "transport", _label("transport", "Transport"),

@@ -143,7 +143,7 @@ def _inspect_properties() -> dict:
     try:
         found = {}
         for name in ("address", "environment", "model", "start_engine", "stop_engine", "input_source", "prompt",
-                     "strength", "steps", "seed", "target_fps", "width", "height", "transport", "refresh",
+                     "strength", "steps", "seed", "target_fps", "latency_ms", "width", "height", "transport", "refresh",
                      "status_engine"):
             prop = obs.obs_properties_get(props, name)
             if prop is None:

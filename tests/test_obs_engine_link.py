@@ -22,7 +22,8 @@ pytestmark = pytest.mark.timeout(30)
 
 ADDRESS = "tcp://127.0.0.1:5999"
 SESSION = SessionConfig(ADDRESS, "shm", "tiny", 8, 6)
-PARAMS = {"prompt": "a watercolour painting", "strength": 0.8, "steps": 2, "seed": 0, "target_fps": 30}
+PARAMS = {"prompt": "a watercolour painting", "strength": 0.8, "steps": 2, "seed": 0, "target_fps": 30,
+          "latency_ms": 500}
 
 
 @pytest.fixture(autouse=True)

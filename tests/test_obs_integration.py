@@ -131,8 +131,8 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
         print(f"\n{time.monotonic() - started:.1f} s: no engine reported")
         properties = report["properties"]["found"]
         assert set(properties) >= {"address", "environment", "model", "start_engine", "stop_engine", "input_source",
-                                   "prompt", "strength", "steps", "seed", "target_fps", "width", "height",
-                                   "transport", "refresh", "status_engine"}, properties
+                                   "prompt", "strength", "steps", "seed", "target_fps", "latency_ms", "width",
+                                   "height", "transport", "refresh", "status_engine"}, properties
         assert properties["steps"]["label"] == "Steps (restarts the stream)"
         assert properties["width"]["label"] == "Output width (restarts the session)"
         assert properties["input_source"]["items"] == [["", False], ["Test pattern", False]]  # not its own output

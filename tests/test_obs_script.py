@@ -117,7 +117,7 @@ def test_defaults_cover_every_setting(monkeypatch):
     assert settings.defaults == {
         "address": "tcp://127.0.0.1:5555", "environment": "/opt/sd-venv", "model": "wan2.1-1.3b",
         "input_source": "", "prompt": "a watercolour painting", "strength": 0.8, "steps": 2, "seed": 0,
-        "target_fps": 30, "width": 512, "height": 512, "transport": "shm",
+        "target_fps": 30, "latency_ms": 500, "width": 512, "height": 512, "transport": "shm",
     }
 
 
@@ -135,7 +135,7 @@ def test_properties_offer_every_setting_and_say_what_a_change_restarts(scene_wit
     props = streamdiffusion.script_properties().all()
 
     for name in ("address", "environment", "model", "input_source", "prompt", "strength", "steps", "seed",
-                 "target_fps", "width", "height", "transport"):
+                 "target_fps", "latency_ms", "width", "height", "transport"):
         assert name in props, name
     for name in ("start_engine", "stop_engine", "refresh"):
         assert props[name].kind == "button"

@@ -5,7 +5,7 @@ once per script_update, and everything else works with these plain values.
 
 A change takes effect in one of three ways:
 - live: sent to the engine, which applies it at its next step (prompt, strength,
-  seed, target FPS);
+  seed, target FPS, latency budget);
 - stream restart: sent to the engine, which starts the stream over, so the first
   frames come again after a short gap (steps);
 - session restart: the script closes its session and opens a new one (engine
@@ -30,7 +30,7 @@ OUTPUT_SOURCE_NAME = "StreamDiffusion output"  # a Media Source with no media, f
 SPOUT_OUTPUT_SOURCE_NAME = "StreamDiffusion output (Spout)"  # the Spout2 plugin's capture source
 
 # Parameters the engine takes, by their protocol names, and the settings holding them.
-ENGINE_PARAMS = ("prompt", "strength", "steps", "seed", "target_fps")
+ENGINE_PARAMS = ("prompt", "strength", "steps", "seed", "target_fps", "latency_ms")
 STREAM_RESTART_PARAMS = ("steps",)  # the engine's schema marks them "reload"
 SESSION_FIELDS = ("address", "model", "width", "height", "transport")
 
@@ -46,6 +46,7 @@ class ScriptSettings:
     steps: int = 2
     seed: int = 0
     target_fps: int = 30
+    latency_ms: int = 500  # capture to output: the engine's scheduler holds the session's frames to it
     width: int = 512
     height: int = 512
     transport: str = "shm"

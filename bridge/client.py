@@ -436,5 +436,20 @@ class EngineClient:
             raise RuntimeError("the client is not open: use it in a with block, or call open() first")
 
 
+def describe_scheduler(stats: dict[str, Any]) -> str:
+    """How the engine's scheduler serves a session, in a few words for a status line, from
+    the session's stats: whether it meets its targets, its mode and chunk size, any cap."""
+    choice = stats.get("scheduler")
+    if not choice:
+        return "no plan yet"
+    words = [choice["state"], "stream-batched" if choice["stream_batch"] else "steps in turn",
+             f"chunks of {choice['chunk_frames']} frames"]
+    if choice.get("frame_rate_cap") is not None:
+        words.append(f"capped at {choice['frame_rate_cap']:g} fps")
+    if choice.get("predicted_latency_ms") is not None:
+        words.append(f"{choice['predicted_latency_ms']:.0f} ms predicted")
+    return ", ".join(words)
+
+
 def _output(pixels: np.ndarray, seq: int, t_capture_ns: int) -> Output:
     return Output(pixels, seq, t_capture_ns, (time.monotonic_ns() - t_capture_ns) / 1e6)

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bridge.client import EngineClient, Output
+from bridge.client import EngineClient, Output, describe_scheduler
 
 from .cli import model_size, test_pattern, write_video
 
@@ -108,12 +108,6 @@ def report(args: argparse.Namespace, received: list[Output], arrivals: list[floa
     fps = (len(received) - 1) / (arrivals[-1] - arrivals[0])
     p50, p90, p99 = np.percentile([output.latency_ms for output in received], [50, 90, 99])
     print(f"output {fps:.1f} frames/s; glass-to-glass latency p50 {p50:.0f} ms, p90 {p90:.0f} ms, p99 {p99:.0f} ms "
-          f"(budget {args.latency_ms:g} ms; the scheduler: {scheduler_summary(stats)})")
+          f"(budget {args.latency_ms:g} ms; the scheduler: {describe_scheduler(stats)})")
     write_video(args.output, [np.stack([output.pixels for output in received])], args.fps)
     print(f"wrote {args.output}")
-
-
-def scheduler_summary(stats: dict) -> str:
-    choice = stats.get("scheduler") or {}
-    mode = "stream-batched" if choice.get("stream_batch") else "steps in turn"
-    return f"{choice.get('state', 'no choice yet')}, {mode}, chunks of {choice.get('chunk_frames', '?')} frames"

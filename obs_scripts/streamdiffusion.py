@@ -54,8 +54,8 @@ from streamdiffusion_obs.settings import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVERY_FRAME_MS = 1  # OBS runs a timer at most once a video frame; the pipeline paces captures itself
-STATUS_ROWS = ("Engine", "Frames", "Latency", "Dropped", "Last error", "Notice", "Input", "Output", "Capture timer",
-               "Spout", "Local engine", "Set-up")
+STATUS_ROWS = ("Engine", "Frames", "Latency", "Dropped", "Scheduler", "Last error", "Notice", "Input", "Output",
+               "Capture timer", "Spout", "Local engine", "Set-up")
 LOGGERS = ("bridge", "streamdiffusion_obs")  # whose records go to OBS's script log
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from bridge.client import EngineClient
+from bridge.client import EngineClient, describe_scheduler
 from bridge.protocol import DEFAULT_PARAMS, ProtocolError
 from bridge.zmq_io import RemoteError
 
@@ -58,6 +58,7 @@ class LinkStatus:
     dropped_frames: int  # inputs never stylised: replaced before sending, or dropped by the engine as stale
     first_frame_ms: float | None  # from the session's first frame sent to its first output
     engine_params: dict  # the session's parameters as the engine last reported them
+    scheduler: str = ""  # how the engine's scheduler serves the session (bridge.client.describe_scheduler)
 
 
 def engine_frame(pixels: np.ndarray) -> np.ndarray:
@@ -104,6 +105,7 @@ class EngineLink:
         self._outputs: deque[tuple[float, float]] = deque()  # (arrival, latency_ms) within RATE_WINDOW_S
         self._engine_dropped = 0
         self._engine_params: dict = {}
+        self._scheduler = ""
         self._first_sent_at: float | None = None
         self._first_frame_ms: float | None = None
         self._session: str | None = None
@@ -263,6 +265,7 @@ class EngineLink:
         self._first_sent_at = self._first_frame_ms = None
         self._engine_dropped = 0
         self._engine_params = {}
+        self._scheduler = ""
 
     def _count_output(self, latency_ms: float, now: float) -> None:
         if self._first_frame_ms is None and self._first_sent_at is not None:
@@ -276,6 +279,7 @@ class EngineLink:
             return  # no session, or the engine is not answering: state and message say so
         self._engine_dropped = stats["frames_dropped"]
         self._engine_params = stats["params"]
+        self._scheduler = describe_scheduler(stats)
 
     def _report(self, client: EngineClient, now: float) -> None:
         while self._outputs and now - self._outputs[0][0] > RATE_WINDOW_S:
@@ -294,7 +298,7 @@ class EngineLink:
             message = MESSAGES.get(state, state)
         with self._lock:
             self._status = LinkStatus(state, message, fps, latency, self._replaced + self._engine_dropped,
-                                      self._first_frame_ms, self._engine_params)
+                                      self._first_frame_ms, self._engine_params, self._scheduler)
 
     def _set_status(self, state: str, message: str) -> None:
         with self._lock:

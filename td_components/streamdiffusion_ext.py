@@ -313,6 +313,7 @@ class StreamDiffusionExt:
             "Latency": round(status.latency_ms, 1) if status else 0.0,
             "Droppedframes": status.dropped_frames if status else 0,
             "Firstframe": round(status.first_frame_ms or 0.0, 1) if status else 0.0,
+            "Scheduler": status.scheduler if status else "",
             "Processstate": self._process_state(),
         }
         for name, value in shown.items():

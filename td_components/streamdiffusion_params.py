@@ -99,6 +99,9 @@ PAGES: dict[str, tuple[ParSpec, ...]] = {
         ParSpec("Latency", "Glass-to-Glass Latency (ms)", "Float", 0.0, read_only=True),
         ParSpec("Droppedframes", "Dropped Frames", "Int", 0, read_only=True),
         ParSpec("Firstframe", "Time to First Frame (ms)", "Float", 0.0, read_only=True),
+        ParSpec("Scheduler", "Scheduler", "Str", "", read_only=True,
+                help="How the engine serves this stream: whether it meets Target FPS and Latency Budget, "
+                     "stream batching or steps in turn, chunk size, any frame-rate cap, predicted latency."),
     ),
 }
 

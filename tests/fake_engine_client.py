@@ -165,7 +165,9 @@ class FakeEngineClient:
         self._tend()
         if self.session is None:
             raise ConnectionError(f"no session: the engine at {self.address} is {self._state}")
-        return {"state": self._state, "frames_dropped": 3, "outputs_dropped": 1}
+        return {"state": self._state, "frames_dropped": 3, "outputs_dropped": 1,
+                "scheduler": {"stream_batch": False, "chunk_frames": 4, "spare_frames": 2, "frame_rate_cap": None,
+                              "predicted_step_ms": 120.0, "predicted_latency_ms": 410.0, "state": "meeting targets"}}
 
     # -- the connection, tended on every call as EngineClient does
     def _tend(self) -> FakeEngine | None:

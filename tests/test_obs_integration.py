@@ -41,6 +41,8 @@ HARNESS = REPO.parent / "shared" / "tools" / "obs-headless" / "run-obs-script.sh
 WRAPPER = REPO / "tests" / "obs_harness_wrapper.py"
 RUN_S = 40  # how long OBS runs after start-up; the three phases need about half of it
 PHASE_S = 30  # the longest any one phase may take
+SCHEDULED = re.compile(r"(meeting targets|over budget|frame rate lowered|warming up), "
+                       r"(stream-batched|steps in turn), chunks of (4|8) frames")
 SIZE = 512
 FRAME_INTERVAL_MS = 1000 / 30  # OBS and the script both at 30 frames/s
 QUARTER_COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 220), (240, 220, 40)]  # TL, TR, BL, BR
@@ -143,7 +145,8 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
         engine = ServedEngine(tmp_path, address=address, env={"OMP_NUM_THREADS": "1"})  # a core left to OBS's renderer
         report = wait_for(report_path, harness, "engine frames in the output source", lambda r: (
             r["status"]["Engine"].startswith("streaming")
-            and len({json.dumps(b["quarters"]) for b in r["read_back"] if matches_a_pushed_frame(b, r)}) >= 2))
+            and len({json.dumps(b["quarters"]) for b in r["read_back"] if matches_a_pushed_frame(b, r)}) >= 2
+            and SCHEDULED.match(r["status"]["Scheduler"])))  # the engine's stats, as the script shows them
         captured = report["captured"][-1]
         assert captured["size"] == [SIZE, SIZE]
         assert near(captured["quarters"], QUARTER_COLOURS, 3), captured  # the right way up, RGBA, cropped

@@ -181,6 +181,7 @@ def test_frames_flow_from_the_input_source_through_the_engine_into_the_output_so
     assert status("Engine") == f"streaming at {ADDRESS} (shm)"
     assert "frames/s" in status("Frames") and "ms glass to glass" in status("Latency")
     assert ", 4 by the engine, " in status("Dropped")  # the engine's stale inputs and replaced outputs
+    assert status("Scheduler") == "meeting targets, steps in turn, chunks of 4 frames, 410 ms predicted"
     assert status("Input") == "Camera"
     assert status("Output").endswith("frames shown, the last 512x512")
     assert " ms median, " in status("Capture timer") and "one every 17 ms" in status("Capture timer")

@@ -92,7 +92,7 @@ def test_the_parameter_pages_are_the_ones_the_issue_specifies(component):
                    "Latencybudget": "Float", "Fit": "Menu", "Lowlatencystart": "Toggle"},
         "Transport": {"Transport": "Menu", "Outputsize": "Menu", "Resolution1": "Int", "Resolution2": "Int"},
         "Status": {"Enginestate": "Str", "Message": "Str", "Outputfps": "Float", "Latency": "Float",
-                   "Droppedframes": "Int", "Firstframe": "Float"},
+                   "Droppedframes": "Int", "Firstframe": "Float", "Scheduler": "Str"},
     }
     for name, styles in expected.items():
         assert {par.name: par.style for par in pages[name].pars} == styles, name

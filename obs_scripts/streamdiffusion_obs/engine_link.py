@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bridge.client import EngineClient, Output
+from bridge.client import EngineClient, Output, describe_scheduler
 from bridge.zmq_io import RemoteError
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class LinkStatus:
     outputs_skipped: int  # stylised frames a newer one replaced before the link took them
     last_error: str
     notice: str  # the last thing worth telling (a parameter restarted the stream, ...)
+    scheduler: str  # how the engine's scheduler serves the session (bridge.client.describe_scheduler)
 
 
 class EngineLink:
@@ -98,6 +99,7 @@ class EngineLink:
         self._frames_sent = self._frames_shown = self._replaced = 0
         self._not_sent = self._dropped_by_engine = self._outputs_skipped = 0  # of the current session
         self._last_error = ""
+        self._scheduler = "no session yet"
         self._last_error_message = ""  # without its time, to tell a new error from one repeating
         self._notice = ""
 
@@ -164,6 +166,7 @@ class EngineLink:
                 outputs_skipped=self._outputs_skipped,
                 last_error=self._last_error,
                 notice=self._notice,
+                scheduler=self._scheduler,
             )
 
     # -- the link's thread -------------------------------------------------------------------
@@ -290,6 +293,8 @@ class EngineLink:
             if not was_disconnected:
                 self._set_error(f"the engine at {client.address} stopped answering; reconnecting")
             self._set(state="disconnected")
+            with self._lock:
+                self._scheduler = "no session"
             return
         try:
             stats = client.stats()
@@ -299,6 +304,7 @@ class EngineLink:
         with self._lock:
             self._state = stats["state"]
             self._dropped_by_engine = stats["frames_dropped"] + stats["outputs_dropped"]
+            self._scheduler = describe_scheduler(stats)
 
     def _set(self, *, state: str | None = None, notice: str | None = None) -> None:
         with self._lock:

@@ -151,6 +151,7 @@ class Pipeline:
             "Dropped": (f"{link['replaced_before_send']} replaced by newer ones before sending, "
                         f"{link['not_sent']} not sent (no session), {link['dropped_by_engine']} by the engine, "
                         f"{link['outputs_skipped']} stylised ones skipped"),
+            "Scheduler": link["scheduler"],
             "Last error": link["last_error"] or "none",
             "Notice": link["notice"] or "none",
             "Input": input_text,

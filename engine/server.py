@@ -435,14 +435,18 @@ class EngineServer:
             reply.update(input_ring=input_ring, output_ring=output_ring)
         with self._sessions_lock:
             self._sessions[session_id] = session
-        if transport == "spout":
-            self._spout_io[session_id] = SpoutSessionIO(session, self._worker.wake)
-            self._spout_io[session_id].start()
-        self._worker.wake()
-        log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, transport, width, height,
-                 settings.width, settings.height)
-        self._turn_camera(session)
-        reply["virtualcam"] = session.camera.describe()
+        try:
+            if transport == "spout":
+                self._spout_io[session_id] = SpoutSessionIO(session, self._worker.wake)
+                self._spout_io[session_id].start()
+            self._worker.wake()
+            log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, transport, width, height,
+                     settings.width, settings.height)
+            self._turn_camera(session)
+            reply["virtualcam"] = session.camera.describe()
+        except BaseException:
+            self._close_session(session, "it failed to open")  # its host never learns its id, nor could close it
+            raise
         return reply
 
     def _turn_camera(self, session: Session) -> None:

@@ -432,7 +432,8 @@ class Session:
                                1 + (self.settings.first_chunk_frames - 1) // FRAMES_PER_CHUNK)
 
     def set_choice(self, choice: Choice) -> None:
-        """The scheduler's decision for this session: its frame-rate cap, and for stats."""
+        """The scheduler's decision for this session: its frame-rate cap and inbox room (an
+        inbox over a smaller room loses its oldest frames as the next one comes), and for stats."""
         with self.lock:
             self._choice = choice
             self._spare_frames = choice.spare_frames

@@ -178,8 +178,10 @@ class CostModel:
         """Whether a step of this shape was among the last ``within`` measured."""
         return self._observations - self._last_observed.get(shape, -within) < within
 
-    def predict(self, shape: StepShape) -> float | None:
-        """Seconds for a step of this shape, or None before any step was measured."""
+    def predict(self, shape: StepShape, scaled: bool = True) -> float | None:
+        """Seconds for a step of this shape, or None before any step was measured. Without
+        scaled, None also where only scaling a measured step by its work would answer (a
+        guess that takes the device to be compute-bound)."""
         if shape in self._seconds:
             return self._seconds[shape]
         if not self._seconds:
@@ -189,6 +191,8 @@ class CostModel:
         if self._fitted is not None:
             per_forward, per_row = self._fitted
             return per_forward * shape.forwards + per_row * shape.work
+        if not scaled:
+            return None
         per_work = sum(seconds / known.work for known, seconds in self._seconds.items()) / len(self._seconds)
         return per_work * shape.work
 
@@ -226,7 +230,7 @@ class WaitMeter:
     """The longest of a session's recent waits for the device, a chunk complete.
 
     Time the device spends on first chunks does not count (see excused_wait_start): they go
-    ahead of every other step on purpose, once per stream, so a wait behind one says
+    ahead of every other step on purpose, once per stream start, so a wait behind one says
     nothing of the steady state, and a session that opens would otherwise make the
     others' waits look long for many chunks, and their streams restart in another mode."""
 
@@ -372,8 +376,13 @@ class SloPolicy:
         ready = [session for session in sessions if session.ready]
         first_frames = [session for session in ready if not session.started]
         if first_frames:  # ahead of steady work, in the order they opened
+            # Sessions seldom open together, so a joint first chunk is seldom measured lately:
+            # it is tried only while the cost model cannot predict it (at start-up, before steady
+            # steps tell the time per forward from the time per row), and else taken as
+            # predicted, lest a compute-bound device make every first frame wait for all.
             return self._join(first_frames, lambda session: StepShape.first_chunk(session.steps,
-                                                                                  session.first_chunk_latents))
+                                                                                  session.first_chunk_latents),
+                              explore=False)
 
         def deadline(session: SessionLoad) -> float:
             if session.deadline_capture_ns is None:
@@ -382,23 +391,29 @@ class SloPolicy:
 
         return self._join(sorted(ready, key=deadline), lambda session: _steady(session, session.stream_batched))
 
-    def _join(self, candidates: list[SessionLoad], shape_of) -> list[str]:
+    def _join(self, candidates: list[SessionLoad], shape_of, explore: bool = True) -> list[str]:
         """The first candidate, and each next one while joining the step pays."""
         batch: list[StepShape] = []
         ids = []
         for session in candidates:
             own = shape_of(session)
-            if not batch or self._pays_to_join(batch, own):
+            if not batch or self._pays_to_join(batch, own, explore):
                 batch.append(own)
                 ids.append(session.id)
         return ids
 
-    def _pays_to_join(self, batch: list[StepShape], own: StepShape) -> bool:
+    def _pays_to_join(self, batch: list[StepShape], own: StepShape, explore: bool) -> bool:
+        """Whether a session joining the batch adds at most JOIN_GAIN of its own step; a joint
+        step not measured lately is tried (explore), or taken as predicted where it can be."""
         joint = StepShape.together([*batch, own])
-        if not self.cost.measured_lately(joint, RETRY_STEPS):
+        if explore and not self.cost.measured_lately(joint, RETRY_STEPS):
             return True  # try it, to learn what it costs
-        added = self.cost.predict(joint) - self.cost.predict(StepShape.together(batch))
-        return added <= JOIN_GAIN * self.cost.predict(own)
+        # Not exploring, a guess from scaling by work (which takes the device to be compute-bound) will not do.
+        predicted = [self.cost.predict(shape, scaled=explore) for shape in (joint, StepShape.together(batch), own)]
+        if None in predicted:
+            return True  # nothing to go by: try it
+        joint_s, batch_s, own_s = predicted
+        return joint_s - batch_s <= JOIN_GAIN * own_s
 
     # -- mode and predictions ---------------------------------------------------------
     def _choice(self, session: SessionLoad, sessions: list[SessionLoad], cap: float | None) -> Choice:

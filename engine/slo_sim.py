@@ -1,11 +1,12 @@
 """The engine's scheduling on a simulated clock and device: no model, no sleeping.
 
 It follows the worker and session mechanics step for step (sessions stepping
-together with their rows in shared forwards, an inbox of a chunk and
-the start of the next where the newest frame wins, frame-rate caps, stale frames
-dropped, mode changes restarting the stream, the stream batch's lag, outputs paced at
-their capture spacing, a newer chunk replacing outputs not yet due), so tests and bench/slo.py can run the
-SLO policy (engine/slo.py) over minutes of traffic in milliseconds, and compare it
+together with their rows in shared forwards, an inbox of a chunk, the start of the
+next and the policy's spare frames where the newest frame wins, frame-rate caps,
+stale frames dropped, mode changes restarting the stream, the stream batch's lag,
+outputs paced at their capture spacing, a newer chunk replacing outputs not yet due),
+so tests and bench/slo.py can run the SLO policy (engine/slo.py) over minutes of
+traffic in milliseconds, and compare it
 with the published fixed policy: one 4-frame chunk per step, stream batching always
 on, sessions in turn, and every frame queued until its turn.
 """
@@ -120,7 +121,7 @@ class _Session:
         if not self.gate.admit(t_capture_ns):
             self.result.frames_dropped += 1
             return
-        if self.bounded_inbox and len(self.inbox) >= inbox_limit(self.frames_needed, self.spare_frames):
+        while self.bounded_inbox and len(self.inbox) >= inbox_limit(self.frames_needed, self.spare_frames):
             self._drop_oldest()
         self.inbox.append(t_capture_ns)
         if self.ready and self.ready_since_ns is None:
@@ -161,7 +162,7 @@ class _Session:
         while self.in_flight:
             self.inbox.extendleft(reversed(self.in_flight.pop()))
         self.frames_needed = 1 if self.stream.low_latency_start else 1 + FRAMES_PER_CHUNK
-        while len(self.inbox) > inbox_limit(self.frames_needed):
+        while len(self.inbox) > inbox_limit(self.frames_needed, self.spare_frames):
             self._drop_oldest()
         self.ready_since_ns = self.inbox[self.frames_needed - 1] if self.ready else None
 

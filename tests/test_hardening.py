@@ -448,6 +448,32 @@ def test_a_fault_handling_one_request_is_answered_and_every_session_goes_on(monk
     assert not server.failed
 
 
+def test_a_session_that_fails_to_open_part_way_leaves_nothing_behind(monkeypatch):
+    """The fault comes after the session was registered (its virtual camera): its host never
+    learns its id, so the engine must close it, or it would hold a slot and its memory."""
+    import engine.session
+
+    def broken_camera(camera, on, fps):
+        raise RuntimeError("the camera driver crashed")
+
+    monkeypatch.setattr(engine.session.SessionCamera, "turn", broken_camera)
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32), limits=Limits(max_sessions=1))
+    server.start()
+    try:
+        rings_before = set(list_rings())
+        with pytest.raises(RemoteError) as answered:
+            client(server.address, "shm").open()
+        assert answered.value.code == "internal" and "the camera driver crashed" in answered.value.message
+        assert set(list_rings()) <= rings_before  # its output ring is gone too
+        monkeypatch.undo()
+        with client(server.address, "shm") as healthy:  # the one session allowed: its slot is free
+            stream_until_output(healthy)
+    finally:
+        server.close()
+    assert not server.failed
+
+
 @pytest.mark.parametrize("weights, message", [
     ("missing", "does not exist"),
     ("empty", "failed to load"),

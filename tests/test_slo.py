@@ -226,6 +226,21 @@ def test_sessions_opened_together_take_their_first_chunks_together_on_a_memory_b
     assert [result.first_output_s for result in results] == pytest.approx([0.25 + 0.22] * 4)
 
 
+@pytest.mark.parametrize("device, shared", [(Device(pass_s=0.03, row_s=0.01), True),
+                                            (Device(pass_s=0.0, row_s=0.02), False)],
+                         ids=["memory-bound: together", "compute-bound: in turn"])
+def test_sessions_opening_together_mid_run_share_their_first_forward_only_where_that_pays(device, shared):
+    """Streaming sessions have taught the cost model the device by then; on a compute-bound one
+    a shared first forward would only make the first newcomer's first frame wait for the others'."""
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.013 * i)) for i in range(2)]
+    newcomers = [Stream(steady_captures(16, SECONDS, start_s=10.0)) for _ in range(3)]
+    first_outputs = [result.first_output_s for result in simulate([*streams, *newcomers], device, SECONDS)[2:]]
+    if shared:
+        assert first_outputs == pytest.approx([first_outputs[0]] * 3)
+    else:  # one after another, 2 denoising steps x 2 latent frames x 20 ms each
+        assert np.diff(first_outputs) == pytest.approx([0.08, 0.08])
+
+
 def test_a_session_opening_does_not_restart_the_others_streams():
     """The newcomer's first chunk goes ahead of the others' steps once; their waits behind
     it are not what a steady step waits, so they must not switch mode (a restart) for it."""

@@ -3,7 +3,8 @@
     python bench/slo.py [--seconds 60]
 
 Fixed: one 4-frame chunk per step, stream batching always on, sessions in turn, every
-frame queued until its turn (as published). SLO: engine/slo.py. Both run on the same
+frame queued until its turn (as published). SLO: engine/slo.py, its cost model
+starting from the engine's warm-up (a few steady steps in each mode). Both run on the same
 simulated memory-bound device (engine/slo_sim.py) and simulated clock: 1, 2, 4 and 8
 sessions at 16 FPS with a 500 ms budget; steady input, bursty input (1 s at 32 FPS,
 1 s at 8 FPS), and steady input on a device that runs at half speed from mid-run.

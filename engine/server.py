@@ -254,7 +254,7 @@ class EngineServer:
         self._param_specs = limits.params()
         self._sessions: dict[str, Session] = {}  # changed by the IO thread only
         self._sessions_lock = threading.Lock()  # the worker reads the table from its thread
-        self._worker = Worker(load_models, self._open_sessions)
+        self._worker = Worker(load_models, self._open_sessions, warm_up=self._default_settings)
         self._stopping = threading.Event()
         self.failed = False  # set when a thread died of an unexpected error, or the model did not load
         reclaimed = reclaim_abandoned_rings()

@@ -59,6 +59,9 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_TARGET_FPS = 16.0
+# At start-up, before any session, the engine runs this many steady steps in each mode
+# (engine/worker.py), all but the first measured: the cost model starts from them.
+WARM_UP_STEPS = 3
 DEFAULT_LATENCY_MS = 500.0
 FRAMES_PER_CHUNK = 4  # video frames per latent frame, as StreamPipeline takes them after a first chunk
 COST_SMOOTHING = 0.2  # weight of a new measurement in the cost model's moving average
@@ -140,10 +143,11 @@ class CostModel:
     A shape not measured yet is estimated from the measured ones: as a time per
     forward (the weights read) plus a time per latent row, fitted to them once two
     shapes tell the two apart, and before that by its work (latent rows times passes).
-    So the first measurement (a session's first chunk, the warm-up) already gives
-    every shape a usable estimate, and each later step refines its own. A lone step STALL_FACTOR
-    times slower than its estimate is left out: one paused second would otherwise
-    throttle every session for many steps while the average forgets it."""
+    The engine's warm-up measures a steady step in each mode before any session
+    (WARM_UP_STEPS), which tells the two apart from the start; each later step refines
+    its own shape. A lone step STALL_FACTOR times slower than its estimate is left out:
+    one paused second would otherwise throttle every session for many steps while the
+    average forgets it."""
 
     def __init__(self, smoothing: float = COST_SMOOTHING, stall_factor: float = STALL_FACTOR):
         self._smoothing = smoothing

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .slo import (FRAMES_PER_CHUNK, CostModel, FrameRateGate, RateMeter, SessionLoad, SloPolicy, StepShape,
+from .slo import (FRAMES_PER_CHUNK, WARM_UP_STEPS, CostModel, FrameRateGate, RateMeter, SessionLoad, SloPolicy, StepShape,
                   WaitMeter, excused_wait_start, inbox_limit, percentile)
 
 NS = 1_000_000_000
@@ -203,6 +203,12 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
             session.stream_batched = True
     arrivals = sorted((t, index) for index, stream in enumerate(streams) for t in stream.captures_ns)
     slo, turn = SloPolicy(CostModel()), _RoundRobin(sessions)
+    if policy == "slo":  # the engine's warm-up, before any session: steady steps in both modes
+        for steps in sorted({stream.steps for stream in streams}):
+            for stream_batched in (True, False):
+                shape = StepShape.steady(steps, stream_batched)
+                for _ in range(WARM_UP_STEPS - 1):
+                    slo.cost.observe(shape, device.step_seconds([shape], 0.0))
 
     now_ns, next_arrival = 0, 0  # whole nanoseconds, so a frame is never missed by rounding
     first_chunks_ns: tuple[int, int] | None = None  # the last step's span, when it ran first chunks

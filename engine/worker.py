@@ -9,8 +9,9 @@ applied just before the session's next step, never during one.
 Before each step the SLO policy (engine/slo.py) plans: which sessions step together,
 the mode each pipeline runs in (a change restarts that stream; the frames it had in
 flight go back to the session's inbox), and each session's frame-rate cap. Every
-step's time is measured and teaches the policy's cost model; a session's first chunk
-is the warm-up measurement.
+step's time is measured and teaches the policy's cost model, which starts from a
+warm-up: once the models are loaded, a throwaway stream at the engine's default
+settings runs a few steps in each mode before any session is served.
 
 A step that fails, out of memory included, fails only the session that caused it:
 the worker drops that session's pipeline and caches, returns the memory to the device,
@@ -25,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -33,9 +34,9 @@ import torch
 
 from .models.text import PromptCache
 from .models.weights import Models
-from .pipeline import FRAMES_PER_LATENT, StreamPipeline, push_streams
+from .pipeline import FRAMES_PER_LATENT, StreamPipeline, StreamSettings, push_streams
 from .session import InputFrame, Session, paced_outputs
-from .slo import Choice, CostModel, SessionLoad, SloPolicy, StepShape
+from .slo import WARM_UP_STEPS, Choice, CostModel, SessionLoad, SloPolicy, StepShape
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,13 @@ class _Stream:
 class Worker:
     """Runs on its own thread: run() until stop is set."""
 
-    def __init__(self, load_models: Callable[[], Models], sessions: Callable[[], list[Session]]):
+    def __init__(self, load_models: Callable[[], Models], sessions: Callable[[], list[Session]],
+                 warm_up: StreamSettings | None = None):
+        """warm_up: the settings of the throwaway stream run once the models are loaded (the
+        engine's defaults), or None for none."""
         self._load_models = load_models
         self._sessions = sessions  # the open sessions, a fresh list on each call
+        self._warm_up_settings = warm_up
         self._policy = SloPolicy(CostModel())
         self._work = threading.Event()  # set by the IO thread when a session may have work
         self._streams: dict[str, _Stream] = {}
@@ -97,8 +102,36 @@ class Worker:
             log.error("the model failed to load: %s", self.load_error)
             return
         self._prompts = PromptCache(self._models.text_encoder)
-        self.state = "ready"
         log.info("model loaded in %.1f s", time.perf_counter() - started)
+        if self._warm_up_settings is not None:
+            self._warm_up(self._warm_up_settings)
+        self.state = "ready"
+
+    def _warm_up(self, settings: StreamSettings) -> None:
+        """A throwaway stream at the engine's default settings, in both modes, before any session:
+        the device makes its kernels for them (a GPU's first forwards of a shape are far slower,
+        which would otherwise fall on the first session's first frame), and the cost model starts
+        from steady steps measured in both modes, which tell its time per forward from its time
+        per latent row, so the first plans already predict (engine/slo.py)."""
+        log.info("warming up: a %dx%d stream in both modes ...", settings.width, settings.height)
+        started = time.perf_counter()
+        try:
+            for stream_batch in (True, False):
+                pipeline = StreamPipeline(self._models.dit, self._models.vae, self._prompts,
+                                          replace(settings, stream_batch=stream_batch), decoder=self._models.decoder)
+                pipeline.push(np.zeros((pipeline.next_chunk_frames, settings.height, settings.width, 3), np.uint8))
+                shape = StepShape.steady(settings.steps, stream_batch)
+                for index in range(WARM_UP_STEPS):
+                    step_started = time.perf_counter()
+                    pipeline.push(np.zeros((FRAMES_PER_LATENT, settings.height, settings.width, 3), np.uint8))
+                    if index:  # the first steady step makes its shape's kernels
+                        self._policy.cost.observe(shape, time.perf_counter() - step_started)
+        except Exception as error:  # noqa: BLE001 - the sessions' own steps teach the cost model instead
+            log.warning("warming up failed (%s: %s); the first sessions' steps teach the scheduler instead",
+                        type(error).__name__, error)
+        finally:
+            _release_device_memory()
+        log.info("warmed up in %.1f s", time.perf_counter() - started)
 
     def _has_work(self, session: Session) -> bool:
         if session.id not in self._streams:

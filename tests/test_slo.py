@@ -5,6 +5,7 @@ The engine test asserts no timings of its own: it checks that what the engine re
 agrees with what the hosts measured, with generous tolerances.
 """
 
+import logging
 import time
 
 import numpy as np
@@ -241,6 +242,17 @@ def test_sessions_opening_together_mid_run_share_their_first_forward_only_where_
         assert np.diff(first_outputs) == pytest.approx([0.08, 0.08])
 
 
+def test_from_the_warm_up_a_session_starts_in_the_mode_its_budget_needs():
+    """The engine's warm-up measured both modes before any session, so a session whose budget
+    rules out stream batching's lag starts without it instead of restarting later."""
+    # Stream-batched: 7 frames of 62.5 ms + 50 ms wait + 50 ms step, over 400 ms; without: 3 frames + 2 x 80 ms.
+    [result] = simulate([Stream(steady_captures(16, SECONDS), latency_ms=400)], Device(pass_s=0.03, row_s=0.01),
+                        SECONDS)
+    assert result.restarts == 0
+    assert result.deadline_misses == 0 and result.delivered >= 0.99 * result.frames_in
+    assert "warming up" not in result.choices  # predictions from the first plan
+
+
 def test_a_session_opening_does_not_restart_the_others_streams():
     """The newcomer's first chunk goes ahead of the others' steps once; their waits behind
     it are not what a steady step waits, so they must not switch mode (a restart) for it."""
@@ -312,6 +324,26 @@ def test_two_sessions_with_different_targets_are_served_and_their_stats_agree_wi
         assert reported["deadline_misses"] <= host_misses + 0.1 * len(measured) + 2
     # The slow session got its lower rate, not the fast one's.
     assert stats["slow"]["frames_in"] < stats["fast"]["frames_in"]
+    assert not server.failed
+
+
+def test_the_engine_warms_up_before_its_first_session_so_the_first_plan_predicts(caplog):
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32))
+    server.start()
+    try:
+        with EngineClient(server.address, transport="zmq", width=64, height=64, timeout_s=60.0,
+                          latency_ms=300).open() as engine_client:
+            deadline = time.monotonic() + 60
+            while (scheduler := engine_client.stats()["scheduler"]) is None:  # the worker's first plan
+                assert time.monotonic() < deadline, "no plan for the session"
+                time.sleep(0.05)
+    finally:
+        server.close()
+    # Before any frame: a choice from measured steps, not "warming up" without predictions.
+    assert scheduler["state"] != "warming up" and scheduler["predicted_step_ms"] > 0
+    assert "warmed up in" in caplog.text
     assert not server.failed
 
 

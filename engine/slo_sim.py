@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .slo import (FRAMES_PER_CHUNK, WARM_UP_STEPS, CostModel, FrameRateGate, RateMeter, SessionLoad, SloPolicy, StepShape,
-                  WaitMeter, excused_wait_start, inbox_limit, percentile)
+from .slo import (FRAMES_PER_CHUNK, WARM_UP_STEPS, CostModel, FrameRateGate, RateMeter, SessionLoad, SloPolicy,
+                  StepShape, WaitMeter, excused_wait_start, inbox_limit, percentile)
 
 NS = 1_000_000_000
 

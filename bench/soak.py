@@ -52,6 +52,7 @@ class Engine:
     """`python -m engine serve --model tiny` as a child process."""
 
     def __init__(self, address: str, model_size: str, log_path: Path, session_timeout_s: float):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_file = open(log_path, "a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", model_size, "--bind", address,
@@ -325,7 +326,7 @@ def main() -> None:
     parser.add_argument("--model-size", default="32x32")
     parser.add_argument("--session-timeout", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log", default="soak-engine.log", help="the engine's log")
+    parser.add_argument("--log", default="out/soak-engine.log", help="the engine's log")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     result = run(args.minutes, args.hosts, args.fps, None if args.restart_at < 0 else args.restart_at, args.sample_s,

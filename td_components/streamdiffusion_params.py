@@ -75,8 +75,10 @@ PAGES: dict[str, tuple[ParSpec, ...]] = {
                 help="Denoising steps; more is slower and cleaner. Changing it restarts the stream."),
         ParSpec("Seed", "Seed", "Int", 0, slider=(0, 1000), minimum=0, engine_name="seed"),
         ParSpec("Targetfps", "Target FPS", "Float", 16.0, slider=(1, 60), minimum=1, engine_name="target_fps"),
-        ParSpec("Latencybudget", "Latency Budget (ms)", "Float", 1000.0, slider=(50, 5000), minimum=1,
-                engine_name="latency_ms"),
+        ParSpec("Latencybudget", "Latency Budget (ms)", "Float", 500.0, slider=(50, 5000), minimum=1,
+                engine_name="latency_ms",
+                help="From a frame's cook to its stylised output; the engine's scheduler holds the stream to it "
+                     "(stream batching goes where its lag does not fit; Status > Scheduler says how it goes)."),
         ParSpec("Fit", "Fit Mode", "Menu", "letterbox",
                 menu=(("letterbox", "Letterbox"), ("crop", "Crop"), ("stretch", "Stretch")), engine_name="fit",
                 help="How frames are fitted to the model's size and back."),

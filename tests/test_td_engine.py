@@ -182,6 +182,7 @@ def test_parameter_changes_reach_the_engine_and_reload_ones_say_they_restart_the
     par = component.par
     assert par.Outputfps.eval() > 0 and par.Latency.eval() > 0 and par.Firstframe.eval() > 0
     assert component.EngineParams["prompt"] == "a watercolour painting"
+    assert component.EngineParams["latency_ms"] == 500  # the product's budget, the engine's default
     # The engine's scheduling, as its stats give it: the state, the mode, the chunk size.
     assert re.match(r"(meeting targets|over budget|frame rate lowered|warming up), "
                     r"(stream-batched|steps in turn), chunks of (4|8) frames", par.Scheduler.eval())

@@ -354,8 +354,12 @@ class SloPolicy:
         self._device_share = device_share
         self._capped: set[str] = set()  # sessions whose frame rate is held down
         self._choices: dict[str, Choice] = {}  # of the last plan
+        # _costs of the plan being made, by session and its step's shape: a plan weighs every
+        # session's costs for every other's choice, all from one state of the cost model.
+        self._plan_costs: dict[tuple[str, StepShape], tuple[float, float] | None] = {}
 
     def plan(self, sessions: list[SessionLoad]) -> Plan:
+        self._plan_costs.clear()
         caps = self._frame_rate_caps(sessions)
         self._choices = {session.id: self._choice(session, sessions, caps.get(session.id)) for session in sessions}
         return Plan(self._batch(sessions), self._choices)
@@ -481,9 +485,16 @@ class SloPolicy:
                latents: int | None = None) -> tuple[float, float] | None:
         """(the step that finishes this session's chunk, the device time its chunk takes),
         with this session in the given mode and chunk size (by default its current one)."""
-        shapes = [_steady(session, batched, latents) if other is session else _steady(other, other.stream_batched)
-                  for other in sessions]
-        own = self.cost.predict(_steady(session, batched, latents))
+        own_shape = _steady(session, batched, latents)
+        key = (session.id, own_shape)
+        if key not in self._plan_costs:
+            self._plan_costs[key] = self._work_out_costs(sessions, session, own_shape)
+        return self._plan_costs[key]
+
+    def _work_out_costs(self, sessions: list[SessionLoad], session: SessionLoad, own_shape: StepShape
+                        ) -> tuple[float, float] | None:
+        shapes = [own_shape if other is session else _steady(other, other.stream_batched) for other in sessions]
+        own = self.cost.predict(own_shape)
         joint = self.cost.predict(StepShape.together(shapes))
         in_turn = [self.cost.predict(shape) for shape in shapes]
         if own is None or joint is None or None in in_turn:

@@ -44,8 +44,8 @@ from bridge.shm import RingReader, RingWriter
 from .camera import SessionCamera
 from .flow import PUBLISHED_STEPS
 from .pipeline import LIVE_SETTINGS, StreamSettings
-from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, FRAMES_PER_CHUNK, Choice, FrameRateGate, RateMeter,
-                  SessionLoad, WaitMeter, excused_wait_start, inbox_limit, percentile)
+from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
+                  excused_wait_start, inbox_limit, percentile)
 
 # What a session reports to its host, in the order a healthy session goes through them.
 STATES = ("starting", "loading", "ready", "streaming", "error")
@@ -428,8 +428,7 @@ class Session:
             dropping, self._dropped_stale = self._dropped_stale, False
             return SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
                                "latency_ms" in self.targets, self._had_output, ready, oldest, self._input_rate.fps,
-                               self._waits.longest, dropping, latents,
-                               1 + (self.settings.first_chunk_frames - 1) // FRAMES_PER_CHUNK)
+                               self._waits.longest, dropping, latents, self.settings.first_chunk_frames)
 
     def set_choice(self, choice: Choice) -> None:
         """The scheduler's decision for this session: its frame-rate cap and inbox room (an

@@ -132,9 +132,10 @@ class StepShape:
         return StepShape(1, steps, 1) if stream_batched else StepShape(latents, 1, steps)
 
     @staticmethod
-    def first_chunk(steps: int, latents: int) -> StepShape:
-        """A stream's first chunk: every denoising step in turn on its latents."""
-        return StepShape(latents, 1, steps, first=True)
+    def first_chunk(steps: int, frames: int) -> StepShape:
+        """A stream's first chunk of frames (1, or 1 + 4k: its first frame is a latent frame of
+        its own): every denoising step in turn on its latents."""
+        return StepShape(1 + (frames - 1) // FRAMES_PER_CHUNK, 1, steps, first=True)
 
 
 class CostModel:
@@ -311,7 +312,7 @@ class SessionLoad:
     wait_s: float | None  # the longest its recent chunks waited for the device once complete
     dropping: bool  # lost stale frames since the last plan
     latents: int = 1  # latent frames in its chunks after the first (2 only without stream batching)
-    first_chunk_latents: int = 2  # latent frames of its first chunk: 1 for a 1-frame (low-latency) start, else 2
+    first_chunk_frames: int = 1 + FRAMES_PER_CHUNK  # frames of its first chunk: 1 for a low-latency start
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,7 @@ class SloPolicy:
             # steps tell the time per forward from the time per row), and else taken as
             # predicted, lest a compute-bound device make every first frame wait for all.
             return self._join(first_frames, lambda session: StepShape.first_chunk(session.steps,
-                                                                                  session.first_chunk_latents),
+                                                                                  session.first_chunk_frames),
                               explore=False)
 
         def deadline(session: SessionLoad) -> float:

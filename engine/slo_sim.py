@@ -32,6 +32,10 @@ class Stream:
     steps: int = 2
     low_latency_start: bool = False
 
+    @property
+    def first_chunk_frames(self) -> int:
+        return 1 if self.low_latency_start else 1 + FRAMES_PER_CHUNK
+
 
 def steady_captures(fps: float, duration_s: float, start_s: float = 0.0) -> list[int]:
     count = int((duration_s - start_s) * fps)
@@ -102,7 +106,7 @@ class _Session:
         self.bounded_inbox = bounded_inbox  # the engine's; the fixed policy queues every frame
         self.gate, self.meter = FrameRateGate(), RateMeter()
         self.inbox: deque[int] = deque()  # capture times
-        self.frames_needed = 1 if stream.low_latency_start else 1 + FRAMES_PER_CHUNK
+        self.frames_needed = stream.first_chunk_frames
         self.ready_since_ns: int | None = None  # when the inbox last became a complete chunk
         self.waits = WaitMeter()
         self.in_flight: deque[list[int]] = deque()
@@ -136,7 +140,7 @@ class _Session:
         return SessionLoad(self.id, self.stream.target_fps, self.stream.latency_ms / 1000, self.stream.steps,
                            self.stream_batched, True, self.started, self.ready, oldest, self.meter.fps,
                            self.waits.longest, self.dropping, self.latents,
-                           1 if self.stream.low_latency_start else 2)
+                           self.stream.first_chunk_frames)
 
     def expect_frames(self, frames_needed: int) -> None:
         self.frames_needed = frames_needed
@@ -161,7 +165,7 @@ class _Session:
         self.streaming, self.latents = False, 1
         while self.in_flight:
             self.inbox.extendleft(reversed(self.in_flight.pop()))
-        self.frames_needed = 1 if self.stream.low_latency_start else 1 + FRAMES_PER_CHUNK
+        self.frames_needed = self.stream.first_chunk_frames
         while len(self.inbox) > inbox_limit(self.frames_needed, self.spare_frames):
             self._drop_oldest()
         self.ready_since_ns = self.inbox[self.frames_needed - 1] if self.ready else None
@@ -248,7 +252,7 @@ def simulate(streams: list[Stream], device: Device, duration_s: float, policy: s
             first = not session.streaming
             chunk = session.take_chunk(now_ns, stale_before_ns, steady_frames)
             if first:
-                shape = StepShape.first_chunk(session.stream.steps, 1 + (len(chunk) - 1) // FRAMES_PER_CHUNK)
+                shape = StepShape.first_chunk(session.stream.steps, len(chunk))
             else:
                 session.latents = len(chunk) // FRAMES_PER_CHUNK
                 shape = StepShape.steady(session.stream.steps, session.stream_batched, session.latents)

@@ -236,7 +236,7 @@ class Worker:
             stream.latents = len(chunk) // FRAMES_PER_LATENT
             shape = StepShape.steady(pipeline.settings.steps, pipeline.settings.stream_batch, stream.latents)
         else:
-            shape = StepShape.first_chunk(pipeline.settings.steps, 1 + (len(chunk) - 1) // FRAMES_PER_LATENT)
+            shape = StepShape.first_chunk(pipeline.settings.steps, len(chunk))
         return session, stream, chunk, shape
 
     @staticmethod

@@ -32,7 +32,7 @@ def delivered_fps(result) -> float:
 def test_the_cost_model_learns_step_times_and_follows_a_slower_device():
     cost = CostModel(smoothing=0.5)
     assert cost.predict(StepShape.steady(2, True)) is None  # nothing measured yet
-    cost.observe(StepShape.first_chunk(2, latents=2), 0.4)  # the warm-up: work 4
+    cost.observe(StepShape.first_chunk(2, frames=5), 0.4)  # the warm-up: work 4
     assert cost.predict(StepShape.steady(2, True)) == pytest.approx(0.2)  # work 2, by scale
     for _ in range(3):
         cost.observe(StepShape.steady(2, True), 0.1)
@@ -122,7 +122,7 @@ def test_frame_rates_are_capped_only_once_a_steady_step_has_been_measured():
     """A first chunk's cost (every denoising step in turn, its frames encoded) is a poor
     guess of a steady step's: four sessions opened at once must not be throttled on it."""
     cost = CostModel()
-    cost.observe(StepShape.first_chunk(2, latents=2), 0.4)
+    cost.observe(StepShape.first_chunk(2, frames=5), 0.4)
     policy = SloPolicy(cost)
     loads = [SessionLoad(f"s{i}", target_fps=32, latency_s=1.0, steps=2, stream_batched=True, mode_adjustable=True,
                          started=True, ready=True, deadline_capture_ns=0, input_fps=32, wait_s=0.0, dropping=True)

@@ -59,10 +59,10 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_TARGET_FPS = 16.0
+DEFAULT_LATENCY_MS = 500.0
 # At start-up, before any session, the engine runs this many steady steps in each mode
 # (engine/worker.py), all but the first measured: the cost model starts from them.
 WARM_UP_STEPS = 3
-DEFAULT_LATENCY_MS = 500.0
 FRAMES_PER_CHUNK = 4  # video frames per latent frame, as StreamPipeline takes them after a first chunk
 COST_SMOOTHING = 0.2  # weight of a new measurement in the cost model's moving average
 # A step measured this many times slower than its estimate is a stall (the process was

@@ -6,9 +6,9 @@ next and the policy's spare frames where the newest frame wins, frame-rate caps,
 stale frames dropped, mode changes restarting the stream, the stream batch's lag,
 outputs paced at their capture spacing, a newer chunk replacing outputs not yet due),
 so tests and bench/slo.py can run the SLO policy (engine/slo.py) over minutes of
-traffic in milliseconds, and compare it
-with the published fixed policy: one 4-frame chunk per step, stream batching always
-on, sessions in turn, and every frame queued until its turn.
+traffic in milliseconds, and compare it with the published fixed policy: one 4-frame
+chunk per step, stream batching always on, sessions in turn, and every frame queued
+until its turn.
 """
 
 from __future__ import annotations
@@ -165,9 +165,7 @@ class _Session:
         self.streaming, self.latents = False, 1
         while self.in_flight:
             self.inbox.extendleft(reversed(self.in_flight.pop()))
-        self.frames_needed = self.stream.first_chunk_frames
-        while len(self.inbox) > inbox_limit(self.frames_needed, self.spare_frames):
-            self._drop_oldest()
+        self.expect_frames(self.stream.first_chunk_frames)
         self.ready_since_ns = self.inbox[self.frames_needed - 1] if self.ready else None
 
     def finish(self, chunk: list[int], end_s: float) -> None:

@@ -728,8 +728,6 @@ def _check_parallel_settings(settings: StreamSettings) -> None:
 
 # -- starting --------------------------------------------------------------------------------
 
-@torch.no_grad()
-
 def median_run_seconds(run: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
     """Median wall time of run() over repeats calls after one warm-up call (a stream's
     first call differs), with sync() (the device's) around each."""
@@ -743,6 +741,8 @@ def median_run_seconds(run: Callable[[], object], sync: Callable[[], None], repe
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
+
+@torch.no_grad()
 def measure_tick_costs(config: ModelConfig, settings: StreamSettings, *, rank: int, world: int, vae, decoder,
                        device: torch.device, dtype: torch.dtype, repeats: int = 3) -> tuple[float, float]:
     """Seconds of this rank's role work in one stream tick (VAE encode of a chunk on

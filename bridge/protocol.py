@@ -9,6 +9,7 @@ Control messages are msgpack maps with a "type" key. Hosts send requests:
     stats    ask for a session's statistics
     ping     liveness check
     bye      close a session
+    shutdown stop the engine cleanly (its sessions closed, its shared memory unlinked)
 
 and the engine answers each with a reply that echoes the request's "id":
 
@@ -40,21 +41,20 @@ from typing import Any, ClassVar, Union
 import msgpack
 import numpy as np
 
+from .params import MAX_PROMPT_CHARS, MAX_WEIGHTED_PROMPTS, PARAMS, Param
+
 PROTOCOL_VERSION = 1
 
 # Limits: everything a peer sends is bounded before we act on it.
 MAX_WIDTH = 8192
 MAX_HEIGHT = 8192
 MAX_MESSAGE_BYTES = 64 * 1024  # one encoded control message or frame header
-MAX_PROMPT_CHARS = 4096
 MAX_PARAMS = 64  # entries in one params map
 MAX_INT = 2**63 - 1  # ids, sequence numbers, timestamps and seeds fit in int64
 
 FORMATS: Mapping[str, int] = {"rgba8": 4, "rgb8": 3, "bgra8": 4}  # bytes per pixel
 MAX_FRAME_BYTES = MAX_WIDTH * MAX_HEIGHT * max(FORMATS.values())
 TRANSPORTS = ("shm", "zmq", "spout")
-DEFAULT_SPOUT_OUTPUT = "StreamDiffusion"  # the sender a spout session publishes unless its spout_output names one
-FIT_MODES = ("crop", "stretch", "letterbox")
 
 
 class ErrorCode(str, enum.Enum):
@@ -201,18 +201,50 @@ class _Missing:
 _MISSING: Any = _Missing()
 
 
-# Parameters a session understands. The engine may pass a table extended with its own
-# entries to decode_message; which parameters apply live and which rebuild the session
-# is the engine's business.
-DEFAULT_PARAMS: Mapping[str, ValueSpec] = {
-    "prompt": ValueSpec(str, 0, MAX_PROMPT_CHARS),
-    "strength": ValueSpec(float, 0.0, 1.0),
-    "steps": ValueSpec(int, 1, 8),
-    "seed": ValueSpec(int, 0, MAX_INT),
-    "target_fps": ValueSpec(float, 1.0, 240.0),
-    "latency_ms": ValueSpec(float, 1.0, 60_000.0),
-    "fit": ValueSpec(str, choices=FIT_MODES),
-}
+@dataclass(frozen=True)
+class WeightedPromptsSpec(ValueSpec):
+    """A list of at most `maximum` [text, weight] pairs: texts of at most max_chars
+    characters, finite weights of at least 0 that are not all 0."""
+
+    kind: type = list
+    max_chars: int = MAX_PROMPT_CHARS
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is _MISSING:
+            raise ProtocolError(ErrorCode.MISSING_FIELD, name, f"{name} is required")
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(ErrorCode.BAD_TYPE, name,
+                                f"{name} must be a list of [text, weight] pairs, got {type(value).__name__}")
+        if len(value) > self.maximum:
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, name,
+                                f"{name} may hold at most {self.maximum:g} prompts, got {len(value)}")
+        pairs = []
+        for index, pair in enumerate(value):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ProtocolError(ErrorCode.BAD_TYPE, f"{name}[{index}]",
+                                    f"{name}[{index}] must be a [text, weight] pair")
+            text = ValueSpec(str, 0, self.max_chars).check(f"{name}[{index}] text", pair[0])
+            weight = ValueSpec(float, 0.0).check(f"{name}[{index}] weight", pair[1])
+            pairs.append((text, weight))
+        if pairs and not any(weight > 0 for _, weight in pairs):
+            raise ProtocolError(ErrorCode.BAD_VALUE, name, f"{name} needs a weight above 0")
+        return tuple(pairs)
+
+    def describe(self) -> dict:
+        return {"type": "prompts", "maximum": self.maximum}
+
+
+def param_spec(param: Param) -> ValueSpec:
+    """The check for a parameter of the table (bridge/params.py)."""
+    if param.kind == "prompts":
+        return WeightedPromptsSpec(minimum=param.minimum, maximum=param.maximum)
+    kind = {"bool": bool, "int": int, "float": float, "str": str}[param.kind]
+    return ValueSpec(kind, param.minimum, param.maximum, param.choices)
+
+
+# The parameters a session understands, checked as the table says. The engine extends
+# it with its own narrower bounds (serve --max-prompt-chars, say) when it decodes.
+PARAM_SPECS: Mapping[str, ValueSpec] = {name: param_spec(param) for name, param in PARAMS.items()}
 
 _TYPE = ValueSpec(str, 1, 32)
 _ID = ValueSpec(int, 0, MAX_INT, allow_none=True)
@@ -228,8 +260,9 @@ def check_params(params: Any, schema: Mapping[str, ValueSpec] | None) -> dict:
     """Validate a params map and return it with converted values.
 
     With a schema, every name must be in it and every value must satisfy its spec.
-    Without one (the sending side, which may not know the engine's table) names are
-    only checked to be strings and values to be plain booleans, numbers or strings.
+    Without one (the sending side, which may talk to an engine with more parameters)
+    the table's parameters are checked as it says, and other values only to be plain
+    booleans, numbers or strings.
     """
     if params is _MISSING:
         raise ProtocolError(ErrorCode.MISSING_FIELD, "params", "params is required")
@@ -241,7 +274,9 @@ def check_params(params: Any, schema: Mapping[str, ValueSpec] | None) -> dict:
     for key, value in params.items():
         _PARAM_NAME.check("params", key)  # bounded before it goes into error messages
         path = f"params.{key}"
-        if schema is None:
+        if schema is None and key in PARAM_SPECS:
+            checked[key] = PARAM_SPECS[key].check(path, value)
+        elif schema is None:
             kind = next((kind for abc, kind in _PLAIN_KINDS if isinstance(value, abc)), None)
             if kind is None:
                 raise ProtocolError(
@@ -300,7 +335,7 @@ class Hello(_Validated):
         "model": ValueSpec(str, 1, 128),
         "width": _WIDTH,
         "height": _HEIGHT,
-        "prompt": DEFAULT_PARAMS["prompt"],
+        "prompt": PARAM_SPECS["prompt"],
         "id": _ID,
     }
 
@@ -385,6 +420,18 @@ class Bye(_Validated):
 
 
 @dataclass(frozen=True)
+class Shutdown(_Validated):
+    """Stop the engine cleanly, as SIGTERM does (its sessions closed, its shared memory
+    unlinked); answered with ok before it stops. Whoever may send requests may send it:
+    hosts on this machine, or hosts holding a listed key (bridge/launcher.py sends it)."""
+
+    TYPE: ClassVar[str] = "shutdown"
+    _SPECS: ClassVar[Mapping[str, ValueSpec]] = {"id": _ID}
+
+    id: int | None = None
+
+
+@dataclass(frozen=True)
 class Ok(_Validated):
     """Success reply to the request with the same id."""
 
@@ -423,8 +470,8 @@ class ErrorReply(_Validated):
         return cls(code=error.code[:64], field=field, message=error.message[:4096], id=id)
 
 
-Message = Union[Hello, ParamsUpdate, StatsRequest, Ping, Bye, Ok, ErrorReply]
-REQUEST_TYPES: tuple[type, ...] = (Hello, ParamsUpdate, StatsRequest, Ping, Bye)
+Message = Union[Hello, ParamsUpdate, StatsRequest, Ping, Bye, Shutdown, Ok, ErrorReply]
+REQUEST_TYPES: tuple[type, ...] = (Hello, ParamsUpdate, StatsRequest, Ping, Bye, Shutdown)
 REPLY_TYPES: tuple[type, ...] = (Ok, ErrorReply)
 MESSAGE_TYPES: Mapping[str, type] = {cls.TYPE: cls for cls in REQUEST_TYPES + REPLY_TYPES}
 
@@ -434,7 +481,7 @@ def encode_message(message: Message) -> bytes:
     return _pack({"type": message.TYPE, **message._to_wire()})
 
 
-def decode_message(data: bytes, params_schema: Mapping[str, ValueSpec] = DEFAULT_PARAMS) -> Message:
+def decode_message(data: bytes, params_schema: Mapping[str, ValueSpec] = PARAM_SPECS) -> Message:
     """Parse and validate one control message; raise ProtocolError on anything wrong.
 
     params_schema is the table that params of hello and params messages are checked

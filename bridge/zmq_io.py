@@ -61,8 +61,8 @@ import zmq.utils.z85
 from zmq.utils.monitor import recv_monitor_message
 
 from .protocol import (
-    DEFAULT_PARAMS,
     MAX_FRAME_BYTES,
+    PARAM_SPECS,
     REPLY_TYPES,
     REQUEST_TYPES,
     ErrorCode,
@@ -292,7 +292,7 @@ class EngineSocket:
         self,
         address: str = DEFAULT_ADDRESS,
         *,
-        params_schema: Mapping[str, ValueSpec] = DEFAULT_PARAMS,
+        params_schema: Mapping[str, ValueSpec] = PARAM_SPECS,
         context: zmq.Context | None = None,
         auth: ServerKeys | None = None,
         max_message_bytes: int = MAX_FRAME_BYTES,

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.protocol import DEFAULT_SPOUT_OUTPUT
+from bridge import params as table
+from bridge.protocol import ProtocolError, param_spec
 from bridge.zmq_io import DEFAULT_ADDRESS
+
+# Session parameters (bridge/params.py) that `run` and `serve` take as flags: the values
+# a stream, or every session a host opens without saying otherwise, starts with.
+RUN_FLAGS = ("prompt", "strength", "steps", "seed", "fit", "blend", "low_latency_start")
+SERVE_FLAGS = (*RUN_FLAGS, "transition_frames", "target_fps", "latency_ms", "virtualcam")
 
 
 def test_pattern(frames: int, height: int, width: int) -> np.ndarray:
@@ -82,8 +88,8 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"loading {args.model} on {device} ...", flush=True)
     models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
-    settings = StreamSettings(height=height, width=width, steps=args.steps, prompt=args.prompt, seed=args.seed,
-                              stream_batch=not args.no_stream_batch, strength=args.strength)
+    settings = StreamSettings(height=height, width=width, stream_batch=not args.no_stream_batch,
+                              **session_flag_values(args, RUN_FLAGS))
     pipe = StreamPipeline(models.dit, models.vae, models.text_encoder, settings, decoder=models.decoder)
 
     outputs, chunk_times = [], []
@@ -142,8 +148,9 @@ def serve(args: argparse.Namespace) -> None:
         # Frames at the model's size unless told otherwise; --size is height x width.
         width, height = _size_option("--spout-size", args.spout_size) if args.spout_size else size[::-1]
         try:
-            spout = EngineSpoutSession(input=args.spout_in or "", output=args.spout_out or DEFAULT_SPOUT_OUTPUT,
-                                       width=width, height=height, prompt=args.prompt)
+            spout = EngineSpoutSession(input=args.spout_in or "",
+                                       output=args.spout_out or table.PARAMS["spout_output"].default,
+                                       width=width, height=height)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
@@ -156,7 +163,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         server = EngineServer(load_models, model=args.model, address=args.bind, model_size=size,
                               session_timeout_s=args.session_timeout, limits=limits, auth=auth,
-                              virtualcam=args.virtualcam, spout=spout)
+                              session_defaults=session_flag_values(args, SERVE_FLAGS, only_given=True), spout=spout)
     except zmq.ZMQError as error:
         raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
                          "Choose another port with --bind") from None
@@ -164,19 +171,47 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --spout-in/--spout-out: {error}") from None
     except ValueError as error:  # --spout-size over --max-frame-size
         raise SystemExit(f"error: {error}") from None
+    osc = _start_osc(args, server) if args.osc is not None else None
     keys_note = "hosts need keys from " + args.keys if auth else "no keys needed on loopback"
-    # Hosts' launchers parse "listening at ADDRESS": keep the address followed by a space.
     print(f"engine {args.model} on {device}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",
           flush=True)
     if spout is not None:
         print(f"Spout: reading sender {spout.input or '(the active one)'!r}, publishing {spout.output!r} at "
               f"{spout.width}x{spout.height}; no host needed", flush=True)
+    if args.ready_file:
+        _write_ready_file(Path(args.ready_file), server.address)
     server.serve_forever(parent_pid=args.parent_pid)
+    if osc is not None:
+        osc.close()
     if server.load_error is not None:
         raise SystemExit(f"error: the engine stopped: {args.model} failed to load: {server.load_error}")
     print("engine stopped", flush=True)
     if server.failed:
         raise SystemExit(1)
+
+
+def _start_osc(args: argparse.Namespace, server):
+    """The OSC control `serve --osc PORT` asks for, listening; where it cannot, the engine closes."""
+    from .osc import OscControl
+
+    try:
+        osc = OscControl(server, args.osc, args.osc_bind, allow_remote=args.osc_allow_remote)
+    except ValueError as error:  # a bind beyond loopback without --osc-allow-remote
+        server.close()
+        raise SystemExit(f"error: {error}") from None
+    except (OSError, OverflowError) as error:  # the port is taken, or not a port (OverflowError)
+        server.close()
+        raise SystemExit(f"error: cannot listen for OSC at udp://{args.osc_bind}:{args.osc} ({error}); is another "
+                         "program using that port? Choose another with --osc") from None
+    osc.start()
+    return osc
+
+
+def _write_ready_file(path: Path, address: str) -> None:
+    """Say where the engine listens, for bridge/launcher.py: written whole or not at all."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(address + "\n")
+    partial.replace(path)
 
 
 def _check_readable_folder(folder: str) -> None:
@@ -261,6 +296,46 @@ def _size_option(flag: str, size: str) -> tuple[int, int]:
     return first, second
 
 
+def add_session_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], description: str) -> None:
+    """A flag per session parameter (--target-fps for target_fps), with the table's
+    default, bounds and help, checked as a host's value would be."""
+    group = parser.add_argument_group("session parameters", description)
+    for name in names:
+        param = table.PARAMS[name]
+        flag = "--" + name.replace("_", "-")
+        bounds = f"{param.minimum} to {param.maximum}" if param.kind in ("int", "float") else ""
+        unit = f" {param.unit}" if param.unit else ""
+        default = f"default {param.default}"
+        help = f"{param.help} ({bounds}{unit}; {default})" if bounds else f"{param.help} ({default})"
+        # Left out of args unless given: a target given here counts as stated (engine/slo.py).
+        if param.kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            group.add_argument(flag, type=_param_value(param, flag), default=argparse.SUPPRESS,
+                               choices=param.choices or None, help=help)
+
+
+def _param_value(param: table.Param, flag: str):
+    spec = param_spec(param)
+    convert = {"int": int, "float": float, "str": str}[param.kind]
+
+    def value(text: str):
+        try:
+            return spec.check(flag, convert(text))
+        except (ValueError, ProtocolError) as error:
+            raise argparse.ArgumentTypeError(getattr(error, "message", f"{flag} takes {param.kind}, got {text!r}"))
+
+    value.__name__ = param.kind  # argparse names the type in its own errors
+    return value
+
+
+def session_flag_values(args: argparse.Namespace, names: tuple[str, ...], *, only_given: bool = False) -> dict:
+    """The session parameters of add_session_flags by their protocol names: those given, and
+    the table's defaults for the others unless only_given."""
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return given if only_given else {**{name: table.PARAMS[name].default for name in names}, **given}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine", description="StreamDiffusionV2 engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -272,18 +347,16 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--frames", type=int, default=65)
     run_parser.add_argument("--fps", type=float, default=16.0, help="frame rate of the test pattern")
     run_parser.add_argument("--size", help="model size HxW, multiples of 16 (tiny: 64x64, else 512x512)")
-    run_parser.add_argument("--prompt", default="a watercolour painting")
-    run_parser.add_argument("--steps", type=int, default=2)
-    run_parser.add_argument("--strength", type=float, default=0.8)
-    run_parser.add_argument("--seed", type=int, default=0)
     run_parser.add_argument("--no-stream-batch", action="store_true", help="run the steps one after another")
     run_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
     run_parser.add_argument("--device")
     run_parser.add_argument("--output", help="write the result (.mp4)")
+    add_session_flags(run_parser, RUN_FLAGS, "the stream's settings")
     run_parser.set_defaults(handler=run)
 
     serve_parser = commands.add_parser("serve", help="serve host applications over shared memory, ZeroMQ or Spout")
-    serve_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
+    serve_parser.add_argument("--model", default=table.DEFAULT_MODEL,
+                              help=f"tiny | wan2.1-1.3b | wan2.1-14b (default {table.DEFAULT_MODEL})")
     serve_parser.add_argument("--bind", default=DEFAULT_ADDRESS,
                               help="where hosts connect; anything but loopback (tcp://127.0.0.1:PORT, ipc://PATH) "
                                    "needs --keys")
@@ -305,19 +378,28 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--parent-pid", type=int, metavar="PID",
                               help="stop when the process PID ends (applications that start the engine pass their "
                                    "own, so a crash leaves no engine behind)")
-    serve_parser.add_argument("--virtualcam", action="store_true",
-                              help="send every session's output to a virtual camera too (a session can turn it off "
-                                   "with its virtualcam parameter)")
+    serve_parser.add_argument("--ready-file", metavar="PATH",
+                              help="once listening, write the address hosts connect to into PATH (for launchers; "
+                                   "with --bind tcp://127.0.0.1:* it holds the port picked)")
     serve_parser.add_argument("--spout-in", metavar="NAME",
                               help="open a Spout session in the engine, with no host: read this Spout sender "
                                    "('' for the active one; Windows)")
     serve_parser.add_argument("--spout-out", metavar="NAME",
-                              help=f"... and publish its output as this Spout sender (default {DEFAULT_SPOUT_OUTPUT})")
+                              help="... and publish its output as this Spout sender "
+                                   f"(default {table.PARAMS['spout_output'].default})")
     serve_parser.add_argument("--spout-size", metavar="WxH",
                               help="size of the --spout-in/--spout-out session's frames; other sizes are fitted to "
                                    "it (default: the model size)")
-    serve_parser.add_argument("--prompt", default="", help="prompt of the --spout-in/--spout-out session (hosts "
-                                                           "can change it: a params request for session 'spout')")
+    serve_parser.add_argument("--osc", type=int, metavar="PORT",
+                              help="also take parameter changes as OSC over UDP at PORT: /sd/<param> VALUE for every "
+                                   "session, /sd/<session>/<param> VALUE for one (engine/osc.py)")
+    serve_parser.add_argument("--osc-bind", default="127.0.0.1", metavar="HOST",
+                              help="where OSC listens (default 127.0.0.1); beyond loopback needs --osc-allow-remote")
+    serve_parser.add_argument("--osc-allow-remote", action="store_true",
+                              help="let --osc-bind reach beyond this machine: OSC has no authentication, so anyone "
+                                   "who reaches the port can change every session's parameters")
+    add_session_flags(serve_parser, SERVE_FLAGS, "what every session starts with unless its host says otherwise "
+                                                 "(the --spout-in/--spout-out session too)")
     serve_parser.set_defaults(handler=serve)
 
     keys_parser = commands.add_parser("keys", help="create CURVE keys for an engine that hosts on other "

@@ -820,7 +820,7 @@ def start_stage(source: BuiltModels | PublishedWeights, settings: StreamSettings
 def run_cli(args) -> None:
     """``torchrun --nproc-per-node N -m engine run ...``: the run command with the
     DiT's blocks over N ranks; rank 0 reads the clip, prints and writes the result."""
-    from .cli import model_size, read_video, test_pattern, write_video
+    from .cli import RUN_FLAGS, model_size, read_video, session_flag_values, test_pattern, write_video
     from .models.weights import build_models
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -833,8 +833,8 @@ def run_cli(args) -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         height, width = model_size(args.model, args.size)
-        settings = StreamSettings(height=height, width=width, steps=args.steps, prompt=args.prompt, seed=args.seed,
-                                  strength=args.strength, stream_batch=not args.no_stream_batch)
+        settings = StreamSettings(height=height, width=width, stream_batch=not args.no_stream_batch,
+                                  **session_flag_values(args, RUN_FLAGS))
         if rank == 0:
             print(f"loading {args.model} over {world} ranks ({device.type}) ...", flush=True)
         if args.model == "tiny":

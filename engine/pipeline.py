@@ -17,6 +17,10 @@ empty array, and ``lag_frames`` says how many input frames the output trails by.
 Noise is drawn per chunk and step from the seed, so a run is reproducible
 however its steps are scheduled.
 
+A prompt change is live: with ``transition_frames`` the text context fades from
+the one in force to the new prompt's over that many output frames
+(:class:`PromptTransition`), each chunk conditioned on its own point of the fade.
+
 Several pipelines (sessions) sharing one model step together with
 ``push_streams``: a pipeline's chunk is a generator that yields each DiT call it
 needs, and calls of the same size from different pipelines run as one forward
@@ -25,6 +29,7 @@ needs, and calls of the same size from different pipelines run as one forward
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 
@@ -32,35 +37,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bridge.params import LIVE, PARAMS
+
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
 from .models.dit import CausalWanDiT, StreamInput
 from .models.text import PromptCache, TextEncoder, blend_embeddings
 from .motion import MotionNoiseController, MotionSettings
 
-FIT_MODES = ("crop", "letterbox", "stretch")
 FRAMES_PER_LATENT = 4
 MAX_CHUNK_LATENTS = 2  # latent frames a chunk after the first may hold (without stream batching)
 # Text-to-video starts from pure noise, so its steps start at the top of the schedule.
 T2V_STEPS = (1000, 750, 500, 250)
 # The first timestep is 1000 * noise scale - 100: below this it would be negative.
-MIN_STRENGTH = 0.1
-# Settings that can change between steps; the others rebuild the stream.
-LIVE_SETTINGS = ("prompt", "prompts", "blend", "strength", "seed", "fit")
+MIN_STRENGTH = PARAMS["strength"].minimum
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    height: int = 512
-    width: int = 512
-    steps: int = 2
+    """A stream's settings. Those that are session parameters take their defaults from the
+    table (bridge/params.py), where each is described."""
+
+    height: int = PARAMS["model_height"].default
+    width: int = PARAMS["model_width"].default
+    steps: int = PARAMS["steps"].default
     stream_batch: bool = True
-    low_latency_start: bool = False  # first chunk of 1 frame (1 latent) instead of 5 (2 latents)
-    strength: float = 0.8  # noise scale for a still scene: higher follows the prompt more
-    seed: int = 0
+    low_latency_start: bool = PARAMS["low_latency_start"].default  # first chunk of 1 frame (1 latent), not 5 (2)
+    strength: float = PARAMS["strength"].default  # noise scale for a still scene: higher follows the prompt more
+    seed: int = PARAMS["seed"].default
     prompt: str = ""
-    prompts: tuple[tuple[str, float], ...] = ()  # weighted prompts; replace `prompt` when given
-    blend: str = "linear"  # or "slerp"
-    fit: str = "letterbox"
+    prompts: tuple[tuple[str, float], ...] = PARAMS["prompts"].default  # weighted; replace `prompt` when given
+    blend: str = PARAMS["blend"].default
+    transition_frames: int = PARAMS["transition_frames"].default  # output frames a prompt change fades over
+    fit: str = PARAMS["fit"].default
     mode: str = "v2v"  # or "t2v": no input frames
     clean_cache_pass: bool = False  # re-run each finished latent at t=0 (no-batch mode only)
     motion: MotionSettings = field(default_factory=MotionSettings)
@@ -73,12 +81,20 @@ class StreamSettings:
         denoising_steps(self.steps)  # validates steps
         if not MIN_STRENGTH <= self.strength <= 1:
             raise ValueError(f"strength must be in [{MIN_STRENGTH}, 1], got {self.strength!r}")
-        if self.fit not in FIT_MODES:
-            raise ValueError(f"fit must be one of {FIT_MODES}, got {self.fit!r}")
+        if self.fit not in PARAMS["fit"].choices:
+            raise ValueError(f"fit must be one of {PARAMS['fit'].choices}, got {self.fit!r}")
         if self.mode not in ("v2v", "t2v"):
             raise ValueError(f"mode must be 'v2v' or 't2v', got {self.mode!r}")
-        if self.blend not in ("linear", "slerp"):
-            raise ValueError(f"blend must be 'linear' or 'slerp', got {self.blend!r}")
+        if self.blend not in PARAMS["blend"].choices:
+            raise ValueError(f"blend must be one of {PARAMS['blend'].choices}, got {self.blend!r}")
+        object.__setattr__(self, "prompts", _weighted_prompts(self.prompts))
+        if self.blend == "slerp" and len(self.prompts) > 2:
+            raise ValueError(f"blend 'slerp' mixes two weighted prompts, but prompts holds {len(self.prompts)}; "
+                             "give two prompts, or blend 'linear'")
+        low, high = PARAMS["transition_frames"].minimum, PARAMS["transition_frames"].maximum
+        if not isinstance(self.transition_frames, int) or not low <= self.transition_frames <= high:
+            raise ValueError(f"transition_frames must be an integer from {low:g} to {high:g}, "
+                             f"got {self.transition_frames!r}")
         if self.clean_cache_pass and self.stream_batch:
             raise ValueError("clean_cache_pass needs stream_batch=False: in a stream batch each slot's "
                              "cache holds its own noise level by design")
@@ -93,11 +109,71 @@ class StreamSettings:
         return 1 if self.low_latency_start else 1 + FRAMES_PER_LATENT
 
 
+def _weighted_prompts(prompts) -> tuple[tuple[str, float], ...]:
+    """Weighted prompts as a tuple of (text, weight), checked: weights finite, at least 0, not all 0."""
+    try:
+        pairs = tuple((text, float(weight)) for text, weight in prompts)
+    except (TypeError, ValueError):
+        raise ValueError(f"prompts must be [text, weight] pairs, got {prompts!r:.80}") from None
+    if not all(isinstance(text, str) for text, _ in pairs):
+        raise ValueError(f"prompts must be [text, weight] pairs with text a string, got {prompts!r:.80}")
+    weights = [weight for _, weight in pairs]
+    if pairs and (not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights)):
+        raise ValueError(f"prompts' weights must be finite and at least 0, one of them above 0, got {weights}")
+    return pairs
+
+
+# Settings that change between steps (the table's live parameters); any other change rebuilds the stream.
+LIVE_SETTINGS = tuple(name for name, param in PARAMS.items()
+                      if param.applies == LIVE and name in StreamSettings.__dataclass_fields__)
+# Settings that make the text context: a change to one of them starts a prompt transition.
+PROMPT_SETTINGS = ("prompt", "prompts", "blend")
+
+
 def motion_settings(settings: StreamSettings) -> MotionSettings:
     """The motion controller for a strength: still scenes get the strength as noise
     scale, motion lowers it by up to the slope, never under MIN_STRENGTH."""
     slope = min(settings.motion.slope, settings.strength - MIN_STRENGTH)
     return replace(settings.motion, noise_scale=settings.strength, slope=max(slope, 0.0))
+
+
+@dataclass(frozen=True)
+class PromptTransition:
+    """The text context moving from ``start`` to ``target`` over ``frames`` output frames.
+
+    Counted in output frames, as the viewer sees them: output frame k after the change
+    (k = 1, 2, ...) is at weight min(k / frames, 1). Frames of one chunk come from one
+    latent and so share one conditioning: a chunk takes the weight of its last output
+    frame. The chunk that holds output frame ``frames`` is thus the first at ``target``
+    (with 4-frame chunks and ``frames`` a multiple of 4, exactly the chunk that ends on
+    it), every chunk before it is short of it, and ``frames`` = 0 is a cut.
+    """
+
+    start: torch.Tensor
+    target: torch.Tensor
+    frames: int
+    after_frame: int  # output frames of the stream before the change
+    blend: str  # "linear" or "slerp"
+
+    @classmethod
+    def cut(cls, target: torch.Tensor) -> PromptTransition:
+        return cls(target, target, 0, 0, "linear")
+
+    def weight(self, last_frame: int) -> float:
+        """How far a chunk that ends on the stream's output frame ``last_frame`` is from start (0) to target (1)."""
+        if self.frames == 0:
+            return 1.0
+        return min(max((last_frame - self.after_frame) / self.frames, 0.0), 1.0)
+
+    def context(self, last_frame: int) -> torch.Tensor:
+        """The text context of a chunk that ends on output frame ``last_frame``: at the
+        ends, ``start`` or ``target`` themselves (the DiT reuses their text K/V)."""
+        weight = self.weight(last_frame)
+        if weight == 0:
+            return self.start
+        if weight == 1:
+            return self.target
+        return blend_embeddings([self.start, self.target], [1 - weight, weight], method=self.blend)
 
 
 class StreamPipeline:
@@ -118,28 +194,34 @@ class StreamPipeline:
 
     # -- settings ---------------------------------------------------------------
     def update(self, **changes) -> bool:
-        """Change settings between steps. Live ones (prompt, blend, strength, seed,
-        fit) apply at the next chunk and keep the caches; any other change rebuilds
-        the stream. Returns whether the stream was rebuilt."""
+        """Change settings between steps. Live ones (``LIVE_SETTINGS``: prompts, strength,
+        seed, fit, ...) apply at the next chunk and keep the caches; any other change
+        rebuilds the stream. Returns whether the stream was rebuilt.
+
+        A new text context fades in from the one in force (mid-transition: from where
+        that transition stood) over ``transition_frames`` output frames; the length of
+        a running transition stays as it began."""
         new = replace(self.settings, **changes)  # validates
         rebuild = any(getattr(new, k) != getattr(self.settings, k) for k in changes if k not in LIVE_SETTINGS)
-        prompt_changed = any(k in changes for k in ("prompt", "prompts", "blend"))
+        # Encoded before anything changes, so that a prompt that fails to encode changes nothing.
+        target = self._encode_prompt(new) if not rebuild and any(k in changes for k in PROMPT_SETTINGS) else None
         self.settings = new
         if rebuild:
             self.reset()
-        else:
-            if prompt_changed:
-                self.context = self._encode_prompt()
-            # a new strength moves the controller's target; its running average goes on
-            self.motion.settings = motion_settings(new)
-        return rebuild
+            return True
+        if target is not None and not torch.equal(target, self.transition.target):
+            self.transition = PromptTransition(self.context, target, new.transition_frames, self.frames_out,
+                                               new.blend)
+        # a new strength moves the controller's target; its running average goes on
+        self.motion.settings = motion_settings(new)
+        return False
 
     def reset(self) -> None:
         """Start a new stream: empty caches, nothing in flight."""
         s = self.settings
         self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
         self.motion = MotionNoiseController(motion_settings(s))
-        self.context = self._encode_prompt()
+        self.transition = PromptTransition.cut(self._encode_prompt(s))
         self.vae_state = self.vae.new_stream()
         self.decoder_state = self.decoder.new_stream() if self.decoder is not self.vae else self.vae_state
         self.latent_h, self.latent_w = s.height // 8, s.width // 8
@@ -147,6 +229,8 @@ class StreamPipeline:
         self.in_flight = None  # [n, 16, 1, h, w] stream-batch slots, slot i at step i
         self.chunks_in = 0  # chunks pushed since the first one
         self.next_latent = 0  # latent frame number of the next chunk
+        self.frames_in = 0  # frames pushed (the output frame number the newest chunk ends on)
+        self.frames_out = 0  # frames finished
         self.host_size: tuple[int, int] | None = None
         self.queued_sizes: list[tuple[int, int]] = []  # host size of each chunk in flight
 
@@ -154,6 +238,12 @@ class StreamPipeline:
     def lag_frames(self) -> int:
         """Input frames an output trails by (the stream batch's fill)."""
         return self.settings.lag_frames
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The text context in force: what the latest output frames were conditioned on
+        (the prompt's own once a transition is over)."""
+        return self.transition.context(self.frames_out)
 
     @property
     def first_chunk_frames(self) -> int:
@@ -209,7 +299,9 @@ class StreamPipeline:
             pixels = None
         else:
             pixels, size = self._to_model(frames, expected)
+            count = pixels.shape[2]
             latents = self.vae.stream_encode(pixels, self.vae_state)
+        self.frames_in += count
         if first:
             return (yield from self._first_chunk(latents, pixels, size))
         return (yield from self._next_chunk(latents, pixels, size))
@@ -250,14 +342,15 @@ class StreamPipeline:
     def _denoise_alone(self, latents, noise_scale, first_t, cache, chunk) -> ChunkSteps:
         """All steps of one chunk in sequence against one cache (re-processing the
         same frames overwrites their slots)."""
+        context = self._conditioning([self.frames_in])
         x = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
         steps = [first_t] + self.steps[1:]
         for i, t in enumerate(steps):
-            x0 = yield from self._x0(x, t, cache)
+            x0 = yield from self._x0(x, t, context, cache)
             if i + 1 < len(steps):
                 x = add_noise(x0, self._noise(x0.shape, chunk, i + 1), float(sigma_for_timestep(steps[i + 1])))
         if self.settings.clean_cache_pass:
-            yield from self._x0(x0, 0, cache)
+            yield from self._x0(x0, 0, context, cache)
         return x0
 
     def _stream_batch_step(self, latents, noise_scale, first_t, size, chunk) -> ChunkSteps:
@@ -275,7 +368,9 @@ class StreamPipeline:
         filled = self.chunks_in - 1  # chunks streamed so far, this one included
         self.cache.frame_start = [start - min(i, filled - 1) for i in range(n)]
         timesteps = [first_t] + self.steps[1:]
-        x0 = yield from self._x0(self.in_flight, timesteps, self.cache)
+        # Slot i's chunk came in i calls ago, so (4 frames a chunk) it ends 4 * i output frames before this one.
+        context = self._conditioning([self.frames_in - FRAMES_PER_LATENT * i for i in range(n)])
+        x0 = yield from self._x0(self.in_flight, timesteps, context, self.cache)
         self.next_latent += 1
         self.queued_sizes.append(size)
 
@@ -289,10 +384,10 @@ class StreamPipeline:
             return np.zeros((0, *size, 3), dtype=np.uint8)
         return self._decode(x0[n - 1:n], self.queued_sizes.pop(0))
 
-    def _x0(self, x: torch.Tensor, timesteps, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
+    def _x0(self, x: torch.Tensor, timesteps, context, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
         t = torch.as_tensor(timesteps, device=self.device).reshape(-1, 1).expand(batch, x.shape[2])
-        flow = yield StreamInput(x, t, self.context, cache)
+        flow = yield StreamInput(x, t, context, cache)
         sigma = sigma_for_timestep(t[:, 0]).to(self.device)
         return x0_from_flow(x, flow, sigma)
 
@@ -306,18 +401,30 @@ class StreamPipeline:
         return self._noise(shape, self.chunks_in, 99)
 
     # -- prompts --------------------------------------------------------------
-    def _encode_prompt(self) -> torch.Tensor:
-        context = prompt_context(self.prompts, self.settings)
+    def _encode_prompt(self, settings: StreamSettings) -> torch.Tensor:
+        context = prompt_context(self.prompts, settings)
         if self.offload_text_encoder and not self.prompts.encoder.offloaded:
             self.prompts.encoder.offload()
         return context.to(self.device, self.dtype)
+
+    def _conditioning(self, last_frames: list[int]) -> torch.Tensor:
+        """The text context of each batch row's chunk, by the output frame it ends on:
+        [1 or rows, L, text_dim]. While all rows agree it is one tensor kept from call to
+        call, so the DiT reuses its cross-attention K/V (kept per tensor) instead of
+        computing them again."""
+        contexts = [self.transition.context(frame) for frame in last_frames]
+        if all(context is contexts[0] for context in contexts):
+            return contexts[0]
+        return torch.cat(contexts)
 
     # -- pixels ---------------------------------------------------------------
     def _to_model(self, frames, expected: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
         return model_frames(frames, expected, self.settings, device=self.device, dtype=self.dtype)
 
     def _decode(self, x0: torch.Tensor, size) -> np.ndarray:
-        return host_frames(self.decoder.stream_decode(x0, self.decoder_state), size, self.settings.fit)
+        frames = host_frames(self.decoder.stream_decode(x0, self.decoder_state), size, self.settings.fit)
+        self.frames_out += len(frames)
+        return frames
 
 
 # A chunk's work: yields DiT calls, is sent their flows, returns the finished frames.

@@ -14,8 +14,10 @@ Two threads, each with one job:
                 (engine/worker.py).
 
 A Spout session has a third thread of its own, which reads its input sender and
-publishes its output sender (engine/spout_io.py says why there). The main thread
-starts them and waits for a stop (Ctrl-C, SIGTERM, or stop()); closing unlinks every
+publishes its output sender (engine/spout_io.py says why there). OSC control
+(`serve --osc PORT`, engine/osc.py) has one too, which touches no session: it hands
+parameter changes to the IO thread through set_params. The main thread starts them
+and waits for a stop (Ctrl-C, SIGTERM, or stop()); closing unlinks every
 shared-memory segment the engine made. Sessions, their inboxes and outboxes are
 described in engine/session.py.
 
@@ -38,7 +40,8 @@ What a host sees (messages as in bridge/protocol.py):
   "StreamDiffusion"). Both are fixed when the session opens.
 - params changes parameters between steps; the payload says which applied live and
   whether the stream restarts. stats returns the session's state, parameters and
-  counters. bye closes the session.
+  counters. bye closes the session. shutdown stops the engine as SIGTERM does (bridge/launcher.py
+  sends it); only hosts that may send requests at all can send it (see Safety).
 - virtualcam (a live parameter; `serve --virtualcam` makes it default to true) also
   sends the session's outputs to a virtual camera. Where none can be opened, the host
   gets an error without an id, code output_unavailable, field params.virtualcam, whose
@@ -76,18 +79,19 @@ import secrets
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import torch
 
+from bridge import params as table
+from bridge.params import MAX_MODEL_SIZE, MAX_PROMPT_CHARS, MAX_SPOUT_NAME_CHARS, OPEN
 from bridge.protocol import (
-    DEFAULT_SPOUT_OUTPUT,
     FORMATS,
     MAX_HEIGHT,
     MAX_MESSAGE_BYTES,
-    MAX_PROMPT_CHARS,
     MAX_WIDTH,
     Bye,
     ErrorCode,
@@ -95,17 +99,18 @@ from bridge.protocol import (
     Hello,
     ParamsUpdate,
     ProtocolError,
+    Shutdown,
     StatsRequest,
     ValueSpec,
+    check_params,
 )
 from bridge.shm import RingReader, RingWriter, reclaim_abandoned_rings, session_ring_names
 from bridge.spout import SpoutUnavailable, load_spoutgl
 from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request, ServerKeys
 
 from .models.weights import Models
-from .pipeline import StreamSettings
-from .session import (MAX_MODEL_SIZE, MAX_SPOUT_NAME_CHARS, PARAMS, InputFrame, Session, applies, apply_params,
-                      current_params, session_routes, to_rgb)
+from .session import (PARAMS, TARGETS, InputFrame, Session, applies, apply_params, current_params, session_routes,
+                      session_settings, to_rgb)
 from .spout_io import SpoutSessionIO
 from .worker import Worker
 
@@ -118,6 +123,10 @@ REAP_EVERY_S = 0.25  # how often silent hosts are looked for
 JOIN_TIMEOUT_S = 10.0  # how long close() waits for a step (or a model load) in progress
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENGINE_SPOUT_SESSION = "spout"  # the id of the session `serve --spout-in/--spout-out` opens
+MAX_QUEUED_PARAM_CHANGES = 1024  # set_params calls waiting for the IO thread
+
+# Told, on the IO thread, that a session did not take a set_params change: its id, and why.
+ParamsRefused = Callable[[str, ProtocolError], None]
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,7 @@ class Limits:
         """The session parameter table with this engine's bounds."""
         return {**PARAMS,
                 "prompt": replace(PARAMS["prompt"], maximum=self.max_prompt_chars),
+                "prompts": replace(PARAMS["prompts"], max_chars=self.max_prompt_chars),
                 "model_width": replace(PARAMS["model_width"], maximum=self.max_model_size),
                 "model_height": replace(PARAMS["model_height"], maximum=self.max_model_size)}
 
@@ -158,11 +168,10 @@ class EngineSpoutSession:
     no host, so no silent-host timeout; TouchDesigner's or OBS's own Spout operators
     send and show the frames."""
 
-    input: str = ""  # --spout-in: the sender read; "" for Spout's active sender
-    output: str = DEFAULT_SPOUT_OUTPUT  # --spout-out: the sender published
+    input: str = table.PARAMS["spout_input"].default  # --spout-in: the sender read; "" for Spout's active sender
+    output: str = table.PARAMS["spout_output"].default  # --spout-out: the sender published
     width: int = 512  # --spout-size: the frames' size, published and fitted to
     height: int = 512
-    prompt: str = ""  # --prompt
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -228,22 +237,29 @@ class EngineServer:
         session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S,
         limits: Limits = Limits(),
         auth: ServerKeys | None = None,
-        virtualcam: bool = False,
+        session_defaults: Mapping[str, Any] = {},
         spout: EngineSpoutSession | None = None,
     ):
         """auth: the keys hosts must authenticate with; required unless address is loopback.
-        virtualcam: whether sessions send their outputs to a virtual camera unless they say
-        otherwise. spout: the Spout session to open in the engine itself; raises
-        SpoutUnavailable (saying why, and the fix) where Spout cannot work."""
+        session_defaults: parameter values (bridge/params.py) a new session has unless its
+        hello says otherwise, in place of the table's defaults (targets given here count as
+        stated by the session, engine/slo.py says why that matters); model_size sets the model's.
+        spout: the Spout session to open in the engine itself; raises SpoutUnavailable
+        (saying why, and the fix) where Spout cannot work."""
         check_bind(address, auth is not None)
         self.model = model
         height, width = model_size
         if max(height, width) > limits.max_model_size:
             raise ValueError(f"the model size {height}x{width} is over --max-model-size {limits.max_model_size}")
-        self._default_settings = StreamSettings(height=height, width=width)  # validates the size
+        self._session_defaults = {**table.defaults(), **session_defaults, "model_width": width,
+                                  "model_height": height}
+        self._param_specs = limits.params()
+        for name, value in session_defaults.items():  # a bad default fails here, not in every hello
+            self._param_specs[name].check(name, value)
+        self._stated_targets = {name: value for name, value in session_defaults.items() if name in TARGETS}
+        default_settings = session_settings(self._session_defaults)  # validates the size
         self._session_timeout_s = session_timeout_s
         self.limits = limits
-        self._virtualcam = virtualcam
         if spout is not None:
             load_spoutgl()
             if spout.width > limits.max_frame_width or spout.height > limits.max_frame_height:
@@ -251,10 +267,13 @@ class EngineServer:
                                  f"{limits.max_frame_width}x{limits.max_frame_height}")
         self._engine_spout = spout
         self._spout_io: dict[str, SpoutSessionIO] = {}  # the IO thread's, by session id
-        self._param_specs = limits.params()
         self._sessions: dict[str, Session] = {}  # changed by the IO thread only
         self._sessions_lock = threading.Lock()  # the worker reads the table from its thread
-        self._worker = Worker(load_models, self._open_sessions, warm_up=self._default_settings)
+        # Parameter changes from other threads (OSC), for the IO thread's next turn; past the
+        # bound the oldest go, as for a fader newer values matter more.
+        self._param_changes: deque[tuple[str | None, dict[str, Any], ParamsRefused]] = deque(
+            maxlen=MAX_QUEUED_PARAM_CHANGES)
+        self._worker = Worker(load_models, self._open_sessions, warm_up=default_settings)
         self._stopping = threading.Event()
         self.failed = False  # set when a thread died of an unexpected error, or the model did not load
         reclaimed = reclaim_abandoned_rings()
@@ -302,6 +321,19 @@ class EngineServer:
         """Why the model failed to load, once it has."""
         return self._worker.load_error
 
+    @property
+    def param_specs(self) -> Mapping[str, ValueSpec]:
+        """The session parameters' checks, with this engine's bounds (Limits)."""
+        return self._param_specs
+
+    def set_params(self, session_id: str | None, params: Mapping[str, Any], refused: ParamsRefused) -> None:
+        """Change session parameters from any thread (OSC, engine/osc.py): checked here, then
+        applied by the IO thread at its next turn, between steps, as a host's params request
+        is. session_id None means every open session. A session that does not take them (not
+        open, or its pipeline refuses a value) goes to refused; the others still get them.
+        Raises ProtocolError for a value no session takes."""
+        self._param_changes.append((session_id, check_params(params, self._param_specs), refused))
+
     def serve_forever(self, parent_pid: int | None = None) -> None:
         """Run until Ctrl-C or SIGTERM (call from the main thread), then close. A model
         that fails to load stops the engine too (failed, load_error say why). With
@@ -348,6 +380,7 @@ class EngineServer:
             inbox = self._socket.poll(POLL_S if self._sessions else IDLE_POLL_S)
             for request in inbox.requests:
                 self._answer(request)
+            self._apply_param_changes()
             for frame in inbox.frames:
                 self._take_zmq_frame(frame)
             for rejected in inbox.rejected:
@@ -371,7 +404,8 @@ class EngineServer:
                 self._close_silent_sessions()
 
     def _answer(self, request: Request) -> None:
-        handlers = {Hello: self._hello, ParamsUpdate: self._params, StatsRequest: self._stats, Bye: self._bye}
+        handlers = {Hello: self._hello, ParamsUpdate: self._params, StatsRequest: self._stats, Bye: self._bye,
+                    Shutdown: self._shutdown}
         try:
             payload = handlers[type(request.message)](request)
         except ProtocolError as error:
@@ -407,13 +441,15 @@ class EngineServer:
 
     def _open_engine_spout_session(self, spout: EngineSpoutSession) -> None:
         params = {"spout_input": spout.input, "spout_output": spout.output}
-        self._open_session(ENGINE_SPOUT_SESSION, None, "spout", spout.width, spout.height, spout.prompt, params)
+        self._open_session(ENGINE_SPOUT_SESSION, None, "spout", spout.width, spout.height,
+                           self._session_defaults["prompt"], params)
 
     def _open_session(self, session_id: str, owner: bytes | None, transport: str, width: int, height: int,
                       prompt: str, params: dict[str, Any]) -> dict[str, Any]:
         """Open a session and start moving its frames; returns what hello answers."""
-        settings, targets, routes = apply_params(replace(self._default_settings, prompt=prompt), {},
-                                                 session_routes(transport, self._virtualcam), params)
+        settings = session_settings({**self._session_defaults, "prompt": prompt})
+        settings, targets, routes = apply_params(settings, self._stated_targets,
+                                                 session_routes(transport, self._session_defaults), params)
         state = "starting" if self._worker.state == "ready" else "loading"
         session = Session(session_id, owner, transport, width, height, settings, targets, routes, state)
         reply = {
@@ -421,7 +457,8 @@ class EngineServer:
             "state": state,
             "model": self.model,
             "params": current_params(settings, targets, routes),
-            "schema": {name: {**spec.describe(), "applies": applies(name)} for name, spec in self._param_specs.items()},
+            "schema": {name: {**table.PARAMS[name].describe(), **spec.describe()}  # with this engine's bounds
+                       for name, spec in self._param_specs.items()},
             "lag_frames": settings.lag_frames,
             "first_chunk_frames": settings.first_chunk_frames,
             "session_timeout_s": self._session_timeout_s,
@@ -483,14 +520,37 @@ class EngineServer:
 
     def _params(self, request: Request) -> dict[str, Any]:
         message: ParamsUpdate = request.message
-        session = self._owned_session(request.sender, message.session, shared=True)
-        for name in message.params:
-            if applies(name) == "open" and name in session.routes:
+        return self._change_params(self._owned_session(request.sender, message.session, shared=True), message.params)
+
+    def _apply_param_changes(self) -> None:
+        """Apply what set_params queued, in order."""
+        while self._param_changes:
+            session_id, params, refused = self._param_changes.popleft()
+            if session_id is None:
+                sessions = self._open_sessions()
+            elif session_id in self._sessions:
+                sessions = [self._sessions[session_id]]
+            else:
+                refused(session_id, ProtocolError(ErrorCode.UNKNOWN_SESSION, "session",
+                                                  f"no session {session_id!r:.80} is open"))
+                continue
+            for session in sessions:
+                try:
+                    self._change_params(session, params)
+                except ProtocolError as error:
+                    refused(session.id, error)
+                except Exception:  # noqa: BLE001 - as for a host's request: the engine serves on
+                    log.exception("session %s: changing its parameters failed", session.id)
+
+    def _change_params(self, session: Session, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply checked parameters to a session between steps; returns what params answers."""
+        for name in params:
+            if applies(name) == OPEN and name in session.routes:
                 raise ProtocolError(ErrorCode.BAD_VALUE, f"params.{name}",
                                     f"{name} is fixed when a session opens; open a new session to change it")
-        settings, targets, routes = apply_params(session.settings, session.targets, session.routes, message.params)
+        settings, targets, routes = apply_params(session.settings, session.targets, session.routes, params)
         restarts = session.change(settings, targets, routes)
-        if "virtualcam" in message.params:
+        if "virtualcam" in params:
             self._turn_camera(session)
         self._worker.wake()
         return {
@@ -511,6 +571,12 @@ class EngineServer:
         session = self._owned_session(request.sender, request.message.session)
         self._close_session(session, "the host said bye")
         return {"session": session.id}
+
+    def _shutdown(self, request: Request) -> dict[str, Any]:
+        """Stop as SIGTERM does: answered first, then serve_forever closes everything."""
+        log.info("a host asked the engine to stop (a shutdown request); stopping")
+        self.stop()
+        return {}
 
     def _owned_session(self, sender: bytes, session_id: str, *, shared: bool = False) -> Session:
         """The sender's session; with shared, the engine's own Spout session too (it has no host)."""

@@ -38,42 +38,32 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bridge.protocol import DEFAULT_PARAMS, DEFAULT_SPOUT_OUTPUT, ErrorCode, ProtocolError, ValueSpec
+from bridge import params as table
+from bridge.params import LIVE, OPEN, RELOAD
+from bridge.protocol import PARAM_SPECS, ErrorCode, ProtocolError, ValueSpec
 from bridge.shm import RingReader, RingWriter
 
 from .camera import SessionCamera
 from .flow import PUBLISHED_STEPS
 from .pipeline import LIVE_SETTINGS, StreamSettings
-from .slo import (DEFAULT_LATENCY_MS, DEFAULT_TARGET_FPS, Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
+from .slo import (Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
                   excused_wait_start, inbox_limit, percentile)
 
 # What a session reports to its host, in the order a healthy session goes through them.
 STATES = ("starting", "loading", "ready", "streaming", "error")
 
-MAX_MODEL_SIZE = 2048
-MAX_SPOUT_NAME_CHARS = 255  # Spout keeps sender names in 256-byte buffers
 # Frames of one chunk are released at most this far apart, whatever their capture times say.
 MAX_FRAME_SPACING_NS = 1_000_000_000
 
-# The parameters a session takes: the protocol's table with the engine's bounds, and
-# the size the model works at (a multiple of 16; frames are fitted to it and back).
-PARAMS: Mapping[str, ValueSpec] = {
-    **DEFAULT_PARAMS,
-    "steps": ValueSpec(int, 1, len(PUBLISHED_STEPS)),
-    "model_width": ValueSpec(int, 16, MAX_MODEL_SIZE),
-    "model_height": ValueSpec(int, 16, MAX_MODEL_SIZE),
-    "low_latency_start": ValueSpec(bool),
-    "virtualcam": ValueSpec(bool),
-    "spout_input": ValueSpec(str, 0, MAX_SPOUT_NAME_CHARS),
-    "spout_output": ValueSpec(str, 1, MAX_SPOUT_NAME_CHARS),
-}
-# Targets for the SLO scheduler (engine/slo.py), not settings of the pipeline.
+# The parameters a session takes (bridge/params.py's table, checked as it says). Most
+# are settings of its pipeline; these are not:
+# targets for the SLO scheduler (engine/slo.py) ...
 TARGETS = ("target_fps", "latency_ms")
-# Routes, where frames come from and go besides the host, and their defaults; not
-# settings of the pipeline either. The Spout ones are a Spout session's only, and are
-# fixed when it opens (engine/spout_io.py says why).
-ROUTES: Mapping[str, Any] = {"virtualcam": False, "spout_input": "", "spout_output": DEFAULT_SPOUT_OUTPUT}
+# ... and routes, where frames come from and go besides the host. The Spout ones are a
+# Spout session's only, and are fixed when it opens (engine/spout_io.py says why).
+ROUTES = ("virtualcam", "spout_input", "spout_output")
 SPOUT_ROUTES = ("spout_input", "spout_output")
+PARAMS: Mapping[str, ValueSpec] = PARAM_SPECS
 LATENCY_SAMPLES = 1000  # latest outputs whose latency the percentiles in stats cover
 OUTPUT_FPS_WINDOW_NS = 2_000_000_000  # output frame rate in stats: over the last two seconds ...
 OUTPUT_FPS_SHORTEST_NS = 250_000_000  # ... or since the first output, once that is this long ago
@@ -82,23 +72,21 @@ _SETTING_FIELDS = {"model_width": "width", "model_height": "height"}
 
 
 def applies(name: str) -> str:
-    """'live' for a parameter applied at the next step, 'reload' for one that restarts the
-    stream, 'open' for one a session takes only when it opens (in its hello)."""
-    if name in SPOUT_ROUTES:
-        return "open"
-    live = name in TARGETS or name in ROUTES or _SETTING_FIELDS.get(name, name) in LIVE_SETTINGS
-    return "live" if live else "reload"
+    """LIVE for a parameter applied at the next step, RELOAD for one that restarts the
+    stream, OPEN for one a session takes only when it opens (in its hello)."""
+    return table.PARAMS[name].applies
 
 
-def session_routes(transport: str, virtualcam: bool) -> dict[str, Any]:
-    """The routes a new session of this transport has, at their defaults (virtualcam: the engine's)."""
-    names = ("virtualcam", *SPOUT_ROUTES) if transport == "spout" else ("virtualcam",)
-    return {**{name: ROUTES[name] for name in names}, "virtualcam": virtualcam}
+def session_routes(transport: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The routes a new session of this transport has, at the engine's defaults."""
+    names = ROUTES if transport == "spout" else tuple(name for name in ROUTES if name not in SPOUT_ROUTES)
+    return {name: defaults[name] for name in names}
 
 
-def params_schema() -> dict[str, dict]:
-    """The parameter table as plain data for hosts: each entry's type, bounds and whether it is live."""
-    return {name: {**spec.describe(), "applies": applies(name)} for name, spec in PARAMS.items()}
+def session_settings(values: Mapping[str, Any]) -> StreamSettings:
+    """Stream settings from parameter values by their protocol names (targets and routes left out)."""
+    return StreamSettings(**{_SETTING_FIELDS.get(name, name): value for name, value in values.items()
+                             if name not in TARGETS and name not in ROUTES})
 
 
 def apply_params(
@@ -133,7 +121,8 @@ def current_params(settings: StreamSettings, targets: Mapping[str, float], route
     """A session's parameters by their protocol names."""
     values = {name: getattr(settings, _SETTING_FIELDS.get(name, name))
               for name in PARAMS if name not in TARGETS and name not in ROUTES}
-    return {**values, **targets, **routes}
+    stated_or_default = {name: targets.get(name, table.PARAMS[name].default) for name in TARGETS}
+    return {**values, **stated_or_default, **routes}
 
 
 # ------------------------------------------------------------------------ frames
@@ -207,7 +196,7 @@ class Session:
         self.lock = threading.Lock()
         # Changed under lock (single reads need none):
         self.settings = settings  # as the host last set them
-        self.targets = dict(targets)
+        self.targets = dict(targets)  # only those stated: the policy treats a stated budget differently
         self.routes = dict(routes)
         self.state = state
         self.failure: str | None = None  # why the worker gave up on the session
@@ -342,11 +331,11 @@ class Session:
 
     @property
     def target_fps(self) -> float:
-        return self.targets.get("target_fps", DEFAULT_TARGET_FPS)
+        return self.targets.get("target_fps", table.PARAMS["target_fps"].default)
 
     @property
     def latency_ms(self) -> float:
-        return self.targets.get("latency_ms", DEFAULT_LATENCY_MS)
+        return self.targets.get("latency_ms", table.PARAMS["latency_ms"].default)
 
     def _output_fps(self, now_ns: int) -> float | None:
         if self._first_output_ns is None or now_ns - self._first_output_ns < OUTPUT_FPS_SHORTEST_NS:

@@ -58,8 +58,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_TARGET_FPS = 16.0
-DEFAULT_LATENCY_MS = 500.0
 # At start-up, before any session, the engine runs this many steady steps in each mode
 # (engine/worker.py), all but the first measured: the cost model starts from them.
 WARM_UP_STEPS = 3

@@ -24,6 +24,7 @@ import pytest
 from fake_spoutgl import DXGI_B8G8R8A8, FOLDER_ENV, GL_BGRA_EXT, FakeReceiver, FakeSpoutMachine, convert
 from processes import PATIENCE_S, ServedEngine as Engine
 from test_virtualcam import fake_pyvirtualcam
+from bridge import params as table
 from bridge.client import EngineClient, RemoteError
 from bridge.protocol import Bye, ParamsUpdate, StatsRequest
 from bridge.virtualcam import V4L2LOOPBACK_MODPROBE
@@ -102,7 +103,7 @@ def test_a_spout_sessions_thread_reads_a_bgra_sender_into_the_inbox_and_publishe
     spout = FakeSpoutMachine(tmp_path)
     monkeypatch.setitem(sys.modules, "SpoutGL", spout.module())
     settings = StreamSettings(height=32, width=32)
-    routes = {**session_routes("spout", virtualcam=False), "spout_input": "TD out", "spout_output": "engine out"}
+    routes = {**session_routes("spout", table.defaults()), "spout_input": "TD out", "spout_output": "engine out"}
     session = Session("s1", None, "spout", SIZE, SIZE, settings, {}, routes, "ready")
     chunk_complete = threading.Event()
     spout_io = SpoutSessionIO(session, chunk_complete.set)
@@ -155,7 +156,7 @@ def test_closing_a_spout_session_whose_driver_hangs_holds_up_the_io_thread_a_bou
 
     monkeypatch.setattr(FakeReceiver, "receiveImage", hanging_receive_image)
     monkeypatch.setattr(engine.spout_io, "JOIN_TIMEOUT_S", 0.05)
-    routes = {**session_routes("spout", virtualcam=False), "spout_input": "TD out", "spout_output": "engine out"}
+    routes = {**session_routes("spout", table.defaults()), "spout_input": "TD out", "spout_output": "engine out"}
     session = Session("s1", None, "spout", SIZE, SIZE, StreamSettings(height=32, width=32), {}, routes, "ready")
     spout_io = SpoutSessionIO(session, lambda: None)
     spout_io.start()
@@ -226,7 +227,7 @@ def test_serve_with_spout_flags_streams_with_no_host_past_the_session_timeout(tm
         return 0 if published is None else published.frame_count
 
     try:
-        assert engine.process.stdout.readline().startswith("Spout: reading sender 'camera', publishing 'stylised'")
+        assert "Spout: reading sender 'camera', publishing 'stylised'" in engine.log()
         draw_until(lambda: frames_out() >= 4, "the first outputs")
         published = spout.senders["stylised"]
         assert (published.width, published.height) == (48, 40)
@@ -281,7 +282,7 @@ def test_with_serve_virtualcam_every_sessions_outputs_also_reach_a_camera_until_
     opened = []
     monkeypatch.setitem(sys.modules, "pyvirtualcam", fake_pyvirtualcam(opened))
     server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
-                          model_size=(32, 32), virtualcam=True)
+                          model_size=(32, 32), session_defaults={"virtualcam": True})
     server.start()
     try:
         with EngineClient(server.address, transport="zmq", width=SIZE, height=SIZE, timeout_s=PATIENCE_S,

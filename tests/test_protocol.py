@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.protocol import (
-    DEFAULT_PARAMS,
+    PARAM_SPECS,
     MAX_MESSAGE_BYTES,
     MAX_PROMPT_CHARS,
     PROTOCOL_VERSION,
@@ -25,6 +25,7 @@ from bridge.protocol import (
     ProtocolError,
     StatsRequest,
     ValueSpec,
+    check_params,
     check_pixels,
     decode_frame_header,
     decode_message,
@@ -106,13 +107,33 @@ def test_numbers_convert_only_without_loss():
 
 
 def test_a_value_spec_describes_itself_as_plain_data_for_host_uis():
-    assert DEFAULT_PARAMS["strength"].describe() == {"type": "float", "minimum": 0.0, "maximum": 1.0}
-    assert DEFAULT_PARAMS["fit"].describe() == {"type": "str", "choices": ["crop", "stretch", "letterbox"]}
-    assert msgpack.unpackb(msgpack.packb({k: v.describe() for k, v in DEFAULT_PARAMS.items()}))  # travels as is
+    assert PARAM_SPECS["strength"].describe() == {"type": "float", "minimum": 0.1, "maximum": 1.0}
+    assert PARAM_SPECS["fit"].describe() == {"type": "str", "choices": ["letterbox", "crop", "stretch"]}
+    assert PARAM_SPECS["prompts"].describe() == {"type": "prompts", "maximum": 8}
+    assert msgpack.unpackb(msgpack.packb({k: v.describe() for k, v in PARAM_SPECS.items()}))  # travels as is
+
+
+def test_weighted_prompts_are_text_weight_pairs_with_a_weight_above_zero():
+    assert check_params({"prompts": [["a fox", 1], ("a cat", 0.5)]}, PARAM_SPECS) == {
+        "prompts": (("a fox", 1.0), ("a cat", 0.5))}
+    for bad, field in ((["a fox", 1.0], "params.prompts[0]"), ([["a fox", "x"]], "params.prompts[0] weight"),
+                       ([["a fox", -1]], "params.prompts[0] weight"), ([["a", 0], ["b", 0]], "params.prompts"),
+                       ([["a", 1]] * 9, "params.prompts"), ("a fox", "params.prompts")):
+        with pytest.raises(ProtocolError) as caught:
+            check_params({"prompts": bad}, PARAM_SPECS)
+        assert caught.value.field == field, bad
+
+
+def test_a_host_checks_the_tables_parameters_before_sending():
+    with pytest.raises(ProtocolError) as caught:
+        ParamsUpdate(session="s", params={"strength": 0.05})
+    assert (caught.value.code, caught.value.field) == (ErrorCode.OUT_OF_RANGE, "params.strength")
+    assert "0.1" in caught.value.message
+    assert ParamsUpdate(session="s", params={"other_engines_param": 3}).params == {"other_engines_param": 3}
 
 
 def test_the_engine_can_extend_the_parameter_table():
-    schema = {**DEFAULT_PARAMS, "noise_scale": ValueSpec(float, 0.0, 2.0)}
+    schema = {**PARAM_SPECS, "noise_scale": ValueSpec(float, 0.0, 2.0)}
     update = params_message(noise_scale=1.5)
     assert decode_message(update, schema).params == {"noise_scale": 1.5}
     error = rejection(decode_message, update)  # the default table does not have it
@@ -268,7 +289,7 @@ msgpack_values = st.recursive(
     max_leaves=12,
 )
 field_names = st.sampled_from(sorted({*HELLO, *FRAME, "params", "session", "id", "payload", "code", "field",
-                                      "message", "stride", "transport", *DEFAULT_PARAMS}))
+                                      "message", "stride", "transport", *PARAM_SPECS}))
 valid_maps = st.sampled_from([HELLO, FRAME, {"type": "params", "session": "s", "params": {"strength": 0.5}},
                               {"type": "ok", "payload": {}, "id": 1},
                               {"type": "error", "code": "x", "field": None, "message": "m"}])
@@ -285,7 +306,7 @@ def mutated_maps(draw):
         else:
             fields.pop(name, None)
     if draw(st.booleans()) and isinstance(fields.get("params"), dict):
-        fields["params"] = {**fields["params"], draw(st.sampled_from(sorted(DEFAULT_PARAMS))): draw(msgpack_values)}
+        fields["params"] = {**fields["params"], draw(st.sampled_from(sorted(PARAM_SPECS))): draw(msgpack_values)}
     return fields
 
 

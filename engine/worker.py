@@ -77,7 +77,7 @@ class Worker:
         self._work.set()
 
     def run(self, stop: threading.Event) -> None:
-        self._load()
+        self._load(stop)
         while not stop.is_set():
             self._free_closed_sessions()
             self._work.clear()  # before looking, so a wake() during the look is not lost
@@ -91,7 +91,7 @@ class Worker:
                 self._end(session, message)
 
     # -- steps -----------------------------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, stop: threading.Event) -> None:
         self.state = "loading"
         started = time.perf_counter()
         try:
@@ -104,15 +104,16 @@ class Worker:
         self._prompts = PromptCache(self._models.text_encoder)
         log.info("model loaded in %.1f s", time.perf_counter() - started)
         if self._warm_up_settings is not None:
-            self._warm_up(self._warm_up_settings)
+            self._warm_up(self._warm_up_settings, stop)
         self.state = "ready"
 
-    def _warm_up(self, settings: StreamSettings) -> None:
+    def _warm_up(self, settings: StreamSettings, stop: threading.Event) -> None:
         """A throwaway stream at the engine's default settings, in both modes, before any session:
         the device makes its kernels for them (a GPU's first forwards of a shape are far slower,
         which would otherwise fall on the first session's first frame), and the cost model starts
         from steady steps measured in both modes, which tell its time per forward from its time
-        per latent row, so the first plans already predict (engine/slo.py)."""
+        per latent row, so the first plans already predict (engine/slo.py). A stop asked for
+        meanwhile ends it after the step in progress, so the engine stops promptly."""
         log.info("warming up: a %dx%d stream in both modes ...", settings.width, settings.height)
         started = time.perf_counter()
         try:
@@ -122,6 +123,8 @@ class Worker:
                 pipeline.push(np.zeros((pipeline.next_chunk_frames, settings.height, settings.width, 3), np.uint8))
                 shape = StepShape.steady(settings.steps, stream_batch)
                 for index in range(WARM_UP_STEPS):
+                    if stop.is_set():
+                        return
                     step_started = time.perf_counter()
                     pipeline.push(np.zeros((FRAMES_PER_LATENT, settings.height, settings.width, 3), np.uint8))
                     if index:  # the first steady step makes its shape's kernels

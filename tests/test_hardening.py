@@ -99,9 +99,9 @@ def test_a_wide_bind_without_keys_refuses_to_start_and_says_how_to_make_them():
 
 @linux_only
 def test_only_a_host_with_a_listed_key_gets_a_session(tmp_path, keys):
-    engine = Engine(tmp_path, "--keys", str(keys))
+    server_key = keys / "server.key"
+    engine = Engine(tmp_path, "--keys", str(keys), auth=ClientKeys.load(server_key, keys / "studio.key_secret"))
     try:
-        server_key = keys / "server.key"
         refused = {
             "no keys": {},
             "a key the engine does not list": dict(server_key=server_key,
@@ -148,7 +148,7 @@ def test_only_a_host_with_a_listed_key_gets_a_session(tmp_path, keys):
 def test_a_loopback_engine_needs_no_keys_and_says_so(tmp_path):
     engine = Engine(tmp_path)
     try:
-        assert "no keys needed" in engine.first_line
+        assert "no keys needed" in engine.log()
         with client(engine.address) as plain:
             stream_until_output(plain)
     finally:
@@ -266,42 +266,6 @@ def test_an_engine_paused_longer_than_the_hosts_patience_survives_and_hosts_resu
             assert engine.process.poll() is None, engine.log()
     finally:
         assert engine.stop() == 0, engine.log()
-
-
-LAUNCHER = """
-import os, subprocess, sys, time
-engine = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", "32x32",
-                           "--bind", "tcp://127.0.0.1:*", "--parent-pid", str(os.getpid())],
-                          stdout=subprocess.PIPE, text=True)
-print(engine.pid, engine.stdout.readline().strip(), flush=True)
-time.sleep(600)
-"""
-
-
-def has_ended(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")  # a zombie nobody reaps still counts as ended
-
-
-@linux_only
-def test_an_engine_started_by_an_application_that_crashes_stops_by_itself():
-    """TouchDesigner and OBS start the engine with --parent-pid; their crash must not leave it holding the GPU."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    engine_pid, listening = launcher.stdout.readline().split(" ", 1)
-    assert "listening at" in listening
-    engine_pid = int(engine_pid)
-    assert not has_ended(engine_pid)
-    launcher.kill()  # the application crashes; the engine is not killed with it
-    launcher.wait()
-    try:
-        wait_until(lambda: has_ended(engine_pid), "the engine to notice its parent is gone")
-    finally:
-        if not has_ended(engine_pid):
-            os.kill(engine_pid, signal.SIGKILL)
 
 
 RING_OWNER = """
@@ -461,11 +425,11 @@ def test_a_session_that_fails_to_open_part_way_leaves_nothing_behind(monkeypatch
                           model_size=(32, 32), limits=Limits(max_sessions=1))
     server.start()
     try:
-        rings_before = set(list_rings())
+        rings_before = {ring.name for ring in list_rings()}
         with pytest.raises(RemoteError) as answered:
             client(server.address, "shm").open()
         assert answered.value.code == "internal" and "the camera driver crashed" in answered.value.message
-        assert set(list_rings()) <= rings_before  # its output ring is gone too
+        assert {ring.name for ring in list_rings()} <= rings_before  # its output ring is gone too
         monkeypatch.undo()
         with client(server.address, "shm") as healthy:  # the one session allowed: its slot is free
             stream_until_output(healthy)

@@ -22,8 +22,6 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bridge.client import EngineClient  # noqa: E402
+from bridge.launcher import EngineProcess, EngineStartError  # noqa: E402
 from bridge.shm import list_rings  # noqa: E402
 from engine.cli import test_pattern  # noqa: E402
 
@@ -49,22 +48,16 @@ FRAMES_PER_CHUNK = 4  # frames a step takes after the first chunk
 
 
 class Engine:
-    """`python -m engine serve --model tiny` as a child process."""
+    """`python -m engine serve --model tiny` as a child process (bridge.launcher), once it answers."""
 
     def __init__(self, address: str, model_size: str, log_path: Path, session_timeout_s: float):
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(log_path, "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", model_size, "--bind", address,
-             "--session-timeout", str(session_timeout_s)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=self.log_file, text=True)
-        line = self.process.stdout.readline()
-        match = re.search(r"listening at (\S+)", line)
-        if match is None:
-            self.stop()
-            raise SystemExit(f"the engine did not start: {line!r}; see {log_path}")
-        self.address = match.group(1)
-        self.pid = self.process.pid
+        self.launched = EngineProcess.start(model="tiny", bind=address, cwd=REPO, log_file=log_path,
+                                            args=["--size", model_size, "--session-timeout", str(session_timeout_s)])
+        try:
+            self.address = self.launched.wait_until_ready()
+        except EngineStartError as error:
+            raise SystemExit(f"the engine did not start: {error}") from None
+        self.pid = self.launched.pid
 
     def rss_bytes(self) -> int:
         status = Path(f"/proc/{self.pid}/status").read_text()
@@ -74,16 +67,8 @@ class Engine:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self.process.stdout.close()
-        self.log_file.close()
-        return code
+        """A shutdown request, as hosts stop it; its exit code."""
+        return self.launched.stop(timeout_s=60)
 
 
 def segments_of(pids: set[int]) -> int:
@@ -272,8 +257,8 @@ def run(minutes: float, hosts: int, fps: float, restart_at: float | None, sample
                 engine.stop()
                 engine = Engine(address, model_size, log_path, session_timeout_s)
                 engines.append(engine)
-            if engine.process.poll() is not None:
-                raise SystemExit(f"the engine exited with code {engine.process.returncode}; see {log_path}")
+            if engine.launched.returncode is not None:
+                raise SystemExit(f"the engine {engine.launched.describe()}; see {log_path}")
             if now >= next_sample:
                 next_sample += sample_s
                 samples.append(sample(now - started, engine, len(engines), tally))

@@ -30,10 +30,13 @@ keep the session alive.
 The client needs no thread of its own. Every call also tends the connection: twice a
 second it asks the engine for the session's stats, which keeps the session open and
 keeps `state` current. When the engine stops answering, `state` becomes
-"disconnected" (and a warning is logged); once an engine answers again at the same
+"disconnected" (and says so in the log); once an engine answers again at the same
 address the client opens a new session with the same parameters and carries on. A
 host that makes no call for longer than the engine's session timeout loses its session
-the same way, and gets a new one on its next call. Use a client from one thread.
+the same way, and gets a new one on its next call. Use a client from one thread (or
+bridge.background.BackgroundClient, which tends one on a thread of its own).
+Expected states (the engine gone, a new session opening) are logged at INFO, faults
+(a refused session, a failed step) at WARNING.
 
 An engine on another machine requires keys (CURVE, see bridge/zmq_io.py): pass
 server_key (the engine's server.key, or its text) and client_keys (this host's
@@ -336,8 +339,8 @@ class EngineClient:
             if heard > self._lost_at:  # an engine answers again
                 self._reopen()
         elif self._waiting_since is not None and now - self._waiting_since > self.engine_timeout_s:
-            log.warning("the engine at %s stopped answering; its session is lost. A new one opens when an "
-                        "engine answers there again", self.address)
+            log.info("the engine at %s stopped answering; its session is lost. A new one opens when an "
+                     "engine answers there again", self.address)
             self._drop_session()
             self._state = "disconnected"
             self._lost_at = now
@@ -377,7 +380,7 @@ class EngineClient:
 
     def _session_forgotten(self) -> None:
         """No such session any more: a new engine, or we were silent too long."""
-        log.warning("the engine at %s no longer knows session %s; opening a new one", self.address, self.session)
+        log.info("the engine at %s no longer knows session %s; opening a new one", self.address, self.session)
         self._drop_session()
         self._reopen()
 
@@ -385,7 +388,9 @@ class EngineClient:
         try:
             self._open_session()
         except (TimeoutError, AuthenticationError, RemoteError, ProtocolError, FileNotFoundError) as error:
-            log.warning("could not open a new session on the engine at %s: %s", self.address, error)
+            # No engine yet is what a restarting engine looks like; anything else is a fault.
+            log.log(logging.INFO if isinstance(error, TimeoutError) else logging.WARNING,
+                    "could not open a new session on the engine at %s: %s", self.address, error)
             self.error = error if isinstance(error, RemoteError) else None
             self._state = "disconnected"
             self._lost_at = time.monotonic()

@@ -1,22 +1,21 @@
 """`python -m engine demo`: the whole loop on one machine, as a host application sees it.
 
-It starts an engine (`python -m engine serve`) on a free loopback port, streams a
-generated test pattern to it in real time through an EngineClient (shared memory by
-default), writes the frames that come back to a video, prints the output frame rate
-and the glass-to-glass latency percentiles, and stops the engine.
+It starts an engine (`python -m engine serve`, through bridge/launcher.py) on a free
+loopback port, streams a generated test pattern to it in real time through an
+EngineClient (shared memory by default), writes the frames that come back to a video,
+prints the output frame rate and the glass-to-glass latency percentiles, and stops the
+engine with a shutdown request. The engine's own log goes to bridge.launcher's log folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import sys
 import time
 
 import numpy as np
 
 from bridge.client import EngineClient, Output, describe_scheduler
+from bridge.launcher import EngineProcess, EngineStartError, log_path
 
 from .cli import model_size, test_pattern, write_video
 
@@ -27,9 +26,9 @@ DRAIN_S = 1.0  # after the last frame, how long to wait for the frames still on 
 def run_demo(args: argparse.Namespace) -> None:
     height, width = (int(v) for v in args.size.lower().split("x"))
     model_height, model_width = model_size(args.model, args.model_size)
-    engine, address = start_engine(args.model, args.weights, f"{model_height}x{model_width}")
+    engine = start_engine(args.model, args.weights, f"{model_height}x{model_width}")
     try:
-        with EngineClient(address, transport=args.transport, width=width, height=height, prompt=args.prompt,
+        with EngineClient(engine.address, transport=args.transport, width=width, height=height, prompt=args.prompt,
                           latency_ms=args.latency_ms) as client:
             wait_until_ready(client, engine)
             print(f"streaming {args.frames} frames of {width}x{height} at {args.fps:g} fps through {args.transport} "
@@ -37,29 +36,31 @@ def run_demo(args: argparse.Namespace) -> None:
             received, arrivals = stream(client, test_pattern(args.frames, height, width), args.fps)
             stats = client.stats()
     finally:
-        stop_engine(engine)
+        print(f"stopping the engine ({engine.describe()}) ...", flush=True)
+        engine.stop()
+        print(f"the engine {engine.describe()}; its log: {engine.log_path}")
     report(args, received, arrivals, stats)
 
 
-def start_engine(model: str, weights: str | None, size: str) -> tuple[subprocess.Popen, str]:
-    """An engine process on a free loopback port, and the address it listens at."""
-    command = [sys.executable, "-m", "engine", "serve", "--model", model, "--size", size,
-               "--bind", "tcp://127.0.0.1:*"]
-    if weights:
-        command += ["--weights", weights]
-    engine = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    for line in engine.stdout:
-        print(line, end="", flush=True)
-        if match := re.search(r"listening at (\S+)", line):
-            return engine, match.group(1)
-    engine.wait()
-    raise SystemExit(f"error: the engine exited ({engine.returncode}) before listening; see its messages above")
+def start_engine(model: str, weights: str | None, size: str) -> EngineProcess:
+    """An engine on a free loopback port, once it answers there."""
+    engine = EngineProcess.start(model=model, bind="tcp://127.0.0.1:*",
+                                 args=["--size", size, *(["--weights", weights] if weights else [])],
+                                 log_file=log_path("demo"))
+    print(f"engine starting (pid {engine.pid}); its log: {engine.log_path}", flush=True)
+    try:
+        engine.wait_until_ready()
+    except EngineStartError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"engine answering at {engine.address}", flush=True)
+    return engine
 
 
-def wait_until_ready(client: EngineClient, engine: subprocess.Popen) -> None:
+def wait_until_ready(client: EngineClient, engine: EngineProcess) -> None:
+    """Until the model has loaded and the session is ready for frames."""
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while client.state not in ("ready", "streaming"):
-        if engine.poll() is not None or client.state in ("error", "disconnected"):
+        if engine.returncode is not None or client.state in ("error", "disconnected"):
             raise SystemExit(f"error: the engine is {client.state}: {client.error}")
         if time.monotonic() > deadline:
             raise SystemExit(f"error: the model did not load within {LOAD_TIMEOUT_S:g} s")
@@ -83,20 +84,6 @@ def stream(client: EngineClient, frames: np.ndarray, fps: float) -> tuple[list[O
         client.send(frame)
     collect_until(time.monotonic() + DRAIN_S)
     return received, arrivals
-
-
-def stop_engine(engine: subprocess.Popen) -> None:
-    """SIGTERM, which the engine takes as a clean shutdown (its shared memory unlinked)."""
-    if engine.poll() is None:
-        engine.terminate()
-        try:
-            engine.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            engine.wait()
-    for line in engine.stdout:
-        print(line, end="")
-    engine.stdout.close()
 
 
 def report(args: argparse.Namespace, received: list[Output], arrivals: list[float], stats: dict) -> None:

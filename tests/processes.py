@@ -1,15 +1,16 @@
 """Helpers for tests that run hosts and engines as real processes."""
 
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
 import pytest
+
+from bridge.launcher import EngineProcess, EngineStartError
+from bridge.zmq_io import ClientKeys
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENCE_S = 60.0  # generous: the machine running the tests may be busy
@@ -47,41 +48,42 @@ def child_pids() -> set[int]:
 
 
 class ServedEngine:
-    """`python -m engine serve --model tiny` in a child process of its own process group
-    (so a test can kill it together with its resource tracker, as a crash or the OOM
-    killer would); its log goes to a new file in log_dir. Extra flags follow the model size."""
+    """`python -m engine serve --model tiny`, started by bridge.launcher in a child process
+    of its own process group (so a test can kill it together with its resource tracker, as
+    a crash or the OOM killer would); its log goes to a new file in log_dir. Extra flags
+    follow the model size; auth are the keys to reach an engine started with --keys."""
 
     started: list["ServedEngine"] = []  # every engine the tests started, for leftover checks
 
     def __init__(self, log_dir: Path, *flags: str, address: str = "tcp://127.0.0.1:*", model_size: str = "32x32",
-                 env: dict | None = None, expect_listening: bool = True):
+                 env: dict | None = None, expect_listening: bool = True, auth: ClientKeys | None = None):
         ServedEngine.started.append(self)
-        self.log_path = log_dir / f"engine-{time.monotonic_ns()}.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine", "serve", "--model", "tiny", "--size", model_size, "--bind", address,
-                 *flags],
-                cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
-                env={**os.environ, **(env or {})})
-        self.first_line = self.process.stdout.readline()
-        match = re.search(r"listening at (\S+)", self.first_line)
-        if expect_listening and match is None:
-            self.stop()
-            pytest.fail(f"the engine did not start: {self.first_line!r}\n{self.log()}")
-        self.address = match.group(1) if match else None
+        self.launched = EngineProcess.start(model="tiny", bind=address, args=["--size", model_size, *flags], cwd=REPO,
+                                            env=env, log_file=log_dir / f"engine-{time.monotonic_ns()}.log",
+                                            ready_timeout_s=PATIENCE_S, auth=auth)
+        self.process = self.launched.process
+        try:
+            self.address = self.launched.wait_until_ready()
+        except EngineStartError as error:
+            if expect_listening:
+                self.stop()
+                pytest.fail(str(error))
+            self.address = None
 
     def log(self) -> str:
-        return self.log_path.read_text()
+        return self.launched.log_path.read_text()
 
     def kill_with_its_tracker(self) -> None:
         """SIGKILL the engine's whole process group: nothing of it gets to clean up."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
-        self.process.stdout.close()
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send sig and reap the process; returns its exit code."""
+    def stop(self, sig: int | None = None) -> int:
+        """Stop it as hosts do (a shutdown request; see bridge/launcher.py), or by the signal sig;
+        returns its exit code."""
+        if sig is None:
+            return self.launched.stop(PATIENCE_S)
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
@@ -89,6 +91,4 @@ class ServedEngine:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.process.stdout.close()
         return self.process.returncode
-

@@ -7,6 +7,7 @@ makes the tests slower, never wrong.
 
 import gc
 import itertools
+import logging
 import os
 import re
 import signal
@@ -401,6 +402,7 @@ def test_a_killed_hosts_session_is_closed_after_the_timeout_and_its_memory_freed
 
 
 def test_clients_report_a_killed_engine_and_resume_with_a_new_one(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "bridge.client")  # an engine going away is an expected state: INFO
     frames = cli.test_pattern(9, HOST_SIZE, HOST_SIZE)
     first_engine = Engine(tmp_path)
     second_engine = None

@@ -27,13 +27,12 @@ authentication, so a wider --osc-bind needs --osc-allow-remote as well.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import re
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_packet import OscPacket
@@ -42,8 +41,7 @@ from pythonosc.osc_server import BlockingOSCUDPServer
 from bridge.params import OPEN, PARAMS, Param
 from bridge.protocol import ErrorCode, ProtocolError, ValueSpec, WeightedPromptsSpec
 
-if TYPE_CHECKING:
-    from .server import EngineServer
+from .server import EngineServer, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +73,12 @@ def osc_value(name: str, spec: ValueSpec, args: Sequence[Any]) -> tuple[Any, lis
 
 def check_osc_bind(host: str, allow_remote: bool) -> None:
     """Refuse a host other machines could reach unless asked to: OSC has no authentication."""
-    if allow_remote or _is_loopback(host):
+    if allow_remote or is_loopback_host(host):
         return
     raise ValueError(
         f"--osc-bind {host} lets anyone who reaches that port change every session's parameters: OSC has no "
         "authentication. On a network that is yours alone, add --osc-allow-remote; otherwise leave --osc-bind "
         f"out and OSC listens on {DEFAULT_HOST} only")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # another name: it may resolve to any address
-        return False
 
 
 class LogOnce:

@@ -73,6 +73,7 @@ Safety:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -121,7 +122,6 @@ POLL_S = 0.002  # IO loop period while sessions are open: shared memory has no w
 IDLE_POLL_S = 0.05  # with no session open
 REAP_EVERY_S = 0.25  # how often silent hosts are looked for
 JOIN_TIMEOUT_S = 10.0  # how long close() waits for a step (or a model load) in progress
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENGINE_SPOUT_SESSION = "spout"  # the id of the session `serve --spout-in/--spout-out` opens
 MAX_QUEUED_PARAM_CHANGES = 1024  # set_params calls waiting for the IO thread
 
@@ -206,8 +206,18 @@ def process_alive(pid: int) -> bool:
 def is_loopback(address: str) -> bool:
     """Whether only this machine can reach a bind address."""
     parts = urlsplit(address)
-    host = parts.hostname or ""
-    return parts.scheme == "ipc" or (parts.scheme == "tcp" and (host in LOOPBACK_HOSTS or host.startswith("127.")))
+    return parts.scheme == "ipc" or (parts.scheme == "tcp" and is_loopback_host(parts.hostname or ""))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (a name other than
+    localhost may resolve to any address, so it is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_bind(address: str, authenticated: bool) -> None:

@@ -1,5 +1,7 @@
 """What host applications import to talk to the engine: light (numpy, pyzmq, msgpack), never torch.
 
+    bridge.params     the session parameter table: names, kinds, defaults, bounds, help
+    bridge.controls   what hosts' controls share, from the table (standard library only)
     bridge.protocol   message and frame-header schema, validation, error codes
     bridge.shm        shared-memory frame ring
     bridge.zmq_io     ZeroMQ sockets for control and frames

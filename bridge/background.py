@@ -17,7 +17,9 @@ on this thread and the host only hands things over; none of these calls waits:
 
 The session opens at the configured size, or with width and height 0 at the size of
 the frames offered (a frame of another size then opens a new session at its size).
-Hosts convert pixels on the thread with convert_input and convert_output. While no
+A Spout session takes no frames from its host: one offered to it (while a host switches
+transports, say) is dropped. Hosts convert pixels on the thread with convert_input and
+convert_output; messages name parameters by their labels in the table. While no
 engine answers it tries again every RETRY_S; EngineClient itself notices an engine
 going away and opens a new session when one answers again at the same address; a
 session the engine ended (a failed step) is replaced.
@@ -41,6 +43,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .client import EngineClient, FrameCounters, Output, describe_scheduler
+from .params import PARAMS
 from .protocol import ErrorCode, ProtocolError
 from .zmq_io import AuthenticationError, RemoteError
 
@@ -120,6 +123,7 @@ class Status:
     dropped: DroppedFrames
     scheduler: str  # how the engine's scheduler serves the session (describe_scheduler); "" without a session
     engine_params: Mapping[str, Any]  # the session's parameters as the engine last reported them
+    model: str  # the model the engine serves, as its hello reply says; "" before a session opens
     config: SessionConfig  # the session's configuration (the size of its frames, once known)
 
 
@@ -129,17 +133,16 @@ class BackgroundClient:
     params: the session's parameters by their protocol names. convert_input(frame) runs on the
     thread and returns the engine's uint8 RGB or RGBA pixels (rows top to bottom);
     convert_output(pixels) turns an output into what the host takes. on_output, when given,
-    gets each output on the thread instead of take(). labels name parameters in messages.
+    gets each output on the thread instead of take().
     """
 
     def __init__(self, config: SessionConfig, params: Mapping[str, Any] | None = None, *,
                  convert_input: Callable[[Any], np.ndarray] | None = None,
                  convert_output: Callable[[np.ndarray], Any] | None = None,
-                 on_output: Callable[[Any], None] | None = None, labels: Mapping[str, str] | None = None):
+                 on_output: Callable[[Any], None] | None = None):
         self._convert_input = convert_input
         self._convert_output = convert_output
         self._on_output = on_output
-        self._labels = dict(labels or {})
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-background-client", daemon=True)
         self._lock = threading.Lock()  # guards what the host's threads and the thread share, below
@@ -155,10 +158,11 @@ class BackgroundClient:
         self._notice = ("", 0.0)  # (text, time.monotonic() it was said)
         self._arrivals: deque[tuple[float, float]] = deque()  # (time.monotonic(), latency_ms) within RATE_WINDOW_S
         self._first_frame_ms: float | None = None
-        self._frames_shown = self._replaced = self._other_size = 0
+        self._frames_shown = self._replaced = self._unsent = 0  # _unsent: another size, or to a Spout session
         self._engine_dropped = self._engine_dropped_before = 0  # this session's, and the sessions' before
         self._scheduler = ""
         self._engine_params: dict[str, Any] = {}
+        self._model = ""
         self._client: EngineClient | None = None
         self._counted_before = FrameCounters()  # what the clients closed so far counted
         # The thread's own:
@@ -231,10 +235,11 @@ class BackgroundClient:
                 first_frame_ms=self._first_frame_ms,
                 frames_sent=sent - not_sent,
                 frames_shown=self._frames_shown,
-                dropped=DroppedFrames(self._replaced, not_sent + self._other_size,
+                dropped=DroppedFrames(self._replaced, not_sent + self._unsent,
                                       self._engine_dropped_before + self._engine_dropped, skipped),
                 scheduler=self._scheduler,
                 engine_params=dict(self._engine_params),
+                model=self._model,
                 config=self._config,
             )
 
@@ -342,10 +347,14 @@ class BackgroundClient:
     def _send(self, client: EngineClient, frame: tuple[Any, int]) -> bool:
         """Send a frame; False when it needs a session of its own size."""
         pixels, t_capture_ns = frame
+        if client.transport == "spout":
+            with self._lock:
+                self._unsent += 1  # its frames travel by Spout (offered while the host switched transports)
+            return True
         if tuple(pixels.shape[:2]) != (client.height, client.width):
             if not self._config.follows_frames:
                 with self._lock:
-                    self._other_size += 1  # captured for the size of the session before
+                    self._unsent += 1  # captured for the size of the session before
                 return True
             with self._lock:
                 self._frame = self._frame or frame  # the next session opens at its size
@@ -381,6 +390,7 @@ class BackgroundClient:
             self._session_changed(client.session)
             self._schema = client.info.get("schema", self._schema)  # the engine's parameter table
         with self._lock:
+            self._model = client.info.get("model", self._model)
             self._state = client.state
 
     def _session_changed(self, session_id: str | None) -> None:
@@ -480,7 +490,7 @@ class BackgroundClient:
         log.info("%s", notice)
 
     def _names(self, names: list[str]) -> str:
-        return ", ".join(self._labels.get(name, name) for name in names)
+        return ", ".join(PARAMS[name].label if name in PARAMS else name for name in names)
 
 
 class LogLines(logging.Handler):

@@ -10,16 +10,18 @@ How frames travel (no OBS plugin needed, on every OS):
     timer on OBS's graphics thread     the input source is rendered at the output size
                                        and read back from the GPU (one frame behind,
                                        so the read-back never waits on the GPU)
-    engine link, its own thread        sends the frame to the engine over shared
-                                       memory, receives the stylised frame, and pushes
+    the bridge's background client,    sends the frame to the engine over shared
+    on its own thread                  memory, receives the stylised frame, and pushes
                                        it into the output source at once
 
 On Windows with the Spout2 plugin for OBS, transport "Spout" keeps frames on the GPU
 instead. The engine runs in its own process (`python -m engine serve`); the script can
-start and stop a local one.
+start and stop a local one (bridge/launcher.py).
 
 This file holds OBS's entry points and the properties; the parts are in
-streamdiffusion_obs/ beside it.
+streamdiffusion_obs/ beside it. The session parameters' properties (prompt, strength,
+target FPS, ...) are made from the bridge's parameter table (bridge/params.py): their
+names, kinds, bounds, defaults, menus and help are its entries'.
 
 One rule of OBS 29's Python scripting shapes the entry points: OBS records which script
 is running in a single variable shared by all threads, and a timer callback that ends
@@ -33,30 +35,35 @@ adds its buttons before anything else.
 from __future__ import annotations
 
 import logging
-from collections import deque
+import math
 from pathlib import Path
 
 import obspython as obs
 
 from streamdiffusion_obs import environment
-from streamdiffusion_obs.local_engine import STOP_WAIT_S, LocalEngine
-from streamdiffusion_obs.settings import (
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The parameter table (bridge/params.py) needs nothing but the standard library: importable from the
+# repository before the Python environment with the bridge's other packages is found.
+environment.put_first_on_path(REPO_ROOT)
+
+from bridge import controls  # noqa: E402
+from bridge import params as table  # noqa: E402
+from streamdiffusion_obs.settings import (  # noqa: E402
     DEFAULTS,
-    MODELS,
+    HOST_SETTINGS,
     OUTPUT_SOURCE_NAME,
     SESSION_FIELDS,
-    SETTING_NAMES,
+    SESSION_PARAMS,
     SPOUT_OUTPUT_SOURCE_NAME,
-    STREAM_RESTART_PARAMS,
     TRANSPORTS,
     ScriptSettings,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EVERY_FRAME_MS = 1  # OBS runs a timer at most once a video frame; the pipeline paces captures itself
-STATUS_ROWS = ("Engine", "Frames", "Latency", "Dropped", "Scheduler", "Last error", "Notice", "Input", "Output",
+STATUS_ROWS = ("Engine", "Model", "Frames", "Latency", "Dropped", "Scheduler", "Error", "Notice", "Input", "Output",
                "Capture timer", "Spout", "Local engine", "Set-up")
-LOGGERS = ("bridge", "streamdiffusion_obs")  # whose records go to OBS's script log
+PROMPTS_FORMAT = " Here one a line: text, weight (1 when left out)."  # how the Weighted Prompts text is read
 
 
 def script_description() -> str:
@@ -69,9 +76,12 @@ def script_description() -> str:
 
 
 def script_defaults(settings) -> None:
-    for name in SETTING_NAMES:
+    for name in HOST_SETTINGS:
         value = environment.default_folder(REPO_ROOT) if name == "environment" else getattr(DEFAULTS, name)
-        _SETTING_TYPES[type(value)][1](settings, name, value)
+        _ACCESS[_HOST_SETTING_KINDS[type(value)]][1](settings, name, value)
+    for param in SESSION_PARAMS:
+        default = _prompts_text(param.default) if param.kind == "prompts" else param.default
+        _ACCESS[param.kind][1](settings, param.name, default)
 
 
 def script_load(settings) -> None:
@@ -106,25 +116,21 @@ def script_properties():
     obs.obs_properties_add_text(engine, "address", _label("address", "Engine address"), obs.OBS_TEXT_DEFAULT)
     obs.obs_properties_add_path(engine, "environment", "Python environment (a venv with this project)",
                                 obs.OBS_PATH_DIRECTORY, "", None)
-    models = obs.obs_properties_add_list(engine, "model", _label("model", "Model"), obs.OBS_COMBO_TYPE_LIST,
+    models = obs.obs_properties_add_list(engine, "model", "Model (of a local engine)", obs.OBS_COMBO_TYPE_LIST,
                                          obs.OBS_COMBO_FORMAT_STRING)
-    for model in MODELS:
+    obs.obs_property_set_long_description(models, "The model Start local engine serves. The script uses whichever "
+                                                  "model the engine it reaches serves (Status > Model).")
+    for model in controls.MODELS:
         obs.obs_property_list_add_string(models, model, model)
     obs.obs_properties_add_group(engine, "local_engine", "Local engine", obs.OBS_GROUP_NORMAL, local_engine)
 
-    stream = obs.obs_properties_create()
-    sources = obs.obs_properties_add_list(stream, "input_source", "Input source", obs.OBS_COMBO_TYPE_LIST,
+    video = obs.obs_properties_create()
+    sources = obs.obs_properties_add_list(video, "input_source", "Input source", obs.OBS_COMBO_TYPE_LIST,
                                           obs.OBS_COMBO_FORMAT_STRING)
     _fill_source_list(sources)
-    obs.obs_properties_add_text(stream, "prompt", "Prompt", obs.OBS_TEXT_MULTILINE)
-    obs.obs_properties_add_float_slider(stream, "strength", "Strength", 0.01, 1.0, 0.01)
-    obs.obs_properties_add_int_slider(stream, "steps", _label("steps", "Steps"), 1, 4, 1)
-    obs.obs_properties_add_int(stream, "seed", "Seed", 0, 2**31 - 1, 1)
-    obs.obs_properties_add_int_slider(stream, "target_fps", "Target FPS", 1, 60, 1)
-    obs.obs_properties_add_int_slider(stream, "latency_ms", "Latency budget (ms)", 100, 2000, 10)
-    obs.obs_properties_add_int(stream, "width", _label("width", "Output width"), 64, 4096, 2)
-    obs.obs_properties_add_int(stream, "height", _label("height", "Output height"), 64, 4096, 2)
-    transports = obs.obs_properties_add_list(stream, "transport", _label("transport", "Transport"),
+    obs.obs_properties_add_int(video, "width", _label("width", "Output width"), 64, 4096, 2)
+    obs.obs_properties_add_int(video, "height", _label("height", "Output height"), 64, 4096, 2)
+    transports = obs.obs_properties_add_list(video, "transport", _label("transport", "Transport"),
                                              obs.OBS_COMBO_TYPE_LIST, obs.OBS_COMBO_FORMAT_STRING)
     spout_unavailable = _script.spout_unavailable() if _script is not None else "the script is not loaded"
     for index, (name, label) in enumerate(TRANSPORTS.items()):
@@ -134,7 +140,12 @@ def script_properties():
 
     props = obs.obs_properties_create()
     obs.obs_properties_add_group(props, "status", "Status", obs.OBS_GROUP_NORMAL, status)
-    obs.obs_properties_add_group(props, "stream", "Stream", obs.OBS_GROUP_NORMAL, stream)
+    obs.obs_properties_add_group(props, "video", "Video", obs.OBS_GROUP_NORMAL, video)
+    for group in controls.HOST_GROUPS:
+        params = obs.obs_properties_create()
+        for param in table.in_group(group):
+            _add_session_param(params, param)
+        obs.obs_properties_add_group(props, f"{group.lower()}_group", group, obs.OBS_GROUP_NORMAL, params)
     obs.obs_properties_add_group(props, "engine", "Engine", obs.OBS_GROUP_NORMAL, engine)
     return props
 
@@ -151,9 +162,9 @@ class StreamDiffusionScript:
         self.environment_problem = ""
         self.pipeline = None  # a streamdiffusion_obs.pipeline.Pipeline once its packages import
         self.problem = ""  # why there is no pipeline
-        self.local_engine = LocalEngine()
+        self.local_engine = None  # the bridge.launcher.EngineProcess the buttons started
         self.local_engine_problem = ""
-        self.log_relay = LogRelay()
+        self.log_lines = None  # a bridge.background.LogLines, once the bridge imports
 
     def update(self, settings: ScriptSettings) -> None:
         before, self.settings = self.settings, settings
@@ -166,16 +177,18 @@ class StreamDiffusionScript:
 
     def tick(self) -> None:
         """The timer, on OBS's graphics thread, once a video frame."""
-        self.log_relay.flush_to_obs()
+        self._log_to_obs()
         if self.pipeline is not None:
             self.pipeline.tick()
 
     def unload(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
-        self.local_engine.stop(wait_s=STOP_WAIT_S)
-        self.log_relay.flush_to_obs()
-        self.log_relay.detach()
+        if self.local_engine is not None:
+            self.local_engine.stop()  # a shutdown request, a bounded wait, then terminate and kill
+        self._log_to_obs()
+        if self.log_lines is not None:
+            self.log_lines.detach()
 
     def status_rows(self) -> dict[str, str]:
         rows = {label: "" for label in STATUS_ROWS}
@@ -183,8 +196,8 @@ class StreamDiffusionScript:
             rows.update(self.pipeline.status_rows())
         else:
             rows["Engine"] = "not connected: the script cannot run (see Set-up)"
-        rows["Local engine"] = self.local_engine_problem or self.local_engine.describe()
-        problems = [problem for problem in (self.problem, self.environment_problem) if problem]
+        rows["Local engine"] = self.local_engine_problem or self._describe_local_engine()
+        problems = [problem for problem in (self.problem, self.environment_problem, self.settings.problem) if problem]
         rows["Set-up"] = "; ".join(problems) if problems else "ok"
         return rows
 
@@ -194,15 +207,33 @@ class StreamDiffusionScript:
         return self.pipeline.spout_unavailable
 
     def start_local_engine(self) -> None:
+        """`python -m engine serve` with the environment's interpreter (the engine needs torch,
+        which OBS's Python has not), unless one started here still runs. Returns at once."""
         if self.environment is None:
             self.local_engine_problem = f"cannot start one: {self.environment_problem}"
             return
+        if self.local_engine is not None and self.local_engine.returncode is None:
+            return
+        from bridge.launcher import EngineProcess, log_path  # importable once the environment is active
+
         try:
-            self.local_engine.start(self.environment.python, self.settings.model, self.settings.address, REPO_ROOT)
+            self.local_engine = EngineProcess.start(python=str(self.environment.python), model=self.settings.model,
+                                                    bind=self.settings.address, cwd=REPO_ROOT,
+                                                    log_file=log_path("obs"))
         except OSError as error:  # no interpreter there, say
             self.local_engine_problem = f"cannot start {self.environment.python}: {error}"
             return
         self.local_engine_problem = ""
+
+    def stop_local_engine(self) -> None:
+        """Ask the engine to stop; returns at once (the launcher waits, then kills, on its thread)."""
+        if self.local_engine is not None:
+            self.local_engine.stop(wait=False)
+
+    def _describe_local_engine(self) -> str:
+        if self.local_engine is None:
+            return "not started by this script"
+        return f"{self.local_engine.describe()}; its log: {self.local_engine.log_path}"
 
     def _find_environment(self, folder: str) -> None:
         try:
@@ -216,6 +247,7 @@ class StreamDiffusionScript:
     def _start_pipeline(self, settings: ScriptSettings) -> None:
         """Import the frame path (numpy, pyzmq, bridge/: from the Python environment) and start it."""
         try:
+            from bridge.background import LogLines
             from streamdiffusion_obs import libobs
             from streamdiffusion_obs.pipeline import Pipeline
         except ImportError as error:
@@ -228,50 +260,28 @@ class StreamDiffusionScript:
             self.problem = f"cannot load libobs through ctypes: {error}"
             return
         self.problem = ""
-        self.log_relay.attach()
+        self.log_lines = LogLines()
+        self.log_lines.attach()
         self.pipeline = Pipeline(settings, library)
 
-
-class LogRelay(logging.Handler):
-    """Passes the log records of the script's threads to OBS's script log.
-
-    obs.script_log names the script whose callback is running; from the engine link's
-    thread it would name none. Records are therefore kept here and written out by the
-    timer, which OBS runs as this script's callback.
-    """
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self._records: deque[tuple[int, str]] = deque(maxlen=200)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._records.append((record.levelno, self.format(record)))
-
-    def attach(self) -> None:
-        for name in LOGGERS:
-            logger = logging.getLogger(name)
-            logger.addHandler(self)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False  # else Python's last-resort handler prints them as errors too
-
-    def detach(self) -> None:
-        for name in LOGGERS:
-            logger = logging.getLogger(name)
-            logger.removeHandler(self)
-            logger.propagate = True
-
-    def flush_to_obs(self) -> None:
-        while self._records:
-            level, message = self._records.popleft()
-            if level >= logging.ERROR:
-                obs.script_log(obs.LOG_ERROR, message)
-            elif level >= logging.WARNING:
-                obs.script_log(obs.LOG_WARNING, message)
-            else:
-                obs.script_log(obs.LOG_INFO, message)
+    def _log_to_obs(self) -> None:
+        """The bridge's log records, from any thread, into OBS's script log. obs.script_log names
+        the script whose callback is running (from another thread, none), so the timer writes them."""
+        if self.log_lines is None:
+            return
+        for level, line in self.log_lines.take():
+            obs.script_log(_obs_log_level(level), line)
 
 
 _script: StreamDiffusionScript | None = None
+
+
+def _obs_log_level(level: int) -> int:
+    """OBS opens its Script Log window on every warning: expected states (no engine yet, the engine
+    lost) are INFO in the bridge, so only real faults bring it up."""
+    if level >= logging.ERROR:
+        return obs.LOG_ERROR
+    return obs.LOG_WARNING if level >= logging.WARNING else obs.LOG_INFO
 
 
 def _tick() -> None:
@@ -284,24 +294,78 @@ def _tick() -> None:
 
 
 def read_settings(settings) -> ScriptSettings:
-    values = {name: _SETTING_TYPES[type(getattr(DEFAULTS, name))][0](settings, name) for name in SETTING_NAMES}
+    values = {name: _ACCESS[_HOST_SETTING_KINDS[type(getattr(DEFAULTS, name))]][0](settings, name)
+              for name in HOST_SETTINGS}
     values["address"] = values["address"].strip()
-    return ScriptSettings(**values)
+    params, problems = {}, []
+    for param in SESSION_PARAMS:
+        value = _ACCESS[param.kind][0](settings, param.name)
+        if param.kind == "prompts":
+            try:
+                value = controls.weighted_prompts(line.rsplit(",", 1) for line in value.splitlines())
+            except ValueError as error:
+                problems.append(f"{param.label}: {error}; the prompts sent before stay")
+                continue
+        params[param.name] = value
+    return ScriptSettings(**values, params=params, problem="; ".join(problems))
 
 
-# How a setting of each type is read from obs_data, and how its default is set.
-_SETTING_TYPES = {
-    str: (obs.obs_data_get_string, obs.obs_data_set_default_string),
-    int: (obs.obs_data_get_int, obs.obs_data_set_default_int),
-    float: (obs.obs_data_get_double, obs.obs_data_set_default_double),
+# How a setting of each kind (the table's kinds) is read from obs_data, and how its default is set.
+_ACCESS = {
+    "bool": (obs.obs_data_get_bool, obs.obs_data_set_default_bool),
+    "int": (obs.obs_data_get_int, obs.obs_data_set_default_int),
+    "float": (obs.obs_data_get_double, obs.obs_data_set_default_double),
+    "str": (obs.obs_data_get_string, obs.obs_data_set_default_string),
+    "prompts": (obs.obs_data_get_string, obs.obs_data_set_default_string),  # PROMPTS_FORMAT's text
 }
+_HOST_SETTING_KINDS = {str: "str", int: "int"}  # the script's own settings' kinds, by their defaults' types
+# A number's property: a slider over the table's bounds, or a spin box where the table's
+# `slider` says they are too wide for one. By (kind, slider).
+_NUMBER_PROPERTIES = {
+    ("int", True): obs.obs_properties_add_int_slider,
+    ("int", False): obs.obs_properties_add_int,
+    ("float", True): obs.obs_properties_add_float_slider,
+    ("float", False): obs.obs_properties_add_float,
+}
+
+
+def _add_session_param(props, param: table.Param) -> None:
+    """A session parameter's property: all of it from the parameter's table entry."""
+    label = _label(param.name, param.label)
+    if param.choices:
+        prop = obs.obs_properties_add_list(props, param.name, label, obs.OBS_COMBO_TYPE_LIST,
+                                           obs.OBS_COMBO_FORMAT_STRING)
+        for value, text in controls.menu(param):
+            obs.obs_property_list_add_string(prop, text, value)
+    elif param.kind == "bool":
+        prop = obs.obs_properties_add_bool(props, param.name, label)
+    elif param.kind in ("int", "float"):
+        add = _NUMBER_PROPERTIES[param.kind, param.slider is None]
+        prop = add(props, param.name, label, param.minimum, param.maximum, _step(param))
+    else:  # a prompt, or weighted prompts
+        prop = obs.obs_properties_add_text(props, param.name, label, obs.OBS_TEXT_MULTILINE)
+    help_text = controls.help_text(param)
+    obs.obs_property_set_long_description(prop, help_text + PROMPTS_FORMAT if param.kind == "prompts" else help_text)
+
+
+def _step(param: table.Param) -> float:
+    """A number's step: 1 for an integer, else the power of ten nearest a hundredth of its slider's range."""
+    if param.kind == "int":
+        return 1
+    low, high = param.slider_range
+    return 10.0 ** round(math.log10((high - low) / 100))
+
+
+def _prompts_text(prompts) -> str:
+    """Weighted prompts as the Weighted Prompts text shows them (PROMPTS_FORMAT)."""
+    return "\n".join(f"{text}, {weight:g}" for text, weight in prompts)
 
 
 def _label(name: str, text: str) -> str:
     """A setting's label, saying what a change to it restarts."""
     if name in SESSION_FIELDS:
         return text + " (restarts the session)"
-    if name in STREAM_RESTART_PARAMS:
+    if name in table.PARAMS and table.PARAMS[name].applies == table.RELOAD:
         return text + " (restarts the stream)"
     return text
 
@@ -348,6 +412,6 @@ def _on_start_engine(props, prop) -> bool:
 
 
 def _on_stop_engine(props, prop) -> bool:
-    _script.local_engine.stop()
+    _script.stop_local_engine()
     _refresh_status(props)
     return True

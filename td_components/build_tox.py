@@ -9,19 +9,25 @@ td_components/StreamDiffusion.tox. The component's code stays in the .py files b
 this script: each Text DAT is linked to its file (File, with Sync to File on), so an
 edited file is picked up without rebuilding. Keep the repository where it was built, or
 build again after moving it.
+
+The parameter pages come from the bridge's parameter table (bridge/params.py, standard
+library only), so the build puts this repository on the module path; once built, the
+component finds the bridge through its Bridge Path.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import td
 
 HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
 COMPONENT_NAME = "streamdiffusion"
 TOX_NAME = "StreamDiffusion.tox"
 # Modules the extension imports; TouchDesigner's import finds them as DATs of these names.
-MODULES = ("streamdiffusion_ext", "streamdiffusion_params", "engine_link", "engine_process")
+MODULES = ("streamdiffusion_ext", "streamdiffusion_params")
 EXTENSION = "op('./streamdiffusion_ext').module.StreamDiffusionExt(me)"
 
 
@@ -35,8 +41,11 @@ def build(parent_path: str = "/project1", tox_path: str | Path = HERE / TOX_NAME
         old.destroy()
     comp = parent.create(td.baseCOMP, COMPONENT_NAME)
 
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))  # appended, so TouchDesigner's own packages keep precedence
     for name in MODULES:
         _link_to_file(comp.create(td.textDAT, name), name)
+    params = comp.op("streamdiffusion_params").module
 
     # The picture's way: in1 -> fit_input -> stream -> out1.
     source = comp.create(td.inTOP, "in1")
@@ -50,11 +59,10 @@ def build(parent_path: str = "/project1", tox_path: str | Path = HERE / TOX_NAME
     output.inputConnectors[0].connect(stream)
 
     comp.create(td.textDAT, "engine_log")
-    prompts = comp.create(td.tableDAT, "prompts")
+    prompts = comp.create(td.tableDAT, params.PROMPTS_DAT)
     prompts.appendRow(["prompt", "weight"])
 
     # The pages before the callbacks that watch them, so that setting defaults calls nothing.
-    params = comp.op("streamdiffusion_params").module
     params.build_pages(comp)
     comp.par.ext0object = EXTENSION
     comp.par.ext0promote = True

@@ -9,43 +9,77 @@ Inside the component (build_tox.py makes it):
     engine_log          Text DAT: the engine's output and the component's messages
     prompts             Table DAT: the default Weighted Prompts (prompt, weight)
 
+The parameter pages are streamdiffusion_params.py's, made from the bridge's parameter table;
+that module, like the rest of the bridge, is imported once Bridge Path is on the module path
+(until then the component only says how to get the bridge).
+
 Everything here runs on TouchDesigner's main thread and returns within a frame. The
-engine process starts and stops without being waited for (EngineProcess), and the
-session lives on a thread of its own (EngineLink); the cook only hands arrays over.
+bridge's host layer does the rest: bridge.launcher starts, watches and stops the engine
+process, and bridge.background keeps the session on a thread of its own (its frames'
+size follows the input's, its parameter changes are debounced); the cook only hands
+arrays over. What stays here is TouchDesigner's: its pixels and its UI.
 
 What the Script TOP shows:
     stopped                                  the input, unchanged
     running, before the first output         the input, while the engine warms up
     running                                  the newest stylised frame
     reconnecting, restarting, failed         the last stylised frame; Status > Message says why
+    Transport Spout                          the input, unchanged: the engine reads and publishes Spout
+                                             senders, which the user's Syphon Spout TOPs send and show
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 import time
 from collections import deque
 
-import streamdiffusion_params as params
-from engine_process import EngineProcess, python_problem
+import numpy as np
 
-DEBOUNCE_S = 0.1  # parameter changes are sent once they have been still this long
 NOTICE_S = 5.0  # how long a notice stays in Status > Message
 LOG_LINES = 200
-ENGINE_SETTINGS = ("Mode", "Python", "Engineargs", "Model", "Address", "Bridgepath", "Transport")
+ENGINE_SETTINGS = ("Mode", "Python", "Engineargs", "Model", "Address", "Bridgepath")
+CLOSE_WAIT_S = 2.0  # when TouchDesigner quits, how long the session gets to say bye
+
+
+def engine_frame(pixels: np.ndarray) -> np.ndarray:
+    """TouchDesigner pixels (float, 0 to 1, rows bottom to top, 1 to 4 channels) as the
+    engine takes them: uint8 RGB or RGBA, rows top to bottom."""
+    rows_down = pixels[::-1]
+    if rows_down.shape[2] < 3:  # a mono TOP: grey
+        rows_down = np.repeat(rows_down[..., :1], 3, axis=2)
+    return (np.clip(rows_down, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def td_picture(pixels: np.ndarray) -> np.ndarray:
+    """An engine output (uint8, rows top to bottom) as copyNumpyArray takes it: rows bottom to top."""
+    return np.ascontiguousarray(pixels[::-1])
+
+
+def python_problem(python: str) -> str | None:
+    """Why `python` cannot be the engine's interpreter, or None when it may be."""
+    if not python:
+        return ("set Python Executable (Engine page) to the python of the environment the engine is "
+                "installed in, e.g. .venv/bin/python or .venv\\Scripts\\python.exe")
+    if os.path.isabs(python) and not os.path.isfile(python):
+        return f"Python Executable {python} does not exist"
+    return None
 
 
 class StreamDiffusionExt:
     def __init__(self, ownerComp):
         self.ownerComp = ownerComp
-        self._engine_link = None  # the engine_link module, once the bridge loads
-        self._process = None  # the EngineProcess this component started
+        self._background = self._launcher = None  # the bridge's modules, once they load
+        self._params = None  # the streamdiffusion_params module, once the bridge loads
+        self._log_lines = None  # a bridge.background.LogLines, once the bridge loads
+        self._process = None  # the bridge.launcher.EngineProcess this component started
         self._stopping_for_restart = None  # the EngineProcess a Restart waits to see gone
-        self._link = None  # the EngineLink while streaming, or trying to
+        self._client = None  # the bridge.background.BackgroundClient while streaming, or trying to
+        self._address = None  # where that client connects
         self._error = None  # why the component stopped, until the next Start or Stop
         self._ended = None  # how the last engine process ended, when it ended by itself
-        self._pending = {}  # engine parameter -> value, changed but not sent yet
-        self._last_change = 0.0
         self._prompt_rows = None  # the Weighted Prompts rows last sent
         self._prompt_problem = None  # what is wrong with the Weighted Prompts table, once said
         self._picture = None  # the stylised picture on screen (rows bottom to top)
@@ -55,7 +89,8 @@ class StreamDiffusionExt:
 
     # -- TouchDesigner's extension callbacks ---------------------------------------------------
     def onInitTD(self):
-        self._apply_output_size()
+        if self._bridge_loaded():
+            self._apply_output_size()
         self._show_status()
 
     def onDestroyTD(self):
@@ -64,17 +99,15 @@ class StreamDiffusionExt:
     # -- Engine page ---------------------------------------------------------------------------
     def Start(self):
         """Start the engine (or attach to one) and stream the input through it."""
-        if self._process or self._link or self._stopping_for_restart:
+        if self._process or self._client or self._stopping_for_restart:
             self._say("already running; Restart applies changed Engine settings")
             return
         self._error = self._ended = None
-        problem = self._load_bridge() or self._transport_problem()
-        if problem:
-            self._fail(problem)
+        if not self._bridge_loaded():
             return
         par = self.ownerComp.par
         if par.Mode.eval() == "attach":
-            self._open_link(par.Address.eval())
+            self._open_client(par.Address.eval())
             return
         python = par.Python.eval().strip()
         problem = python_problem(python)
@@ -82,19 +115,19 @@ class StreamDiffusionExt:
             self._fail(problem)
             return
         try:
-            self._process = EngineProcess.start(python, par.Model.eval(), par.Address.eval(), par.Engineargs.eval())
+            # Split as a POSIX shell would, on Windows too: write paths with forward slashes.
+            self._process = self._launcher.EngineProcess.start(
+                python=python, model=par.Model.eval(), bind=par.Address.eval(), args=shlex.split(par.Engineargs.eval()),
+                log_file=self._launcher.log_path("touchdesigner"))
         except (OSError, ValueError) as error:
             self._fail(f"cannot start the engine with {python}: {error}")
-            return
-        self._say(f"engine starting: {python} -m engine serve --model {par.Model.eval()} "
-                  f"--bind {par.Address.eval()} {par.Engineargs.eval()}".rstrip())
 
     def Stop(self):
         """Stop streaming (and the engine, if this component started it); the input shows again."""
-        self._close_link()
+        self._close_client()
         for process in (self._process, self._stopping_for_restart):
             if process is not None:
-                process.stop()
+                process.stop(wait=False)
         self._process = self._stopping_for_restart = None
         self._error = self._ended = None
         self._picture = None
@@ -102,12 +135,12 @@ class StreamDiffusionExt:
 
     def Restart(self):
         """Stop and start again with the current settings; the last frame stays meanwhile."""
-        self._close_link()
+        self._close_client()
         old = self._process
         self._process = None
         self._error = self._ended = None
         if old is not None and old.returncode is None:
-            old.stop()
+            old.stop(wait=False)
             self._stopping_for_restart = old  # started again once it is gone and its address free
             self._say("restarting")
         else:
@@ -115,18 +148,21 @@ class StreamDiffusionExt:
 
     def Shutdown(self):
         """TouchDesigner is closing (or the extension reloading): end everything, waiting a little."""
-        if self._link is not None:
-            self._link.close(wait_s=2.0)  # lets it say bye and free its shared memory
-            self._link = None
+        if self._client is not None:
+            self._client.close(CLOSE_WAIT_S)  # lets it say bye and free its shared memory
+            self._client = None
         for process in (self._process, self._stopping_for_restart):
             if process is not None:
-                process.shutdown()
+                process.stop()  # a shutdown request, a bounded wait, then terminate and kill
         self._process = self._stopping_for_restart = None
+        if self._log_lines is not None:
+            self._log_lines.detach()
+            self._log_lines = None
 
     @property
     def EngineParams(self):
         """The session's parameters as the engine last reported them ({} while there is no session)."""
-        return dict(self._link.status().engine_params) if self._link is not None else {}
+        return dict(self._client.status().engine_params) if self._client is not None else {}
 
     # -- callbacks of the component's DATs -------------------------------------------------------
     def OnPulse(self, par):
@@ -135,22 +171,33 @@ class StreamDiffusionExt:
         actions[par.name]()
 
     def OnParameterChange(self, par):
+        params = self._params
+        if params is None:  # without the bridge, only a new Bridge Path changes anything
+            if par.name == "Bridgepath":
+                self._error = None
+                if self._bridge_loaded():
+                    self._say("the bridge is loaded: press Start")
+                    self._apply_output_size()
+            return
         spec = params.SPECS.get(par.name) or params.SPECS[par.name[:-1]]  # Resolution1 -> Resolution
-        if spec.name == "Promptlist":
-            self._prompt_rows = None  # another table: read it afresh
-        elif spec.engine_name:
-            self._pending[spec.engine_name] = params.engine_value(spec, par)
-            self._last_change = time.monotonic()
-        elif spec.name in ("Outputsize", "Resolution"):
+        if spec in params.SESSION_SPECS:
+            if spec is params.PROMPTS_SPEC:
+                self._prompt_rows = None  # another table: read it afresh
+            elif self._client is not None:  # without one, the next Start reads every value afresh
+                self._client.set(**{spec.param.name: params.engine_value(spec, par)})
+        elif spec in params.PAGES["Transport"]:  # what a session opens with: a new one opens
+            if spec.name == "Transport":
+                self._picture = None  # the input shows until the other transport brings pictures (Spout: never)
             self._apply_output_size()
-        elif spec.name in ENGINE_SETTINGS and (self._process or self._link):
+            if self._client is not None:
+                self._client.configure(self._session_config(self._address))
+        elif spec.name in ENGINE_SETTINGS and (self._process or self._client):
             self._say(f"{spec.label} applies at the next Start or Restart")
 
     def OnFrameStart(self):
         self._tend_processes()
-        self._take_link_notes()
+        self._take_log_lines()
         self._read_prompt_list()
-        self._send_changes()
         self._show_status()
         self.ownerComp.op("stream").cook(force=True)  # so it takes the newest output every frame
 
@@ -161,12 +208,13 @@ class StreamDiffusionExt:
         # The delayed download returns the image the previous call asked for, so the GPU
         # never stalls; that image was current at the previous cook.
         pixels = source.numpyArray(delayed=True) if source is not None else None
-        if pixels is not None and self._link is not None:
-            # A copy: TouchDesigner may reuse the download's memory, and the link reads it on its thread.
-            self._link.post_frame(pixels.copy(), self._last_cook_ns or now_ns)
+        # With Spout the engine reads its frames from a Spout sender, not from here.
+        if pixels is not None and self._client is not None and self.ownerComp.par.Transport.eval() != "spout":
+            # A copy: TouchDesigner may reuse the download's memory, and the client reads it on its thread.
+            self._client.offer(pixels.copy(), self._last_cook_ns or now_ns)
         self._last_cook_ns = now_ns
-        if self._link is not None:
-            picture = self._link.take_picture()
+        if self._client is not None:
+            picture = self._client.take()
             if picture is not None:
                 self._picture = picture
         if self._picture is not None:
@@ -177,101 +225,109 @@ class StreamDiffusionExt:
         if message and state != "streaming":
             scriptOp.addWarning(message)
 
-    # -- the engine and the link ---------------------------------------------------------------
+    # -- the engine and the session ----------------------------------------------------------------
+    def _bridge_loaded(self):
+        """Whether the bridge is loaded, loading it if it is not; when it cannot be, says what to do."""
+        problem = self._load_bridge()
+        if problem:
+            self._fail(problem)
+        return problem is None
+
     def _load_bridge(self):
-        """Import the link (and with it the bridge); a message saying what to do if that fails."""
+        """Import the bridge's host layer and the parameter pages; a message saying what to do if that fails."""
+        if self._params is not None:
+            return None
         folder = self.ownerComp.par.Bridgepath.eval().strip()
         if folder and folder not in sys.path:
             sys.path.append(folder)  # appended, so TouchDesigner's own numpy keeps precedence
         try:
-            import engine_link  # here, not at the top: Bridge Path must be on the path first
+            # Here, not at the top: Bridge Path must be on the path first.
+            from bridge import background, launcher
+            import streamdiffusion_params as params  # made from the bridge's parameter table
         except ImportError as error:
             return (f"cannot load the bridge ({error}): install it for TouchDesigner's Python "
                     f"{sys.version_info.major}.{sys.version_info.minor} and set Bridge Path (see README.md)")
-        self._engine_link = engine_link
+        self._background, self._launcher, self._params = background, launcher, params
+        if self._log_lines is None:
+            self._log_lines = background.LogLines()
+            self._log_lines.attach()
         return None
 
-    def _transport_problem(self):
-        if self.ownerComp.par.Transport.eval() != "spout":
-            return None
-        if sys.platform != "win32":
-            return "Spout is Windows-only; set Transport to Shared Memory"
-        return ("this component exchanges frames over shared memory only; set Transport to Shared Memory, or "
-                "use Syphon Spout Out and In TOPs with an engine started as "
-                "python -m engine serve --spout-in NAME --spout-out NAME")
+    def _open_client(self, address):
+        """A session on the engine at address, with whatever model it serves."""
+        self._client = self._background.BackgroundClient(
+            self._session_config(address), self._engine_values(), convert_input=engine_frame,
+            convert_output=td_picture).start()
+        self._address = address
 
-    def _open_link(self, address):
-        values = self._engine_values()
-        defaults = {spec.engine_name: spec.default for spec in params.SPECS.values() if spec.engine_name}
-        defaults["prompts"] = params.prompts_json(())
-        labels = {spec.engine_name: spec.label for spec in params.SPECS.values() if spec.engine_name}
-        self._link = self._engine_link.EngineLink(address, model=self.ownerComp.par.Model.eval(), params=values,
-                                                  labels=labels, defaults=defaults)
-        self._pending.clear()
+    def _session_config(self, address):
+        """Shared memory at the size of the frames the cook offers, or Spout at Resolution
+        between the senders the Spout parameters name."""
+        par, params = self.ownerComp.par, self._params
+        if par.Transport.eval() != "spout":
+            return self._background.SessionConfig(address, "shm")
+        senders = tuple((spec.param.name, params.engine_value(spec, par[spec.name])) for spec in params.SPOUT_SPECS)
+        return self._background.SessionConfig(address, "spout", width=par.Resolution1.eval(),
+                                              height=par.Resolution2.eval(), transport_params=senders)
 
     def _engine_values(self):
-        par = self.ownerComp.par
-        values = {spec.engine_name: params.engine_value(spec, par[spec.name])
-                  for spec in params.SPECS.values() if spec.engine_name and spec.name != "Promptlist"}
-        self._read_prompt_list()
-        values["prompts"] = params.prompts_json(self._prompt_rows or ())
-        return values
+        """Every session parameter's value, as the engine takes it."""
+        pars, params = self.ownerComp.par, self._params
+        self._prompt_rows = self._prompt_list() or []
+        return {spec.param.name: self._prompt_rows if spec is params.PROMPTS_SPEC
+                else params.engine_value(spec, pars[spec.name]) for spec in params.SESSION_SPECS}
 
-    def _close_link(self):
-        if self._link is not None:
-            self._link.close()  # returns at once; the link's thread says bye on its own
-            self._take_link_notes()
-            self._link = None
+    def _close_client(self):
+        if self._client is not None:
+            self._client.close(wait_s=0)  # returns at once; its thread says bye on its own
+            self._client = None
 
     def _tend_processes(self):
         for process in (self._process, self._stopping_for_restart):
             if process is not None:
-                self._log_lines(process.take_lines())
+                self._log_to_dat(process.new_log_lines())
         if self._stopping_for_restart is not None and self._stopping_for_restart.returncode is not None:
             self._stopping_for_restart = None
             self.Start()
         process = self._process
         if process is None:
             return
-        if process.returncode is not None:  # it ended by itself: it crashed, or could not start
+        if process.start_error is not None or process.returncode is not None:  # it crashed, or could not start
             self._ended = process.describe()
             self._process = None
-            self._close_link()
+            self._close_client()
             self._fail(f"the engine stopped ({self._ended}). See the log (Open Log), fix it and press Start")
-        elif self._link is None and process.address is not None:
-            self._open_link(process.address)
+        elif self._client is None and process.address is not None:
+            self._open_client(process.address)
 
-    def _take_link_notes(self):
-        if self._link is not None:
-            for note in self._link.take_notes():
-                self._say(note)
+    def _take_log_lines(self):
+        if self._log_lines is not None:
+            self._log_to_dat([line for _, line in self._log_lines.take()])
 
     # -- parameters ------------------------------------------------------------------------------
     def _read_prompt_list(self):
-        """Queue the Weighted Prompts when the table's rows changed (it is read every frame:
+        """Send the Weighted Prompts when the table's rows changed (it is read every frame:
         no parameter changes when a cell does)."""
+        rows = self._prompt_list() if self._params is not None else None
+        if rows is not None and rows != self._prompt_rows:
+            self._prompt_rows = rows
+            if self._client is not None:
+                self._client.set(**{self._params.PROMPTS_SPEC.param.name: rows})
+
+    def _prompt_list(self):
+        """The Weighted Prompts table's [text, weight] rows, or None (said once) when it is wrong."""
         try:
-            rows = params.prompt_list(self.ownerComp.par.Promptlist.eval())
+            rows = self._params.prompt_list(self.ownerComp.par[self._params.PROMPTS_SPEC.name].eval())
         except ValueError as error:
             if str(error) != self._prompt_problem:
                 self._prompt_problem = str(error)
                 self._say(f"{error}; the prompts sent before stay")
-            return
+            return None
         self._prompt_problem = None
-        if rows != self._prompt_rows:
-            self._prompt_rows = rows
-            self._pending["prompts"] = params.prompts_json(rows)
-            self._last_change = time.monotonic()
-
-    def _send_changes(self):
-        if not self._pending or time.monotonic() - self._last_change < DEBOUNCE_S:
-            return
-        if self._link is not None:
-            self._link.update_params(dict(self._pending))
-        self._pending.clear()  # without a link, the next Start reads every value afresh
+        return rows
 
     def _apply_output_size(self):
-        par = self.ownerComp.par
+        par, params = self.ownerComp.par, self._params
         fit = self.ownerComp.op("fit_input")
         if par.Outputsize.eval() != "custom":
             fit.par.outputresolution = "useinput"
@@ -288,9 +344,13 @@ class StreamDiffusionExt:
         """(Engine State, Message) as the Status page shows them."""
         if self._error:
             return "error", self._error
-        if self._link is not None:
-            status = self._link.status()
-            state, message = status.state, status.message
+        status = self._client.status() if self._client is not None else None
+        if status is not None:
+            state, message = status.state, status.error or status.message
+            if status.state == "waiting for frames":
+                message = "connect a TOP to the component's input"
+            elif status.notice and state not in ("error", "disconnected"):
+                message = status.notice  # e.g. that a change restarts the stream
         elif self._stopping_for_restart is not None:
             state, message = "restarting", "restarting the engine; the last frame stays meanwhile"
         elif self._process is not None:
@@ -299,21 +359,22 @@ class StreamDiffusionExt:
             state, message = "stopped", "press Start to stream the input through the engine"
         notice, said_at = self._notice
         if time.monotonic() - said_at < NOTICE_S and state not in ("error", "disconnected"):
-            message = notice  # e.g. that a change restarts the stream
+            message = notice  # the component's own news, e.g. that a setting applies at the next Start
         return state, message
 
     def _show_status(self):
         par = self.ownerComp.par
         state, message = self._state()
-        status = self._link.status() if self._link is not None else None
+        status = self._client.status() if self._client is not None else None
         shown = {
             "Enginestate": state,
             "Message": message,
             "Outputfps": round(status.output_fps, 1) if status else 0.0,
-            "Latency": round(status.latency_ms, 1) if status else 0.0,
-            "Droppedframes": status.dropped_frames if status else 0,
+            "Latency": round(status.latency_ms or 0.0, 1) if status else 0.0,
+            "Droppedframes": status.dropped.total if status else 0,
             "Firstframe": round(status.first_frame_ms or 0.0, 1) if status else 0.0,
             "Scheduler": status.scheduler if status else "",
+            "Enginemodel": status.model if status else "",
             "Processstate": self._process_state(),
         }
         for name, value in shown.items():
@@ -324,8 +385,8 @@ class StreamDiffusionExt:
         process = self._process or self._stopping_for_restart
         if process is not None:
             return process.describe()
-        if self._link is not None:
-            return f"attached to the engine at {self._link.address}"
+        if self._client is not None:
+            return f"attached to the engine at {self._address}"
         return self._ended or "stopped"
 
     def _fail(self, message):
@@ -334,9 +395,9 @@ class StreamDiffusionExt:
 
     def _say(self, line):
         self._notice = (line, time.monotonic())
-        self._log_lines([f"[component] {line}"])
+        self._log_to_dat([f"[component] {line}"])
 
-    def _log_lines(self, lines):
+    def _log_to_dat(self, lines):
         if lines:
             self._log.extend(lines)
             self.ownerComp.op("engine_log").text = "\n".join(self._log)

@@ -1,18 +1,27 @@
 """The StreamDiffusion component's custom parameters: its pages, and how each reaches the engine.
 
-One table, read by build_tox.py (which creates the pages) and by the extension (which
-sends the Prompt and Stream values to the engine as session parameters). Standard
-library only: this runs inside TouchDesigner.
+The session parameters' pages (Prompt, Stream, Targets, Output) and the Spout sender names
+on the Transport page are made from the bridge's parameter table (bridge/params.py): each
+control's name, label, style, default, bounds, slider, menu and help are its entry's. The
+component's own pages (Engine, Transport, Status) are written here. build_tox.py creates
+the pages; the extension sends the session parameters to the engine.
+
+This module imports the bridge, so it loads once the bridge is on the module path:
+build_tox.py puts the repository there, the extension applies Bridge Path first.
 """
 
 # No `from __future__ import annotations` here: with it, dataclasses look their module up in
 # sys.modules, and a module TouchDesigner makes from a DAT need not be there.
-import json
 from dataclasses import dataclass
 
-MODELS = ("wan2.1-1.3b", "wan2.1-14b", "tiny")
+from bridge import controls
+from bridge import params as table
+
 # TouchDesigner's Non-Commercial licence caps every TOP at this many pixels a side.
 FREE_LICENCE_MAX_SIDE = 1280
+PROMPTS_DAT = "prompts"  # the component's own Weighted Prompts table, Weighted Prompts' default
+STYLES = {"bool": "Toggle", "int": "Int", "float": "Float", "str": "Str", "prompts": "DAT"}  # by the table's kinds
+ENGINE_VALUES = {"bool": bool, "int": int, "float": float, "str": str}  # a control's value as the engine takes it
 
 
 @dataclass(frozen=True)
@@ -22,28 +31,49 @@ class ParSpec:
     style: str  # Str, Float, Int, Toggle, Pulse, Menu, File, Folder, DAT
     default: object = None
     menu: tuple[tuple[str, str], ...] = ()  # (name, label) entries of a Menu
-    slider: tuple[float, float] | None = None  # the slider's range; values outside it are allowed
-    minimum: float | None = None  # values below are clamped
+    slider: tuple[float, float] | None = None  # the slider's range
+    minimum: float | None = None  # values outside the bounds are clamped to them
+    maximum: float | None = None
     size: int = 1  # an Int of size 2 is two parameters, Name1 and Name2
     help: str = ""
-    engine_name: str | None = None  # the engine session parameter it sets, if any
+    param: table.Param | None = None  # the session parameter it sets, if any
     read_only: bool = False
 
+
+def td_name(name: str) -> str:
+    """A protocol name as TouchDesigner names custom parameters (target_fps -> Targetfps)."""
+    return name.replace("_", "").capitalize()
+
+
+def session_spec(param: table.Param) -> ParSpec:
+    """The control of a session parameter: all of it from the parameter's table entry."""
+    numeric = param.kind in ("int", "float")
+    return ParSpec(
+        td_name(param.name), param.label, "Menu" if param.choices else STYLES[param.kind],
+        PROMPTS_DAT if param.kind == "prompts" else param.default, menu=tuple(controls.menu(param)),
+        slider=param.slider_range if numeric else None, minimum=param.minimum if numeric else None,
+        maximum=param.maximum if numeric else None, help=controls.help_text(param), param=param)
+
+
+SESSION_SPECS = tuple(session_spec(param) for param in controls.host_params())
+PROMPTS_SPEC = next(spec for spec in SESSION_SPECS if spec.style == "DAT")  # Weighted Prompts: read each frame
+SPOUT_SPECS = tuple(session_spec(param) for param in table.in_group("Spout"))  # given when a Spout session opens
 
 PAGES: dict[str, tuple[ParSpec, ...]] = {
     "Engine": (
         ParSpec("Mode", "Engine", "Menu", "start",
                 menu=(("start", "Start an engine here"), ("attach", "Attach to a running engine")),
                 help="Start: the component runs `python -m engine serve` as its child process. "
-                     "Attach: it connects to an engine already listening at Address."),
+                     "Attach: it connects to an engine already listening at Address, and uses its model."),
         ParSpec("Python", "Python Executable", "File", "",
                 help="The python of the environment the engine is installed in, e.g. .venv/bin/python "
                      "or .venv\\Scripts\\python.exe. Applies at the next Start or Restart."),
         ParSpec("Engineargs", "Engine Arguments", "Str", "",
                 help="More arguments for `python -m engine serve`, e.g. --device cuda:1 --weights D:/wan "
                      "(forward slashes; quote a path with spaces). Applies at the next Start or Restart."),
-        ParSpec("Model", "Model", "Menu", MODELS[0], menu=tuple((m, m) for m in MODELS),
-                help="The model preset the engine serves. Applies at the next Start or Restart."),
+        ParSpec("Model", "Model", "Menu", table.DEFAULT_MODEL, menu=tuple((m, m) for m in controls.MODELS),
+                help="The model preset an engine started here serves (attached, the component uses the "
+                     "engine's: Status > Engine's Model). Applies at the next Start or Restart."),
         ParSpec("Address", "Address", "Str", "tcp://127.0.0.1:5555",
                 help="Where the engine listens: tcp://127.0.0.1:PORT (loopback only). Applies at the next "
                      "Start or Restart."),
@@ -56,47 +86,27 @@ PAGES: dict[str, tuple[ParSpec, ...]] = {
         ParSpec("Processstate", "Engine Process", "Str", "stopped", read_only=True),
         ParSpec("Openlog", "Open Log", "Pulse", help="The engine's output and the component's messages."),
     ),
-    "Prompt": (
-        ParSpec("Prompt", "Prompt", "Str", "a watercolour painting", engine_name="prompt"),
-        ParSpec("Promptlist", "Weighted Prompts", "DAT", "prompts", engine_name="prompts",
-                help="Optional table DAT, one prompt and its weight per row; when it has rows it is "
-                     "blended instead of Prompt."),
-        ParSpec("Blend", "Blend Method", "Menu", "linear",
-                menu=(("linear", "Linear"), ("slerp", "Slerp (two prompts)")), engine_name="blend"),
-        ParSpec("Transition", "Transition Length (frames)", "Int", 0, slider=(0, 64), minimum=0,
-                engine_name="transition_frames",
-                help="Frames over which a new prompt fades in; 0 switches at once."),
-    ),
-    "Stream": (
-        # The engine refuses a strength under 0.1 (its motion controller's slope is 0.1).
-        ParSpec("Strength", "Strength", "Float", 0.8, slider=(0.1, 1.0), minimum=0.1, engine_name="strength",
-                help="How far the picture moves toward the prompt."),
-        ParSpec("Steps", "Steps", "Int", 2, slider=(1, 4), minimum=1, engine_name="steps",
-                help="Denoising steps; more is slower and cleaner. Changing it restarts the stream."),
-        ParSpec("Seed", "Seed", "Int", 0, slider=(0, 1000), minimum=0, engine_name="seed"),
-        ParSpec("Targetfps", "Target FPS", "Float", 16.0, slider=(1, 60), minimum=1, engine_name="target_fps"),
-        ParSpec("Latencybudget", "Latency Budget (ms)", "Float", 500.0, slider=(50, 5000), minimum=1,
-                engine_name="latency_ms",
-                help="From a frame's cook to its stylised output; the engine's scheduler holds the stream to it "
-                     "(stream batching goes where its lag does not fit; Status > Scheduler says how it goes)."),
-        ParSpec("Fit", "Fit Mode", "Menu", "letterbox",
-                menu=(("letterbox", "Letterbox"), ("crop", "Crop"), ("stretch", "Stretch")), engine_name="fit",
-                help="How frames are fitted to the model's size and back."),
-        ParSpec("Lowlatencystart", "Low-Latency Start", "Toggle", False, engine_name="low_latency_start",
-                help="The first output after 1 frame instead of 5. Changing it restarts the stream."),
-    ),
+    **{group: tuple(spec for spec in SESSION_SPECS if spec.param.group == group) for group in controls.HOST_GROUPS},
     "Transport": (
         ParSpec("Transport", "Transport", "Menu", "shm",
-                menu=(("shm", "Shared Memory (every licence, every OS)"), ("spout", "Spout (Windows)"))),
+                menu=(("shm", "Shared Memory (every licence, every OS)"),
+                      ("spout", "Spout (Windows: your own Syphon Spout TOPs carry the frames)")),
+                help="Shared Memory: the component's input and output carry the frames. Spout: the engine "
+                     "reads the sender Spout Input Sender names and publishes Spout Output Sender; send and "
+                     "show them with Syphon Spout Out and In TOPs (the component's output shows its input)."),
+        *SPOUT_SPECS,
         ParSpec("Outputsize", "Output Resolution", "Menu", "input",
                 menu=(("input", "Same as Input"), ("custom", "Custom"))),
         ParSpec("Resolution", "Resolution", "Int", 512, size=2, slider=(64, FREE_LICENCE_MAX_SIDE), minimum=16,
-                help=f"Width and height of the frames the engine gets and returns. The Non-Commercial "
-                     f"licence caps TOPs at {FREE_LICENCE_MAX_SIDE} a side."),
+                help=f"Width and height of the frames the engine gets and returns with a Custom Output "
+                     f"Resolution, and of the Spout sender it publishes. The Non-Commercial licence caps "
+                     f"TOPs at {FREE_LICENCE_MAX_SIDE} a side."),
     ),
     "Status": (
         ParSpec("Enginestate", "Engine State", "Str", "stopped", read_only=True),
         ParSpec("Message", "Message", "Str", "", read_only=True),
+        ParSpec("Enginemodel", "Engine's Model", "Str", "", read_only=True,
+                help="The model the engine serves, once a session is open."),
         ParSpec("Outputfps", "Output FPS", "Float", 0.0, read_only=True),
         ParSpec("Latency", "Glass-to-Glass Latency (ms)", "Float", 0.0, read_only=True),
         ParSpec("Droppedframes", "Dropped Frames", "Int", 0, read_only=True),
@@ -143,6 +153,8 @@ def _configure(par, spec: ParSpec) -> None:
         par.normMin, par.normMax = spec.slider
     if spec.minimum is not None:
         par.min, par.clampMin = spec.minimum, True
+    if spec.maximum is not None:
+        par.max, par.clampMax = spec.maximum, True
     if spec.default is not None and spec.style != "Pulse":
         par.default = spec.default
         par.val = spec.default
@@ -151,37 +163,16 @@ def _configure(par, spec: ParSpec) -> None:
 
 
 def engine_value(spec: ParSpec, par):
-    """What a parameter's value is to the engine (see prompt_list for Weighted Prompts)."""
-    value = par.eval()
-    if spec.style == "Toggle":
-        return bool(value)
-    if spec.style == "Int":
-        return int(value)
-    if spec.style == "Float":
-        return float(value)
-    return str(value)
+    """A session parameter's value as the engine takes it (Weighted Prompts: prompt_list)."""
+    return ENGINE_VALUES[spec.param.kind](par.eval())
 
 
-def prompt_list(table) -> tuple[tuple[str, float], ...]:
-    """The (prompt, weight) rows of a table DAT; a first row whose weight is not a number is a header."""
-    if table is None:
-        return ()
-    rows = []
-    for index, row in enumerate(table.rows()):
-        cells = [cell.val.strip() for cell in row]
-        if len(cells) < 2 or not cells[0]:
-            continue
-        try:
-            weight = float(cells[1])
-        except ValueError:
-            if index == 0:
-                continue  # the header
-            raise ValueError(f"row {index} of {table.path}: the weight {cells[1]!r} is not a number") from None
-        rows.append((cells[0], weight))
-    return tuple(rows)
-
-
-def prompts_json(rows: tuple[tuple[str, float], ...]) -> str:
-    """Weighted prompts as they travel to the engine: a JSON list of [prompt, weight] (the
-    protocol carries plain values only, so a list goes as a string)."""
-    return json.dumps([[text, weight] for text, weight in rows])
+def prompt_list(prompts_dat) -> list[list]:
+    """The Weighted Prompts table DAT's rows as the engine takes them, [text, weight] pairs
+    (bridge/controls.py reads the rows); a ValueError names the table and the row."""
+    if prompts_dat is None:
+        return []
+    try:
+        return controls.weighted_prompts(([cell.val for cell in row] for row in prompts_dat.rows()), header=True)
+    except ValueError as error:
+        raise ValueError(f"{prompts_dat.path}: {error}") from None

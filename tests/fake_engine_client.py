@@ -1,4 +1,5 @@
-"""A fake bridge.client.EngineClient, and the engine behind it, for unit tests of obs_scripts/.
+"""A fake bridge.client.EngineClient, and the engine behind it, for unit tests of bridge/background.py
+and obs_scripts/.
 
 It behaves as bridge/client.py documents EngineClient:
 - EngineClient(address, *, transport, width, height, model, timeout_s, **params):
@@ -6,16 +7,21 @@ It behaves as bridge/client.py documents EngineClient:
   one of the params. A spout session's frames go through Spout, not the client: send()
   raises RuntimeError and receive() returns None.
 - open() raises TimeoutError when no engine answers at the address, and RemoteError
-  when the engine refuses the session; close() may be called twice.
+  when the engine refuses the session (code unknown_param, field params.NAME, for a
+  parameter it does not have; model_unavailable for a model other than the one it
+  serves or "default"); close() may be called twice. info then holds the model the
+  engine serves as "model" and its parameter table as "schema": bridge/params.py's,
+  less the parameters an older engine lacks (each parameter's "applies").
 - send(frame, t_capture_ns) never blocks; the frame must be uint8 [height, width, 3|4].
   While there is no session the frame is dropped.
 - receive(timeout) returns the newest finished frame not returned yet, as an Output
   echoing its input's seq and t_capture_ns, or None.
 - set(**params) returns {"params", "restarts"}, restarts when a reload parameter
-  (steps) changed; it raises RemoteError naming a parameter the engine refuses, and
+  (steps, low_latency_start) changed; it raises RemoteError naming a parameter the engine refuses (an
+  unknown one, or a strength outside 0.1 to 1), and
   TimeoutError when the engine does not answer. While there is no session the
   parameters are kept for the next one and {} is returned.
-- stats() returns the session's state and counters; ConnectionError without a session.
+- stats() returns the session's state, parameters and counters; ConnectionError without a session.
 - counters (a FrameCounters) says where frames went: sent, not_sent (dropped here,
   with no session), received, skipped.
 - state is the session's state, "disconnected" once the engine stopped answering,
@@ -35,10 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bridge.client import FrameCounters, Output
+from bridge.params import PARAMS, RELOAD
 from bridge.zmq_io import RemoteError
-
-KNOWN_PARAMS = {"prompt", "strength", "steps", "seed", "target_fps", "fit"}
-RELOAD_PARAMS = {"steps"}
 
 
 @dataclass
@@ -46,6 +50,8 @@ class FakeEngine:
     """An engine process at an address: it can be down, refuse sessions, or end one."""
 
     address: str
+    model: str = "tiny"  # the model it serves, as the real engines of the tests do
+    lacking: frozenset = frozenset()  # parameters of the table this (older) engine does not take
     running: bool = True
     refuse: str | None = None  # the message a refused hello gets
     sessions_opened: int = 0
@@ -58,6 +64,10 @@ class FakeEngine:
 
     def __post_init__(self):
         ENGINES[self.address] = self
+
+    @property
+    def schema(self) -> dict[str, dict]:
+        return {name: {"applies": param.applies} for name, param in PARAMS.items() if name not in self.lacking}
 
     def kill(self) -> None:
         self.running = False
@@ -102,6 +112,13 @@ class FakeEngineClient:
             raise TimeoutError(f"no reply from the engine at {self.address} within 2 s")
         if engine.refuse:
             raise RemoteError("model_unavailable", "model", engine.refuse)
+        if self.model not in (engine.model, "default"):
+            raise RemoteError("model_unavailable", "model",
+                              f"this engine serves {engine.model!r}, not {self.model!r}; ask for 'default', or "
+                              f"start an engine with python -m engine serve --model {self.model}")
+        unknown = sorted(set(self.params) - set(engine.schema))
+        if unknown:
+            raise RemoteError("unknown_param", f"params.{unknown[0]}", f"unknown parameter {unknown[0]!r}")
         self._open_session(engine)
         return self
 
@@ -151,21 +168,23 @@ class FakeEngineClient:
             return {}
         if engine is None or not engine.running:
             raise TimeoutError(f"no reply from the engine at {self.address} within 2 s")
-        unknown = set(params) - KNOWN_PARAMS
+        unknown = set(params) - set(engine.schema)
         if unknown:
             name = sorted(unknown)[0]
             raise RemoteError("unknown_param", f"params.{name}", f"unknown parameter {name!r}")
+        if not 0.1 <= params.get("strength", 0.5) <= 1.0:
+            raise RemoteError("bad_value", "params.strength", "params.strength must be from 0.1 to 1")
         with engine.lock:
             engine.params_received.append(dict(params))
         self.params.update(params)
-        return {"params": dict(self.params), "restarts": bool(RELOAD_PARAMS & set(params)),
+        return {"params": dict(self.params), "restarts": any(PARAMS[name].applies == RELOAD for name in params),
                 "lag_frames": 0, "first_chunk_frames": 1}
 
     def stats(self):
         self._tend()
         if self.session is None:
             raise ConnectionError(f"no session: the engine at {self.address} is {self._state}")
-        return {"state": self._state, "frames_dropped": 3, "outputs_dropped": 1,
+        return {"state": self._state, "params": dict(self.params), "frames_dropped": 3, "outputs_dropped": 1,
                 "scheduler": {"stream_batch": False, "chunk_frames": 4, "spare_frames": 2, "frame_rate_cap": None,
                               "predicted_step_ms": 120.0, "predicted_latency_ms": 410.0, "state": "meeting targets"}}
 
@@ -186,7 +205,7 @@ class FakeEngineClient:
     def _open_session(self, engine: FakeEngine) -> None:
         self.session = f"s{next(_session_ids)}"
         self._state = "ready"
-        self.info = {"session": self.session, "lag_frames": 0}
+        self.info = {"session": self.session, "model": engine.model, "lag_frames": 0, "schema": engine.schema}
         with engine.lock:
             engine.sessions_opened += 1
             engine.hellos.append({"session": self.session, "transport": self.transport, "width": self.width,

@@ -114,7 +114,12 @@ def register_type(kind: str, display_name: str, flags: int = OBS_SOURCE_VIDEO) -
 
 
 def log_lines() -> list[str]:
-    return [message for _, message in _state.log]
+    return [message for _, message in log_records()]
+
+
+def log_records() -> list[tuple[int, str]]:
+    """What scripts wrote to the script log: (level, message), oldest first."""
+    return list(_state.log)
 
 
 # -- obs_data -----------------------------------------------------------------------------------------
@@ -159,6 +164,10 @@ def obs_data_get_double(data: Data, name: str) -> float:
     return float(data.get(name, 0.0))
 
 
+def obs_data_get_bool(data: Data, name: str) -> bool:
+    return bool(data.get(name, False))
+
+
 
 def _setter(store: str, kind: type) -> Callable[[Data, str, Any], None]:
     def set_value(data: Data, name: str, value: Any) -> None:
@@ -169,6 +178,7 @@ def _setter(store: str, kind: type) -> Callable[[Data, str, Any], None]:
 
 obs_data_set_string, obs_data_set_default_string = _setter("values", str), _setter("defaults", str)
 obs_data_set_default_int, obs_data_set_default_double = _setter("defaults", int), _setter("defaults", float)
+obs_data_set_default_bool = _setter("defaults", bool)
 
 
 # -- properties -------------------------------------------------------------------------------------
@@ -176,12 +186,13 @@ obs_data_set_default_int, obs_data_set_default_double = _setter("defaults", int)
 class Property:
     name: str
     description: str
-    kind: str  # text, path, list, button, int, float, group
+    kind: str  # text, path, list, button, bool, int, float, group
     text_type: int | None = None
     long_description: str | None = None
     items: list[list] = field(default_factory=list)  # [label, value, disabled] for lists
     callback: Callable | None = None
     bounds: tuple = ()  # (minimum, maximum, step) for numbers
+    slider: bool = False  # a number shown as a slider (else a spin box)
     group: Properties | None = None  # a group's content
 
     def item_values(self) -> list:
@@ -247,15 +258,24 @@ def obs_properties_add_button(props, name, text, callback) -> Property:
     return props.add(Property(name, text, "button", callback=callback))
 
 
+def obs_properties_add_bool(props, name, description) -> Property:
+    return props.add(Property(name, description, "bool"))
+
+
 def obs_properties_add_int(props, name, description, minimum, maximum, step) -> Property:
     return props.add(Property(name, description, "int", bounds=(minimum, maximum, step)))
 
 
-obs_properties_add_int_slider = obs_properties_add_int
+def obs_properties_add_int_slider(props, name, description, minimum, maximum, step) -> Property:
+    return props.add(Property(name, description, "int", bounds=(minimum, maximum, step), slider=True))
+
+
+def obs_properties_add_float(props, name, description, minimum, maximum, step) -> Property:
+    return props.add(Property(name, description, "float", bounds=(minimum, maximum, step)))
 
 
 def obs_properties_add_float_slider(props, name, description, minimum, maximum, step) -> Property:
-    return props.add(Property(name, description, "float", bounds=(minimum, maximum, step)))
+    return props.add(Property(name, description, "float", bounds=(minimum, maximum, step), slider=True))
 
 
 

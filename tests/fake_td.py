@@ -29,7 +29,9 @@ or with Modify Outside of Cook on. What it models of TouchDesigner's behaviour:
 
 Test drivers that are not TouchDesigner API: `install()` (a fresh project at /project1,
 registered as sys.modules['td']), `run_frame()` (one frame: Execute DATs' onFrameStart,
-then pending onInitTD calls), `quit_project()` (Execute DATs' onExit).
+then pending onInitTD calls), `quit_project()` (Execute DATs' onExit), `reopen_project()`
+(the saved project opened again in a new session: DAT modules made afresh, extensions
+initialised anew).
 """
 
 from __future__ import annotations
@@ -706,3 +708,13 @@ def quit_project() -> None:
     """TouchDesigner quitting: every active Execute DAT's onExit."""
     for dat in _world.executes("exit"):
         dat.module.onExit()
+
+
+def reopen_project() -> None:
+    """The project opened again in a new TouchDesigner session (as it was saved): every DAT's
+    module is made afresh on its next use and every COMP's extensions initialise anew."""
+    for node in list(_world.nodes()):
+        if isinstance(node, DAT):
+            node._module = None
+        elif node.isCOMP and node.par.ext0object.val:
+            node._initialize_extensions()

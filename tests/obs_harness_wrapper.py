@@ -5,8 +5,9 @@ hands every OBS entry point to the real script unchanged, and besides:
 
 - creates the input source the test asks for: an image source showing the test's
   PNG pattern, in the current scene (settings test_input_name, test_pattern);
-- watches the frames the script captures (the engine link's offer) and pushes into
-  its output source (the show callback the link was given), keeping a digest of each;
+- watches the frames the script captures (its background client's offer) and pushes
+  into its output source (the on_output callback the client was given), keeping a
+  digest of each;
 - reads the output source back as OBS renders it, with the script's own SourceReader;
 - builds the script's properties once, as the Scripts dialog would, presses Refresh, and
   notes what the real OBS made of them;
@@ -117,12 +118,12 @@ def _make_input_source():
 
 
 def _watch_pipeline():
-    """Wrap the link's offer, and the show callback it was given, once the script's pipeline exists."""
+    """Wrap the client's offer, and the on_output callback it was given, once the script's pipeline exists."""
     pipeline = script._script.pipeline if script._script is not None else None
     if pipeline is None or _test["watching"]:
         return
-    link = pipeline._link
-    offer, show = link.offer, link._show
+    client = pipeline._client
+    offer, show = client.offer, client._on_output
 
     def watched_offer(pixels, t_capture_ns):
         _keep("captured", digest(pixels))
@@ -132,7 +133,7 @@ def _watch_pipeline():
         show(rgba)
         _keep("pushed", digest(rgba))
 
-    link.offer, link._show = watched_offer, watched_show
+    client.offer, client._on_output = watched_offer, watched_show
     _test["watching"] = True
 
 

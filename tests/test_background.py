@@ -155,7 +155,7 @@ def test_a_stream_restarting_parameter_is_a_notice(make_client, shown):
     client.set(steps=3)
     engine.wait_for(lambda e: e.params_received)
     wait_until(lambda: client.status().notice != "")
-    assert client.status().notice == "steps changed: the stream restarts (the last frame stays meanwhile)"
+    assert client.status().notice == "Steps changed: the stream restarts (the last frame stays meanwhile)"
 
 
 def test_a_refused_value_is_an_error_until_a_value_of_it_is_taken(make_client, shown):
@@ -164,7 +164,7 @@ def test_a_refused_value_is_an_error_until_a_value_of_it_is_taken(make_client, s
     offer_until_shown(client, shown, 10)
     client.set(strength=5.0)
     wait_until(lambda: client.status().error != "")
-    assert client.status().error == "the engine refused strength: params.strength must be from 0.1 to 1"
+    assert client.status().error == "the engine refused Strength: params.strength must be from 0.1 to 1"
     client.set(strength=0.5)
     wait_until(lambda: client.status().error == "")
     assert engine.params_received[-1] == {"strength": 0.5}
@@ -172,8 +172,8 @@ def test_a_refused_value_is_an_error_until_a_value_of_it_is_taken(make_client, s
 
 def test_parameters_this_engine_lacks_are_named_and_left_out(make_client, shown, caplog):
     caplog.set_level(logging.INFO, "bridge")
-    engine = FakeEngine(ADDRESS)
-    client = make_client(params={**PARAMS, "blend": "slerp"}, labels={"blend": "Blend Method"})
+    engine = FakeEngine(ADDRESS, lacking=frozenset({"blend", "transition_frames"}))
+    client = make_client(params={**PARAMS, "blend": "slerp"})
     offer_until_shown(client, shown, 10)  # the hello went without it
     assert "blend" not in engine.hellos[-1]["params"]
     client.set(transition_frames=8, seed=3)
@@ -181,7 +181,7 @@ def test_parameters_this_engine_lacks_are_named_and_left_out(make_client, shown,
     assert engine.params_received == [{"seed": 3}]
     lacking = [r.getMessage() for r in caplog.records if "does not take" in r.getMessage()]
     assert lacking == ["this engine does not take Blend Method yet; left as the engine has it",
-                       "this engine does not take transition_frames yet; left as the engine has it"]
+                       "this engine does not take Transition Length yet; left as the engine has it"]
     assert all(r.levelno == logging.INFO for r in caplog.records if "does not take" in r.getMessage())
 
 
@@ -356,7 +356,7 @@ def test_parameter_changes_are_debounced_into_few_requests(engine, monkeypatch):
 
         client.set(strength=5.0)  # out of bounds: refused, and said
         stream_until(client, lambda: client.status().error, "the refusal")
-        assert client.status().error.startswith("the engine refused strength")
+        assert client.status().error.startswith("the engine refused Strength")
         client.set(strength=0.5)
         stream_until(client, lambda: client.status().error == "", "the error to clear")
     finally:

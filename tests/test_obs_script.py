@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "obs_scripts"))
 
 import streamdiffusion  # noqa: E402 - the script, from obs_scripts/
+from bridge import background, controls, launcher  # noqa: E402
 from fake_engine_client import ENGINES, FakeEngine, FakeEngineClient  # noqa: E402
-from streamdiffusion_obs import engine_link, environment, libobs, spout  # noqa: E402
+from streamdiffusion_obs import environment, libobs, spout  # noqa: E402
 from streamdiffusion_obs.frames import cover_crop  # noqa: E402
 from streamdiffusion_obs.settings import OUTPUT_SOURCE_NAME, SPOUT_OUTPUT_SOURCE_NAME  # noqa: E402
 
@@ -58,10 +59,10 @@ def quarter_means(pixels: np.ndarray) -> list[tuple]:
 def fake_obs(monkeypatch):
     obs.reset()
     ENGINES.clear()
-    monkeypatch.setattr(engine_link, "EngineClient", FakeEngineClient)
-    monkeypatch.setattr(engine_link, "DEBOUNCE_S", 0.05)
-    monkeypatch.setattr(engine_link, "RETRY_S", 0.02)
-    monkeypatch.setattr(engine_link, "STATS_EVERY_S", 0.02)
+    monkeypatch.setattr(background, "EngineClient", FakeEngineClient)
+    monkeypatch.setattr(background, "DEBOUNCE_S", 0.05)
+    monkeypatch.setattr(background, "RETRY_S", 0.02)
+    monkeypatch.setattr(background, "STATS_EVERY_S", 0.02)
     monkeypatch.setattr(libobs, "load", obs.FakeLibObs)
     monkeypatch.setattr(environment, "activate", lambda env, repo_root: None)  # the tests' own sys.path stays
     yield
@@ -114,11 +115,12 @@ def test_defaults_cover_every_setting(monkeypatch):
     monkeypatch.setenv(environment.ENVIRONMENT_VARIABLE, "/opt/sd-venv")
     settings = obs.settings()
     streamdiffusion.script_defaults(settings)
-    assert settings.defaults == {
+    session_params = {param.name for param in controls.host_params()}  # the table's (test_host_controls.py)
+    assert {name: value for name, value in settings.defaults.items() if name not in session_params} == {
         "address": "tcp://127.0.0.1:5555", "environment": "/opt/sd-venv", "model": "wan2.1-1.3b",
-        "input_source": "", "prompt": "a watercolour painting", "strength": 0.8, "steps": 2, "seed": 0,
-        "target_fps": 30, "latency_ms": 500, "width": 512, "height": 512, "transport": "shm",
+        "input_source": "", "width": 512, "height": 512, "transport": "shm",
     }
+    assert session_params < set(settings.defaults)
 
 
 def test_without_the_variable_the_default_environment_is_the_repositorys_venv(monkeypatch, tmp_path):
@@ -134,16 +136,15 @@ def test_properties_offer_every_setting_and_say_what_a_change_restarts(scene_wit
     run_frames(1)  # the output source appears
     props = streamdiffusion.script_properties().all()
 
-    for name in ("address", "environment", "model", "input_source", "prompt", "strength", "steps", "seed",
-                 "target_fps", "latency_ms", "width", "height", "transport"):
+    for name in ("address", "environment", "model", "input_source", "width", "height", "transport"):
         assert name in props, name
     for name in ("start_engine", "stop_engine", "refresh"):
         assert props[name].kind == "button"
     assert props["model"].item_values() == ["wan2.1-1.3b", "wan2.1-14b", "tiny"]
-    for name in ("address", "model", "width", "height", "transport"):
+    for name in ("address", "width", "height", "transport"):
         assert props[name].description.endswith("(restarts the session)"), name
     assert props["steps"].description == "Steps (restarts the stream)"
-    assert props["prompt"].description == "Prompt" and props["strength"].bounds == (0.01, 1.0, 0.01)
+    assert props["prompt"].description == "Prompt" and props["strength"].bounds == (0.1, 1.0, 0.01)
     # sources with video, not audio-only ones nor the script's own output
     assert props["input_source"].item_values() == ["", "Camera"]
     # Spout needs Windows: listed, but disabled
@@ -185,7 +186,7 @@ def test_frames_flow_from_the_input_source_through_the_engine_into_the_output_so
     assert status("Input") == "Camera"
     assert status("Output").endswith("frames shown, the last 512x512")
     assert " ms median, " in status("Capture timer") and "one every 17 ms" in status("Capture timer")
-    assert status("Last error") == "none" and status("Set-up") == "ok"
+    assert status("Error") == "none" and status("Set-up") == "ok"
 
 
 def test_the_read_back_is_one_frame_behind_so_it_never_waits_for_the_gpu(scene_with_pattern):
@@ -296,7 +297,7 @@ def test_steps_restart_the_stream_and_the_status_says_so(scene_with_pattern):
     run_until(lambda: engine.frames_received)
     obs.update_script(streamdiffusion, settings, steps=3)
     run_until(lambda: status("Notice") != "none")
-    assert status("Notice") == "steps changed: the engine restarted the stream"
+    assert status("Notice") == "Steps changed: the stream restarts (the last frame stays meanwhile)"
     assert engine.params_received == [{"steps": 3}]
 
 
@@ -311,14 +312,18 @@ def test_a_new_output_size_opens_a_new_session_of_that_size(scene_with_pattern):
     assert quarter_means(engine.frames_received[-1]) == QUARTER_COLOURS
 
 
-def test_the_model_and_address_open_a_new_session_too(scene_with_pattern):
-    first, second = FakeEngine(ADDRESS), FakeEngine("tcp://127.0.0.1:6001")
+def test_another_address_opens_a_new_session_whose_engine_serves_its_own_model(scene_with_pattern):
+    first, second = FakeEngine(ADDRESS), FakeEngine("tcp://127.0.0.1:6001", model="wan2.1-14b")
     settings = load(input_source="Camera")
     run_until(lambda: first.frames_received)
-    obs.update_script(streamdiffusion, settings, address=" tcp://127.0.0.1:6001 ", model="wan2.1-1.3b")
+    assert status("Model") == "tiny"
+    obs.update_script(streamdiffusion, settings, address=" tcp://127.0.0.1:6001 ")
     run_until(lambda: second.frames_received)
-    assert second.hellos[0]["model"] == "wan2.1-1.3b"
-    assert status("Engine").startswith("streaming at tcp://127.0.0.1:6001")
+    assert second.hellos[0]["model"] == "default"  # whichever it serves
+    assert status("Engine").startswith("streaming at tcp://127.0.0.1:6001") and status("Model") == "wan2.1-14b"
+    obs.update_script(streamdiffusion, settings, model="wan2.1-1.3b")  # the model a local engine would start with
+    run_frames(6)
+    assert second.sessions_opened == 1
 
 
 # ------------------------------------------------------------------------ engine comes and goes
@@ -327,7 +332,10 @@ def test_the_model_and_address_open_a_new_session_too(scene_with_pattern):
 def test_no_engine_is_reported_and_the_script_streams_once_one_starts(scene_with_pattern):
     load(input_source="Camera")
     run_until(lambda: status("Engine").startswith("unreachable") and output_source() is not None)
-    assert f"no engine answers at {ADDRESS}" in status("Last error")
+    assert status("Engine") == (f"unreachable at {ADDRESS} (shm): no engine answers at {ADDRESS}: start one there, "
+                                "or check the address")
+    assert status("Error") == "none"  # an expected state, not a fault
+    assert status("Frames") == "none coming now; 0 sent, 0 shown in all" and status("Latency") == "no frames yet"
     assert output_source().frames_pushed == 0
 
     engine = FakeEngine(ADDRESS)
@@ -342,14 +350,18 @@ def test_an_engine_killed_mid_run_is_reported_obs_keeps_rendering_and_the_stream
 
     engine.kill()
     run_until(lambda: status("Engine").startswith("disconnected"))
-    assert "stopped answering; reconnecting" in status("Last error")
+    assert "stopped answering" in status("Engine") and status("Error") == "none"
     # capturing goes on while the engine is away; the frames are dropped, and counted
     run_until(lambda: int(re.search(r"(\d+) not sent", status("Dropped")).group(1)) > 0)
+    # what OBS sees now: no frames coming, rather than the last rate beside "no frames yet"
+    run_until(lambda: status("Frames").startswith("none coming now; "))
+    assert status("Latency").startswith(f"no frames in the last {background.RATE_WINDOW_S:g} s")
     shown_while_away = output_source().frames_pushed
 
     engine.start()
     run_until(lambda: output_source().frames_pushed > shown_while_away + 2)
     assert status("Engine").startswith("streaming") and engine.sessions_opened == 2
+    assert [message for level, message in obs.log_records() if level <= obs.LOG_WARNING] == []  # all quiet
 
 
 def test_the_refresh_button_updates_the_status_and_the_source_list(scene_with_pattern):
@@ -364,11 +376,14 @@ def test_the_refresh_button_updates_the_status_and_the_source_list(scene_with_pa
     assert obs.obs_properties_get(props, "input_source").item_values() == ["", "Camera", "New camera"]
 
 
-def test_engine_log_lines_reach_obss_script_log(scene_with_pattern):
+def test_the_bridges_log_reaches_obss_script_log_at_its_level(scene_with_pattern):
     load()
-    logging.getLogger("bridge.client").warning("the engine at X stopped answering")
+    logging.getLogger("bridge.client").info("the engine at X stopped answering")
+    logging.getLogger("bridge.background").warning("the engine refused strength")
     run_frames(1)
-    assert "the engine at X stopped answering" in obs.log_lines()
+    # OBS opens its Script Log window on a warning: an expected state must not bring it up.
+    assert (obs.LOG_INFO, "the engine at X stopped answering") in obs.log_records()
+    assert (obs.LOG_WARNING, "the engine refused strength") in obs.log_records()
 
 
 # ---------------------------------------------------------------------------------- Spout
@@ -465,29 +480,34 @@ def fake_venv(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the fake interpreter is a shell script")
-def test_the_local_engine_buttons_start_and_stop_python_m_engine_serve(scene_with_pattern, fake_venv, tmp_path):
+def test_the_local_engine_buttons_start_and_stop_python_m_engine_serve(scene_with_pattern, fake_venv, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(launcher, "log_folder", lambda: tmp_path / "logs")
     load(environment=str(fake_venv), model="tiny")
     props = streamdiffusion.script_properties()
     assert obs.click(props, "start_engine") is True
     deadline = time.monotonic() + 5
     while not (tmp_path / "started").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
+    log = tmp_path / "logs" / "obs-engine.log"
     assert (tmp_path / "started").read_text().split() == [
-        str(REPO), "-m", "engine", "serve", "--model", "tiny", "--bind", ADDRESS, "--parent-pid", str(os.getpid())]
-    assert status("Local engine").startswith("running (pid ")
+        str(REPO), "-m", "engine", "serve", "--model", "tiny", "--bind", ADDRESS, "--ready-file",
+        str(log.with_suffix(".address")), "--parent-pid", str(os.getpid())]
+    assert status("Local engine").startswith("starting (pid ") and status("Local engine").endswith(f"its log: {log}")
 
-    obs.click(props, "stop_engine")
-    run_until(lambda: status("Local engine").startswith("exited with code "))
+    obs.click(props, "stop_engine")  # returns at once; the launcher stops it on its thread
+    run_until(lambda: status("Local engine").startswith("stopped (killed by signal 15)"))
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the fake interpreter is a shell script")
-def test_unload_stops_the_local_engine(scene_with_pattern, fake_venv):
+def test_unload_stops_the_local_engine(scene_with_pattern, fake_venv, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "log_folder", lambda: tmp_path / "logs")
     load(environment=str(fake_venv))
     obs.click(streamdiffusion.script_properties(), "start_engine")
     local_engine = streamdiffusion._script.local_engine
-    assert local_engine.running
+    assert local_engine.returncode is None
     obs.unload_script(streamdiffusion)
-    assert not local_engine.running
+    assert local_engine.returncode is not None
 
 
 # ------------------------------------------------------------------------------ parts

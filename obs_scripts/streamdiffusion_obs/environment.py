@@ -78,11 +78,16 @@ def find(folder: str, version: tuple[int, int] = sys.version_info[:2]) -> Python
 def activate(environment: PythonEnvironment, repo_root: Path) -> None:
     """Make the environment's packages, and this repository's bridge/, importable."""
     # The repository first: its bridge/ is the one this script was written with.
-    for path in (str(environment.site_packages), str(repo_root)):
-        if path in sys.path:
-            sys.path.remove(path)
-        sys.path.insert(0, path)
+    for path in (environment.site_packages, repo_root):
+        put_first_on_path(path)
     site.addsitedir(str(environment.site_packages))  # reads its .pth files (editable installs)
+
+
+def put_first_on_path(folder: Path) -> None:
+    """Put folder first on sys.path (moving it there when it is on it already)."""
+    if str(folder) in sys.path:
+        sys.path.remove(str(folder))
+    sys.path.insert(0, str(folder))
 
 
 def _version_from_config(root: Path) -> tuple[int, int] | None:

@@ -1,13 +1,14 @@
-"""The running part of the script: capture timer, engine link, output source, Spout wiring.
+"""The running part of the script: capture timer, engine session, output source, Spout wiring.
 
 Three threads take part:
 
     OBS's graphics thread   tick(), the script's timer, once a video frame: at the target
                             frame rate it renders the input source and reads it back
-                            (frames.SourceReader) and offers the frame to the link; it
+                            (frames.SourceReader) and offers the frame to the client; it
                             creates the output source once OBS has a scene.
-    the link's thread       EngineLink: sends frames, and pushes each stylised frame into the
-                            output source the moment it arrives (frames.OutputFeeder).
+    the client's thread     bridge.background.BackgroundClient: sends frames, and pushes each
+                            stylised frame into the output source the moment it arrives
+                            (frames.OutputFeeder).
     OBS's UI thread         reconfigure() on script_update, status_rows(), close() on unload.
 
 `_lock` guards the OBS objects tick() uses (input source, reader, output source). The UI
@@ -32,9 +33,9 @@ from typing import Any
 import obspython as obs
 
 from bridge import client as bridge_client
+from bridge.background import RATE_WINDOW_S, BackgroundClient, SessionConfig
 
 from . import spout
-from .engine_link import EngineLink, SessionConfig
 from .frames import OutputFeeder, SourceReader
 from .libobs import LibObs
 from .settings import OUTPUT_SOURCE_NAME, SPOUT_OUTPUT_SOURCE_NAME, ScriptSettings
@@ -87,12 +88,12 @@ class Pipeline:
         self.spout_unavailable = spout.unavailable_reason(bridge_client.TRANSPORTS)  # None where Spout works
         self.spout_note = ""
         self._use_spout = self._choose_spout(settings)
-        self._link = EngineLink(self._session_config(settings), settings.engine_params(), self._feeder.show)
-        self._link.start()
+        self._client = BackgroundClient(self._session_config(settings), settings.params,
+                                        on_output=self._feeder.show).start()
 
     # -- UI thread ---------------------------------------------------------------------------
     def reconfigure(self, settings: ScriptSettings) -> None:
-        """Apply new settings. Nothing here waits: the link applies engine-side changes on its thread."""
+        """Apply new settings. Nothing here waits: the client applies engine-side changes on its thread."""
         before, self.settings = self.settings, settings
         use_spout = self._choose_spout(settings)
         if use_spout != self._use_spout or settings.input_source != before.input_source:
@@ -102,19 +103,17 @@ class Pipeline:
                     self._use_spout = use_spout
                 self._release_input()
                 self._next_input_lookup = 0.0
-        self._link.update_session(self._session_config(settings))
-        self._link.update_params(settings.changed_params(before))
+        self._client.configure(self._session_config(settings))
+        self._client.set(**settings.changed_params(before))
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the status shows, as plain values."""
-        link = self._link.status()
         return {
-            "link": asdict(link),
-            "session": asdict(self._link.session),
+            "engine": asdict(self._client.status()),
             "spout": self._use_spout,
             "spout_note": self.spout_note,
             "tick_ms": self.tick_seconds.summary_ms(),
-            "capture_interval_ms": round(1000 / self.settings.target_fps),
+            "capture_interval_ms": round(1000 / self.settings.params["target_fps"]),
             "obs_frames": obs.obs_get_total_frames(),
             "obs_lagged_frames": obs.obs_get_lagged_frames(),  # frames OBS rendered late, whoever's fault
             "frames_shown": self._feeder.frames_shown,
@@ -124,10 +123,19 @@ class Pipeline:
         }
 
     def status_rows(self) -> dict[str, str]:
-        """The status as the script's properties show it: label -> text."""
+        """The status as the script's properties show it: label -> text. Each figure is what the
+        host sees now; counts "in all" are over the script's whole run."""
         values = self.snapshot()
-        link, session, tick = values["link"], values["session"], values["tick_ms"]
-        latency = "no frames yet" if link["latency_ms"] is None else f"{link['latency_ms']:.0f} ms glass to glass"
+        engine, tick = values["engine"], values["tick_ms"]
+        config, dropped = engine["config"], engine["dropped"]
+        if engine["latency_ms"] is not None:
+            frames_now = f"{engine['output_fps']:.1f} frames/s"
+            latency = f"{engine['latency_ms']:.0f} ms glass to glass"
+        else:
+            frames_now = "none coming now"
+            latency = f"no frames in the last {RATE_WINDOW_S:g} s" if engine["frames_shown"] else "no frames yet"
+        if engine["first_frame_ms"] is not None:
+            latency += f"; the session's first frame came {engine['first_frame_ms']:.0f} ms after it was sent"
         if tick is None:
             timer = "not run yet"
         else:
@@ -144,16 +152,18 @@ class Pipeline:
         input_text = self.settings.input_source or "none picked"
         if self.settings.input_source and not values["input_found"]:
             input_text += " (not found)"
+        state = f"{engine['state']} at {config['address']} ({config['transport']})"
         return {
-            "Engine": f"{link['engine']} at {session['address']} ({session['transport']})",
-            "Frames": f"{link['output_fps']:.1f} frames/s; {link['frames_sent']} sent, {link['frames_shown']} shown",
+            "Engine": f"{state}: {engine['message']}" if engine["message"] else state,
+            "Model": engine["model"] or "known once a session opens",
+            "Frames": f"{frames_now}; {engine['frames_sent']} sent, {engine['frames_shown']} shown in all",
             "Latency": latency,
-            "Dropped": (f"{link['replaced_before_send']} replaced by newer ones before sending, "
-                        f"{link['not_sent']} not sent (no session), {link['dropped_by_engine']} by the engine, "
-                        f"{link['outputs_skipped']} stylised ones skipped"),
-            "Scheduler": link["scheduler"],
-            "Last error": link["last_error"] or "none",
-            "Notice": link["notice"] or "none",
+            "Dropped": (f"{sum(dropped.values())} in all: {dropped['replaced']} replaced by newer ones before "
+                        f"sending, {dropped['not_sent']} not sent (no session, or another size), "
+                        f"{dropped['by_engine']} by the engine, {dropped['outputs_skipped']} stylised ones skipped"),
+            "Scheduler": engine["scheduler"] or "no session",
+            "Error": engine["error"] or "none",
+            "Notice": engine["notice"] or "none",
             "Input": input_text,
             "Output": output,
             "Capture timer": timer,
@@ -162,7 +172,7 @@ class Pipeline:
 
     def close(self) -> None:
         """Close the session and release every OBS object the pipeline holds."""
-        self._link.stop()
+        self._client.close()
         with self._lock:
             self._closed = True
             self._release_output()
@@ -196,7 +206,7 @@ class Pipeline:
     def _capture_due(self) -> bool:
         """Whether a frame is due at the target frame rate. OBS's frames come with some jitter,
         so a frame up to a quarter interval early still counts."""
-        interval = 1 / self.settings.target_fps
+        interval = 1 / self.settings.params["target_fps"]
         now = time.monotonic()
         if now < self._next_capture - interval / 4:
             return False
@@ -217,7 +227,7 @@ class Pipeline:
         finally:
             obs.obs_leave_graphics()
         if frame is not None:
-            self._link.offer(frame.pixels, frame.t_capture_ns)
+            self._client.offer(frame.pixels, frame.t_capture_ns)
 
     def _input_source(self) -> Any:
         """The input source, looked up by name while it is not there; None until it is."""
@@ -310,5 +320,6 @@ class Pipeline:
             transport, transport_params = "spout", tuple(spout.SESSION_PARAMS.items())
         else:  # Spout asked for but unavailable: shared memory, as spout_note says
             transport, transport_params = ("shm" if settings.transport == "spout" else settings.transport), ()
-        return SessionConfig(settings.address, transport, settings.model, settings.width, settings.height,
-                             transport_params)
+        # No model: the session takes whichever the engine serves (the status says which).
+        return SessionConfig(settings.address, transport, width=settings.width, height=settings.height,
+                             transport_params=transport_params)

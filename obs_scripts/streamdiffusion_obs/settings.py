@@ -3,22 +3,26 @@
 OBS keeps settings in an obs_data object; the script reads them into ScriptSettings
 once per script_update, and everything else works with these plain values.
 
-A change takes effect in one of three ways:
-- live: sent to the engine, which applies it at its next step (prompt, strength,
-  seed, target FPS, latency budget);
-- stream restart: sent to the engine, which starts the stream over, so the first
-  frames come again after a short gap (steps);
-- session restart: the script closes its session and opens a new one (engine
-  address, model, output size, transport).
+The session parameters (prompt, strength, target FPS, ...) are the bridge's parameter
+table's (bridge/params.py): their names, kinds and defaults come from there, as do the
+properties that show them, and a change to one is sent to the engine, which applies it
+at its next step or, for a `reload` one (steps), starts the stream over. The script's
+own settings are written here; a change to the engine address, output size or
+transport closes the session and opens a new one. The model is the one a local engine
+is started with: attached to a running engine, the script uses the model it serves.
+
+Standard library and the table only, so the script can show its properties before the
+Python environment with numpy and pyzmq is found.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
-# Models `python -m engine serve --model` knows (engine/config.py's presets; the script
-# cannot import engine/, which needs torch).
-MODELS = ("wan2.1-1.3b", "wan2.1-14b", "tiny")
+from bridge import controls
+from bridge import params as table
+
 TRANSPORTS = {
     "shm": "Shared memory (fastest on one machine)",
     "zmq": "ZeroMQ",
@@ -29,35 +33,27 @@ TRANSPORTS = {
 OUTPUT_SOURCE_NAME = "StreamDiffusion output"  # a Media Source with no media, fed by the script
 SPOUT_OUTPUT_SOURCE_NAME = "StreamDiffusion output (Spout)"  # the Spout2 plugin's capture source
 
-# Parameters the engine takes, by their protocol names, and the settings holding them.
-ENGINE_PARAMS = ("prompt", "strength", "steps", "seed", "target_fps", "latency_ms")
-STREAM_RESTART_PARAMS = ("steps",)  # the engine's schema marks them "reload"
-SESSION_FIELDS = ("address", "model", "width", "height", "transport")
+SESSION_PARAMS = controls.host_params()  # the session parameters the script shows
+SESSION_FIELDS = ("address", "width", "height", "transport")  # a change opens a new session
 
 
 @dataclass(frozen=True)
 class ScriptSettings:
     address: str = "tcp://127.0.0.1:5555"
     environment: str = ""  # folder of the Python environment (a venv); "" for the default
-    model: str = MODELS[0]
+    model: str = table.DEFAULT_MODEL  # what a local engine serves
     input_source: str = ""
-    prompt: str = "a watercolour painting"
-    strength: float = 0.8
-    steps: int = 2
-    seed: int = 0
-    target_fps: int = 30
-    latency_ms: int = 500  # capture to output: the engine's scheduler holds the session's frames to it
     width: int = 512
     height: int = 512
     transport: str = "shm"
-
-    def engine_params(self) -> dict:
-        return {name: getattr(self, name) for name in ENGINE_PARAMS}
+    # The session parameters by their protocol names; one that could not be read is left out.
+    params: Mapping[str, Any] = field(default_factory=dict)
+    problem: str = ""  # why a session parameter could not be read; "" when all could
 
     def changed_params(self, before: ScriptSettings) -> dict:
-        """Engine parameters whose values differ from `before`."""
-        return {name: value for name, value in self.engine_params().items() if getattr(before, name) != value}
+        """Session parameters whose values differ from `before`."""
+        return {name: value for name, value in self.params.items() if before.params.get(name) != value}
 
 
 DEFAULTS = ScriptSettings()
-SETTING_NAMES = tuple(f.name for f in fields(ScriptSettings))
+HOST_SETTINGS = tuple(f.name for f in fields(ScriptSettings) if f.name not in ("params", "problem"))

@@ -1,23 +1,30 @@
-"""`python -m engine devices`: the video paths this machine offers, and why each does or does not work.
+"""`python -m engine devices`: the video paths and styles this machine offers, and why each does or does not work.
 
-Lists Spout senders (Windows), Syphon servers (macOS) and virtual-camera backends, one
-row each, with whether the engine can use it and, when it cannot, the reason and the
-fix. Needs neither torch nor a GPU, so it runs on any machine a user is setting up.
+Lists Spout senders (Windows), Syphon servers (macOS), virtual-camera backends and the
+LoRA adapters in the LoRA folder (`--lora-dir`, as `serve` takes it), one row each, with
+whether the engine can use it and, when it cannot, the reason and the fix. Needs neither
+torch nor a GPU, so it runs on any machine a user is setting up.
 
     kind            name          usable  why
     spout           -             no      Spout is Windows-only (...) and this machine runs Linux
                                           fix: use the shm or zmq transport here
     virtual camera  v4l2loopback  no      'v4l2loopback' backend: No v4l2 loopback device found (...)
                                           fix: install v4l2loopback (...) and load it: sudo modprobe ...
+    lora            ink           yes     wan layout, rank 16, 300 layers adapted; for wan2.1-1.3b
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from bridge.spout import SpoutUnavailable, list_senders
 from bridge.syphon import SyphonUnavailable, list_servers
 from bridge.virtualcam import VirtualCameraUnavailable, backends_for_this_platform, open_virtual_camera
+
+from .config import PRESETS
+from .models.lora_files import (DEFAULT_LORA_DIR, LORA_SUFFIX, LoraFileError, linear_shapes, plan_lora,
+                                safetensors_shapes)
 
 # The size a virtual-camera backend is tried at; any size a backend accepts would do.
 PROBE_WIDTH, PROBE_HEIGHT, PROBE_FPS = 640, 480, 30
@@ -27,16 +34,17 @@ PROBE_WIDTH, PROBE_HEIGHT, PROBE_FPS = 640, 480, 30
 class Device:
     """One video path: a Spout sender, a Syphon server or a virtual-camera backend."""
 
-    kind: str  # "spout", "syphon" or "virtual camera"
-    name: str  # the sender, server or backend; "-" when the whole kind is missing
+    kind: str  # "spout", "syphon", "virtual camera" or "lora"
+    name: str  # the sender, server, backend or adapter (its name in a session's loras); "-" when there is none
     usable: bool
     why: str
     fix: str = ""  # what to do, when it is not usable
 
 
-def find_devices() -> list[Device]:
-    """Every Spout sender, Syphon server and virtual-camera backend on this machine."""
-    return [*spout_devices(), *syphon_devices(), *virtual_camera_devices()]
+def find_devices(lora_dir: str | Path = DEFAULT_LORA_DIR) -> list[Device]:
+    """Every Spout sender, Syphon server and virtual-camera backend on this machine, and the
+    LoRA adapters in lora_dir."""
+    return [*spout_devices(), *syphon_devices(), *virtual_camera_devices(), *lora_devices(lora_dir)]
 
 
 def spout_devices() -> list[Device]:
@@ -80,6 +88,41 @@ def virtual_camera_devices() -> list[Device]:
             devices.append(Device("virtual camera", backend, True, f"device {camera.device}"))
             camera.close()
     return devices
+
+
+def lora_devices(folder: str | Path) -> list[Device]:
+    """The .safetensors adapters of a LoRA folder, each described from its header: layout, rank,
+    layers adapted and the model presets it fits; a file that cannot be used says why."""
+    folder = Path(folder).expanduser()
+    fix = f"put LoRA adapters for the Wan2.1 DiT ({LORA_SUFFIX}) in {folder}, or choose another folder with --lora-dir"
+    if not folder.is_dir():
+        return [Device("lora", "-", False, f"no LoRA folder {folder}", fix)]
+    files = sorted(folder.glob("*" + LORA_SUFFIX))
+    if not files:
+        return [Device("lora", "-", False, f"no {LORA_SUFFIX} files in {folder}", fix)]
+    return [lora_device(path) for path in files]
+
+
+def lora_device(path: Path) -> Device:
+    try:
+        shapes = safetensors_shapes(path)
+        plan = plan_lora(path, shapes)
+    except LoraFileError as error:
+        return Device("lora", path.stem, False, "; ".join(error.problems), "replace the file, or remove it")
+    described = f"{plan.layout} layout, {plan.rank_text()}, {len(plan.layers)} layers adapted"
+    fits = [name for name, config in PRESETS.items() if _fits(path, shapes, linear_shapes(config))]
+    if not fits:
+        return Device("lora", path.stem, False, f"{described}; fits no model preset",
+                      "use an adapter made for Wan2.1 T2V (1.3B or 14B)")
+    return Device("lora", path.stem, True, f"{described}; for {', '.join(fits)}")
+
+
+def _fits(path: Path, shapes: dict, model: dict) -> bool:
+    try:
+        plan_lora(path, shapes, model)
+    except LoraFileError:
+        return False
+    return True
 
 
 def format_table(devices: list[Device]) -> str:

@@ -12,6 +12,8 @@ Shapes: ``latents`` [B, C=in_dim, F, H, W]; a patch of (1, 2, 2) makes
 Several streams (sessions) of the same size can share one forward
 (:meth:`CausalWanDiT.forward_streams`): their rows go through the linear layers
 together, which read the weights once, and attend each to their own cache and text.
+Each stream may bring its own LoRA adapters (a :class:`~.lora.LoraMix`), which adapt
+its rows alone (engine/models/lora.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import CrossAttention, SelfAttention, StreamRows, window_mask
 from .kv_cache import KVCache
+from .lora import LoraMix, lora_rows
 from .rope import RotaryTable, rotary_position
 
 
@@ -101,6 +104,7 @@ class StreamInput:
     timesteps: torch.Tensor  # [rows, F]
     context: torch.Tensor  # [1 or rows, L, text_dim]
     cache: KVCache | None
+    adapters: LoraMix | None = None  # its LoRA adapters, if any
 
 
 class CausalWanDiT(nn.Module):
@@ -176,10 +180,11 @@ class CausalWanDiT(nn.Module):
         batch, _, frames = latents.shape[:3]
         x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
         x = x.flatten(3).permute(0, 2, 3, 1)
-        time_emb = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, timesteps.flatten())
-                                       .to(x.dtype)).float()
+        # Batch first throughout, as in every linear layer (LoRA adapters go by batch rows).
+        sinusoid = sinusoidal_embedding(self.config.freq_dim, timesteps.flatten()).view(batch, frames, -1)
+        time_emb = self.time_embedding(sinusoid.to(x.dtype)).float()
         time_mod = self.time_projection(time_emb.to(x.dtype)).float().view(batch, frames, 6, -1)
-        return x, time_mod, time_emb.view(batch, frames, -1)
+        return x, time_mod, time_emb
 
     def rope_frequencies(self, frame_numbers: list[list[int]], grid_h: int, grid_w: int,
                          device: torch.device) -> torch.Tensor:
@@ -204,21 +209,24 @@ class CausalWanDiT(nn.Module):
 
     # -- forward -------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
-                cache: KVCache | None = None, block_size: int | None = None) -> torch.Tensor:
-        """Predict the flow of ``latents`` [B, in_dim, F, H, W] at ``timesteps`` [B, F].
+                cache: KVCache | None = None, block_size: int | None = None,
+                adapters: LoraMix | None = None) -> torch.Tensor:
+        """Predict the flow of ``latents`` [B, in_dim, F, H, W] at ``timesteps`` [B, F],
+        with the LoRA ``adapters`` if given.
 
         Without ``cache`` the F frames attend to each other (``block_size=k``: in
         blocks of k frames, block-causal within the cache window). With ``cache``
         they attend to each other and to the cached frames, and are written into it
         at the cache's current stream position."""
         self._check_arguments(latents, timesteps, context, cache, block_size)
+        stream = StreamInput(latents, timesteps, context, cache, adapters)
         if cache is not None:
-            return self._forward(latents, timesteps, [StreamInput(latents, timesteps, context, cache)])
+            return self._forward(latents, timesteps, [stream])
         frames, height, width = latents.shape[2:]
         mask = None
         if block_size is not None:
             mask = self._block_mask(frames, block_size, self.frame_tokens(height, width), latents.device)
-        return self._forward(latents, timesteps, [StreamInput(latents, timesteps, context, None)], mask=mask)
+        return self._forward(latents, timesteps, [stream], mask=mask)
 
     def forward_streams(self, inputs: list[StreamInput]) -> list[torch.Tensor]:
         """The flows of several streams' latents in one forward, each with its own cache.
@@ -248,27 +256,33 @@ class CausalWanDiT(nn.Module):
         frames, height, width = latents.shape[2:]
         _, ph, pw = self.config.patch_size
         grid_h, grid_w = height // ph, width // pw
-        x, time_mod, time_emb = self.embed(latents, timesteps)
         streams, frame_numbers, start = [], [], 0
         for part in inputs:
             batch = part.latents.shape[0]
             rows = slice(start, start + batch)
             start += batch
             if part.cache is None:
-                streams.append(StreamRows(rows, None, None, self.context_kv(part.context)))
+                with lora_rows(self, [(slice(None), part.adapters)]):
+                    streams.append(StreamRows(rows, None, None, self.context_kv(part.context)))
                 frame_numbers += [list(range(frames))] * batch
             else:
                 frame_numbers += part.cache.frame_numbers(frames)
                 plan = part.cache.begin_write(frames)
-                streams.append(StreamRows(rows, part.cache, plan, self._cached_context_kv(part.context, part.cache)))
-        freqs = self.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
-        x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
-        return self.finish(x, time_emb, grid_h, grid_w)
+                streams.append(StreamRows(rows, part.cache, plan, self._cached_context_kv(part)))
+        with lora_rows(self, [(stream.rows, part.adapters) for stream, part in zip(streams, inputs)]):
+            x, time_mod, time_emb = self.embed(latents, timesteps)
+            freqs = self.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
+            x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
+            return self.finish(x, time_emb, grid_h, grid_w)
 
-    def _cached_context_kv(self, context: torch.Tensor, cache: KVCache):
-        """Cross-attention K/V, taken from the cache while the same context tensor is passed."""
-        if cache.context is not context or cache.context_version != context._version:
-            cache.context, cache.context_version, cache.cross_kv = context, context._version, self.context_kv(context)
+    def _cached_context_kv(self, part: StreamInput):
+        """Cross-attention K/V, taken from the cache while the same context tensor and adapters are passed."""
+        cache, context = part.cache, part.context
+        if (cache.context is not context or cache.context_version != context._version
+                or cache.context_adapters is not part.adapters):
+            with lora_rows(self, [(slice(None), part.adapters)]):
+                cache.cross_kv = self.context_kv(context)
+            cache.context, cache.context_version, cache.context_adapters = context, context._version, part.adapters
         return cache.cross_kv
 
     def _block_mask(self, frames: int, block_size: int, frame_tokens: int, device) -> torch.Tensor:

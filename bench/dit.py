@@ -3,7 +3,9 @@
 Compares, per latent frame, a streaming step with the real rolling cache (slot
 choice, adaptive sink test, writes, mask) against the same forward attending to
 a cache of the same size with all bookkeeping removed. The difference is what
-the cache logic costs; the target is under 5% of the step.
+the cache logic costs; the target is under 5% of the step with the cache as it
+streams, adaptive sink replacement on (as published). The row with it off is
+shown beside it, to tell its share from the rest.
 
     python bench/dit.py                       # tiny preset on CPU (+ wan2.1-1.3b when CUDA is there)
     python bench/dit.py --preset wan2.1-1.3b --device cuda --size 512x512
@@ -96,15 +98,18 @@ def main() -> None:
             runs.append(("wan2.1-1.3b", torch.device("cuda"), args.size or "512x512"))
 
     print(f"{'preset':<12} {'device':<6} {'size':>9} {'batch':>5} {'adapt sink':>10} {'plain ms':>9} "
-          f"{'stream ms':>10} {'overhead':>9}  target < {TARGET:.0%}")
+          f"{'stream ms':>10} {'bookkeeping':>12} {'overhead':>9} {'target':>7}")
     for preset, device, size in runs:
         height, width = (int(v) for v in size.split("x"))
         iters = args.iters or (200 if preset == "tiny" else 30)
         for adapt_sink in (True, False):
             r = measure(preset, device, height, width, args.batch, iters, adapt_sink)
-            verdict = "ok" if r["overhead"] < TARGET else "OVER"
+            target, verdict = "", ""  # the target is set with adaptive sink on; the row without it has none
+            if adapt_sink:
+                target, verdict = f"< {TARGET:.0%}", "met" if r["overhead"] < TARGET else "missed"
             print(f"{preset:<12} {device.type:<6} {size:>9} {args.batch:>5} {'on' if adapt_sink else 'off':>10} "
-                  f"{r['plain'] * 1e3:>9.2f} {r['stream'] * 1e3:>10.2f} {r['overhead']:>9.1%}  {verdict}")
+                  f"{r['plain'] * 1e3:>9.2f} {r['stream'] * 1e3:>10.2f} "
+                  f"{(r['stream'] - r['plain']) * 1e3:>9.3f} ms {r['overhead']:>9.1%} {target:>7} {verdict}")
 
 
 if __name__ == "__main__":

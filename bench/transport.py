@@ -1,18 +1,25 @@
-"""Frame round-trip times through the bridge transports, against a plain copy.
+"""Frame round-trip times through the bridge transports, against one copy of the frame.
 
     .venv/bin/python bench/transport.py
 
 For each frame size (RGBA), a frame goes out and comes back through:
 
   shm   a ring to an echo process, which writes each frame it reads into a second
-        ring that this process reads: four copies of the frame (write, read, write,
-        read), each read into a reused buffer, both processes polling without sleeping.
+        ring that this process reads, both processes polling without sleeping. The
+        echo does what the engine does with a frame: it copies it out of the ring (the
+        engine holds a frame until its chunk is complete, longer than the host's ring
+        keeps it) and writes its output into its own ring's slot (the engine converts
+        straight into the slot, RingWriter.write_in_place). With the host's write and
+        read that is four copies of the frame, each read into a reused buffer.
   zmq   a HostSocket to an echo process serving an EngineSocket on loopback TCP,
         which sends each frame straight back.
 
-The floor is one in-process numpy copy of the same bytes into a reused buffer; the
-shm target is judged against the four copies its round trip makes. Times are medians
-over many round trips after a warm-up. This is a measurement, never a pass/fail test.
+The targets are as set: a shm round trip within 3x one copy of the frame (one numpy
+copy into a reused buffer, in this process), and a zmq round trip under 5 ms at
+512x512. Four copies are more than three, so the shm target cannot be met by any
+ring that copies in and out at each end; the table says by how much it is missed and
+how much of the time is not copying. Times are medians over many round trips after a
+warm-up. This is a measurement, never a pass/fail test.
 """
 
 from __future__ import annotations
@@ -36,9 +43,9 @@ SIZES = [(512, 512), (1920, 1080)]
 WARMUP = 10
 ROUND_TRIPS = {(512, 512): 300, (1920, 1080): 60}
 SHM_COPIES = 4  # copies of the frame in one shm round trip
-SHM_TARGET_RATIO = 3.0  # shm round trip within 3x of the copy floor (for its four copies)
-ZMQ_TARGET_MS_512 = 5.0  # zmq round trip under 5 ms at 512x512
-TIMEOUT_S = 10.0
+SHM_TARGET_RATIO = 3.0  # the target: a shm round trip within 3x one copy of the frame
+ZMQ_TARGET_MS_512 = 5.0  # the target: a zmq round trip under 5 ms at 512x512
+TIMEOUT_S = 60.0  # generous: a busy machine answers late, and a late answer is no failure here
 
 
 def main() -> None:
@@ -62,28 +69,29 @@ def run_benchmark() -> None:
         floor = copy_floor(frame, count)
         rows.append((width, height, floor, shm_round_trip(frame, count), zmq_round_trip(frame, count)))
 
-    print(f"Round trip of one RGBA frame: median of {' / '.join(map(str, ROUND_TRIPS.values()))} trips; "
-          "the echo peers are separate processes.")
-    print(f"copy: one in-process numpy copy of the frame (the floor). A shm round trip is {SHM_COPIES} copies "
-          f"(write, read, echo write, read back), so its own floor is {SHM_COPIES} x copy.")
+    print(f"Round trip of one RGBA frame to an echo process and back: median of "
+          f"{' / '.join(map(str, ROUND_TRIPS.values()))} trips.")
+    print(f"one copy: numpy copying the frame into a reused buffer. A shm round trip makes {SHM_COPIES} copies; "
+          "'not copying' is the rest of its time.")
     print()
-    print(f"{'frame':>10} {'MB':>6} {'copy':>9} {'shm rt':>9} {'/ copy':>7} {f'/ {SHM_COPIES} copies':>11}"
-          f" {'zmq rt':>9} {'/ copy':>7}")
+    print(f"{'frame':>10} {'MB':>6} {'one copy':>9} {'shm rt':>9} {'/ copy':>7} {'target':>7} {'':<7}"
+          f" {'not copying':>11} {'zmq rt':>9} {'target':>7}")
     for width, height, floor, shm, zmq in rows:
+        ratio = shm / floor
+        zmq_target, zmq_verdict = "-", ""  # set at 512x512 only
+        if (width, height) == (512, 512):
+            zmq_target, zmq_verdict = f"{ZMQ_TARGET_MS_512:g} ms", verdict(zmq * 1e3 < ZMQ_TARGET_MS_512)
         print(f"{f'{width}x{height}':>10} {width * height * 4 / 1e6:6.2f} {ms(floor):>9} {ms(shm):>9} "
-              f"{shm / floor:6.1f}x {shm / (SHM_COPIES * floor):10.1f}x {ms(zmq):>9} {zmq / floor:6.1f}x")
-    print()
-    for width, height, floor, shm, _ in rows:
-        ratio = shm / (SHM_COPIES * floor)
-        print(f"target: shm round trip within {SHM_TARGET_RATIO:g}x of its copy floor at {width}x{height}: "
-              f"{ratio:.1f}x  {'met' if ratio <= SHM_TARGET_RATIO else 'NOT met'}")
-    zmq_512 = next(zmq for width, height, _, _, zmq in rows if (width, height) == (512, 512))
-    print(f"target: zmq round trip under {ZMQ_TARGET_MS_512:g} ms at 512x512: "
-          f"{ms(zmq_512)}  {'met' if zmq_512 * 1e3 < ZMQ_TARGET_MS_512 else 'NOT met'}")
+              f"{ratio:6.1f}x {f'{SHM_TARGET_RATIO:g}x':>7} {verdict(ratio <= SHM_TARGET_RATIO):<7} "
+              f"{ms(shm - SHM_COPIES * floor):>11} {ms(zmq):>9} {zmq_target:>7} {zmq_verdict}")
 
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
 
 
 def copy_floor(frame: np.ndarray, count: int) -> float:

@@ -76,7 +76,8 @@ from .protocol import (
     check_params,
 )
 from .shm import RingReader, RingWriter
-from .zmq_io import DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocket, KeySource, RemoteError
+from .zmq_io import (DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocket, KeySource, RemoteError,
+                     check_address)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class EngineClient:
             raise ValueError("give both server_key (the engine's server.key) and client_keys (this host's "
                              "<name>.key_secret), or neither")
         self._auth = None if server_key is None else ClientKeys.load(server_key, client_keys)
-        self.address = address
+        self.address = check_address(address)  # wrong now rather than at open()
         self.transport = transport
         self.width, self.height, _, _ = check_geometry(width, height, "rgba8")
         self.model = model

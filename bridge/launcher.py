@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .protocol import Shutdown
-from .zmq_io import DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocket, RemoteError
+from .zmq_io import DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocket, RemoteError, check_address
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,21 @@ class EngineProcess:
     def start(cls, *, model: str, python: str = sys.executable, bind: str = DEFAULT_ADDRESS,
               args: Sequence[str] = (), cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
               log_file: str | Path | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
-              auth: ClientKeys | None = None) -> EngineProcess:
-        """Start `python -m engine serve --model MODEL --bind BIND ARGS...`; returns at once.
+              auth: ClientKeys | None = None, module: str = "engine") -> EngineProcess:
+        """Start `python -m MODULE serve --model MODEL --bind BIND ARGS...`; returns at once.
 
         env adds variables to this process's environment; auth are the keys to ping and stop an
-        engine started with --keys. Raises OSError when python cannot be run."""
+        engine started with --keys; module is one whose command line is the engine's (tests start
+        one that injects faults). Raises ValueError when bind is not a ZeroMQ address, OSError
+        when python cannot be run."""
+        check_address(bind, "bind")
         log_file = Path(log_file) if log_file is not None else log_path("engine")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         if log_file.exists():
             log_file.replace(log_file.with_name(log_file.stem + ".previous" + log_file.suffix))
         ready_file = log_file.with_suffix(".address")
         ready_file.unlink(missing_ok=True)  # a stale one would point at an engine long gone
-        command = [str(python), "-m", "engine", "serve", "--model", model, "--bind", bind,
+        command = [str(python), "-m", module, "serve", "--model", model, "--bind", bind,
                    "--ready-file", str(ready_file), "--parent-pid", str(os.getpid()), *args]
         # PYTHONUNBUFFERED: its log arrives line by line. PYTHONHOME and PYTHONPATH of a host
         # application (TouchDesigner, OBS) would point the engine's Python at the host's library.

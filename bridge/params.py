@@ -20,11 +20,32 @@ LIVE = "live"  # at the next step; caches kept
 RELOAD = "reload"  # the stream starts over (caches emptied, the stream batch fills again)
 OPEN = "open"  # taken only when a session opens (in its hello)
 
-# Kinds of value; "prompts" is a list of [text, weight] pairs.
-KINDS = ("bool", "int", "float", "str", "prompts")
-
 MAX_PROMPT_CHARS = 4096  # the protocol's bound; an engine may take fewer (serve --max-prompt-chars)
 MAX_WEIGHTED_PROMPTS = 8
+MAX_LORAS = 4  # LoRA adapters a session mixes at once
+MAX_LORA_NAME_CHARS = 1024  # a name in the engine's LoRA folder, or a path
+
+
+@dataclass(frozen=True)
+class PairKind:
+    """A kind of value that is a list of [text, number] pairs: what a host calls the two, and their bounds."""
+
+    name: str  # the kind's name in KINDS
+    text: str  # what the text of a pair is, e.g. "text" of a weighted prompt
+    number: str  # what its number is, e.g. "weight"
+    min_chars: int
+    max_chars: int
+    number_minimum: float | None
+    number_maximum: float | None
+    needs_positive: bool  # at least one number above 0 (weights mix by their share of the sum)
+
+
+PAIR_KINDS = {
+    "prompts": PairKind("prompts", "text", "weight", 0, MAX_PROMPT_CHARS, 0.0, None, True),
+    "loras": PairKind("loras", "name", "scale", 1, MAX_LORA_NAME_CHARS, -2.0, 2.0, False),
+}
+# Kinds of value: single values, and lists of pairs (PAIR_KINDS).
+KINDS = ("bool", "int", "float", "str", *PAIR_KINDS)
 MAX_SEED = 2**31 - 1  # what a 32-bit integer control (OBS, TouchDesigner) can hold
 MAX_MODEL_SIZE = 2048  # the protocol's bound; an engine may take less (serve --max-model-size)
 MAX_SPOUT_NAME_CHARS = 255  # Spout keeps sender names in 256-byte buffers
@@ -40,7 +61,7 @@ class Param:
     group: str  # the page or section a host shows it in
     label: str  # what a host's control is called
     help: str  # one line
-    minimum: float | None = None  # numbers: the smallest value; strings: the fewest characters; prompts: entries
+    minimum: float | None = None  # numbers: the smallest value; strings: the fewest characters; pairs: entries
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     unit: str = ""
@@ -53,8 +74,8 @@ class Param:
 
     def describe(self) -> dict[str, Any]:
         """This entry as plain data (msgpack, JSON), as the engine's hello reply carries it."""
-        described: dict[str, Any] = {"type": self.kind, "default": list(map(list, self.default))
-                                     if self.kind == "prompts" else self.default}
+        default = [list(pair) for pair in self.default] if self.kind in PAIR_KINDS else self.default
+        described: dict[str, Any] = {"type": self.kind, "default": default}
         for name in ("minimum", "maximum", "unit"):
             if getattr(self, name) not in (None, ""):
                 described[name] = getattr(self, name)
@@ -78,6 +99,10 @@ _TABLE = (
     Param("transition_frames", "int", 0, LIVE, "Prompt", "Transition Length",
           "Output frames over which a new prompt takes over from the old one; 0 cuts at once.",
           0, 256, unit="frames", slider=(0, 64)),
+    # -- Style
+    Param("loras", "loras", (), LIVE, "Style", "LoRA Styles",
+          "Style adapters (LoRA) mixed by scale, as [name, scale] pairs: a file in the engine's LoRA folder "
+          "(serve --lora-dir) or a path; a new scale applies at the next chunk.", 0, MAX_LORAS),
     # -- Stream
     Param("strength", "float", 0.8, LIVE, "Stream", "Strength",
           "How far the picture moves toward the prompt: the noise level for a still scene.", 0.1, 1.0),

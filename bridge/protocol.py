@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Union
 import msgpack
 import numpy as np
 
-from .params import MAX_PROMPT_CHARS, MAX_WEIGHTED_PROMPTS, PARAMS, Param
+from .params import MAX_PROMPT_CHARS, PAIR_KINDS, PARAMS, PairKind, Param
 
 PROTOCOL_VERSION = 1
 
@@ -202,42 +202,52 @@ _MISSING: Any = _Missing()
 
 
 @dataclass(frozen=True)
-class WeightedPromptsSpec(ValueSpec):
-    """A list of at most `maximum` [text, weight] pairs: texts of at most max_chars
-    characters, finite weights of at least 0 that are not all 0."""
+class PairListSpec(ValueSpec):
+    """A list of at most `maximum` [text, number] pairs of a pair kind of the table
+    (bridge/params.py PAIR_KINDS: weighted prompts [text, weight], LoRA adapters [name,
+    scale]): texts of the kind's length but at most max_chars characters, finite numbers
+    within the kind's bounds, and where the kind needs it one number above 0."""
 
     kind: type = list
+    pairs: PairKind = PAIR_KINDS["prompts"]
     max_chars: int = MAX_PROMPT_CHARS
 
     def check(self, name: str, value: Any) -> Any:
+        pairs = self.pairs
         if value is _MISSING:
             raise ProtocolError(ErrorCode.MISSING_FIELD, name, f"{name} is required")
         if not isinstance(value, (list, tuple)):
-            raise ProtocolError(ErrorCode.BAD_TYPE, name,
-                                f"{name} must be a list of [text, weight] pairs, got {type(value).__name__}")
+            raise ProtocolError(ErrorCode.BAD_TYPE, name, f"{name} must be a list of [{pairs.text}, {pairs.number}] "
+                                                          f"pairs, got {type(value).__name__}")
         if len(value) > self.maximum:
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, name,
-                                f"{name} may hold at most {self.maximum:g} prompts, got {len(value)}")
-        pairs = []
+                                f"{name} may hold at most {self.maximum:g} pairs, got {len(value)}")
+        checked = []
         for index, pair in enumerate(value):
+            entry = f"{name}[{index}]"
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ProtocolError(ErrorCode.BAD_TYPE, f"{name}[{index}]",
-                                    f"{name}[{index}] must be a [text, weight] pair")
-            text = ValueSpec(str, 0, self.max_chars).check(f"{name}[{index}] text", pair[0])
-            weight = ValueSpec(float, 0.0).check(f"{name}[{index}] weight", pair[1])
-            pairs.append((text, weight))
-        if pairs and not any(weight > 0 for _, weight in pairs):
-            raise ProtocolError(ErrorCode.BAD_VALUE, name, f"{name} needs a weight above 0")
-        return tuple(pairs)
+                raise ProtocolError(ErrorCode.BAD_TYPE, entry, f"{entry} must be a [{pairs.text}, {pairs.number}] pair")
+            text = ValueSpec(str, pairs.min_chars, self.max_chars).check(f"{entry} {pairs.text}", pair[0])
+            number = ValueSpec(float, pairs.number_minimum, pairs.number_maximum).check(f"{entry} {pairs.number}",
+                                                                                        pair[1])
+            checked.append((text, number))
+        if pairs.needs_positive and checked and not any(number > 0 for _, number in checked):
+            raise ProtocolError(ErrorCode.BAD_VALUE, name, f"{name} needs a {pairs.number} above 0")
+        return tuple(checked)
 
     def describe(self) -> dict:
-        return {"type": "prompts", "maximum": self.maximum}
+        described = {"type": self.pairs.name, "maximum": self.maximum}
+        for bound in ("number_minimum", "number_maximum"):
+            if getattr(self.pairs, bound) is not None:
+                described[bound] = getattr(self.pairs, bound)
+        return described
 
 
 def param_spec(param: Param) -> ValueSpec:
     """The check for a parameter of the table (bridge/params.py)."""
-    if param.kind == "prompts":
-        return WeightedPromptsSpec(minimum=param.minimum, maximum=param.maximum)
+    if param.kind in PAIR_KINDS:
+        pairs = PAIR_KINDS[param.kind]
+        return PairListSpec(minimum=param.minimum, maximum=param.maximum, pairs=pairs, max_chars=pairs.max_chars)
     kind = {"bool": bool, "int": int, "float": float, "str": str}[param.kind]
     return ValueSpec(kind, param.minimum, param.maximum, param.choices)
 

@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 from multiprocessing import resource_tracker, shared_memory
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -63,6 +63,7 @@ _NAME_PATTERN = re.compile(rf"[A-Za-z0-9_]{{1,{MAX_NAME_CHARS}}}")
 _ALIGN = 64  # pixel slots start on cache-line boundaries
 _READ_ATTEMPTS = 8  # seqlock retries before a read gives up until next time
 _DEV_SHM = "/dev/shm"  # where Linux keeps POSIX shared memory
+_MAX_PID = 2**31 - 1  # pid_t is a 32-bit int on Linux, macOS and Windows
 
 _CONTROL = np.dtype(
     [
@@ -176,6 +177,12 @@ class RingWriter(_MappedRing):
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != expected:
             got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
             raise ProtocolError(ErrorCode.SIZE_MISMATCH, "pixels", f"ring holds uint8 {expected}, got {got}")
+        self.write_in_place(lambda slot: np.copyto(slot, frame), seq, t_capture_ns)
+
+    def write_in_place(self, fill: Callable[[np.ndarray], None], seq: int, t_capture_ns: int) -> None:
+        """Write a frame by fill(slot), which puts it straight into the ring's [height, width,
+        channels] uint8 slot: a writer that converts its frames anyway (RGB to RGBA, say)
+        saves a copy. Readers get the frame once fill returns; if fill raises, they never do."""
         for field_name, value in (("seq", seq), ("t_capture_ns", t_capture_ns)):
             if not 0 <= operator.index(value) <= MAX_INT:
                 raise ProtocolError(ErrorCode.OUT_OF_RANGE, field_name, f"{field_name} must be from 0 to {MAX_INT}")
@@ -184,11 +191,17 @@ class RingWriter(_MappedRing):
         # which the C compiler cannot reorder, and x86 makes stores visible in program
         # order. Weakly ordered CPUs (ARM) promise no such thing, so there a torn frame
         # is possible in principle.
+        block = self._frames
         count = int(block.header["write_count"])
         slot = count % block.slot_count
         lock = int(block.slots["lock"][slot])
         block.slots["lock"][slot] = lock + 1  # odd: readers keep out of this slot
-        block.pixels[slot] = frame
+        try:
+            fill(block.pixels[slot])
+        except BaseException:
+            block.slots["publish"][slot] = 0  # never newer than what a reader has: it returns nothing from here
+            block.slots["lock"][slot] = lock + 2
+            raise
         block.slots["seq"][slot] = seq
         block.slots["t_capture_ns"][slot] = t_capture_ns
         block.slots["publish"][slot] = count + 1
@@ -258,6 +271,12 @@ class RingReader(_MappedRing):
     def owner_pid(self) -> int:
         return int(self._control["owner_pid"])
 
+    @property
+    def writer_generation(self) -> int:
+        """The generation the writer has made current: ahead of generation while this reader
+        has not followed it yet, or cannot (its frame block is refused)."""
+        return int(self._control["generation"])
+
     def writer_alive(self, timeout_s: float = 2.0) -> bool:
         """False once the writer has closed the ring or shown no sign of life for timeout_s."""
         if self._control["shutdown"]:
@@ -267,6 +286,10 @@ class RingReader(_MappedRing):
     def read_latest(self, out: np.ndarray | None = None) -> RingFrame | None:
         """A copy of the newest frame, or None when nothing new has been written since
         the last frame returned (or the writer is mid-resize or lapping this reader).
+
+        Raises ProtocolError, naming the field, for what no RingWriter writes: a frame block
+        whose header is refused (again at each read, until the writer makes a new one), or
+        a frame whose seq or t_capture_ns is out of range (that frame is then skipped).
 
         With out, a [height, width, channels] uint8 array, the pixels are copied into it
         (a reused or pinned buffer, say) instead of into a new array. It must match the
@@ -302,8 +325,14 @@ class RingReader(_MappedRing):
                 pixels = out
                 np.copyto(out, block.pixels[slot])
             if int(block.slots["lock"][slot]) == lock:  # nobody wrote the slot during our copy
-                self.skipped += publish - self._last_publish - 1
+                # Bounded: the counts are the writer's to lie about, and a lie must not overflow the stats.
+                self.skipped = min(self.skipped + publish - self._last_publish - 1, MAX_INT)
                 self._last_publish = publish
+                for field_name, value in (("seq", seq), ("t_capture_ns", t_capture_ns)):
+                    if not 0 <= value <= MAX_INT:  # only a writer other than RingWriter puts it there
+                        raise ProtocolError(ErrorCode.OUT_OF_RANGE, field_name,
+                                            f"a frame in ring {self.name} has {field_name} {value}; it must be "
+                                            f"from 0 to {MAX_INT}")
                 return RingFrame(pixels, seq, t_capture_ns)
         return None
 
@@ -470,6 +499,8 @@ def _owner_of_ring(name: str) -> int | None:
 
 
 def _process_exists(pid: int) -> bool:
+    if not 0 < pid <= _MAX_PID:  # a control block's owner pid is its writer's to lie about; 0 means our own group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

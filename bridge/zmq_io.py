@@ -82,6 +82,7 @@ from .protocol import (
 )
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"  # loopback only; wider binds need authentication
+ZMQ_TRANSPORTS = ("tcp", "ipc", "inproc", "ws", "wss", "pgm", "epgm", "tipc", "vmci", "udp")
 QUEUE_DEPTH = 2  # messages queued per peer and direction (ZeroMQ high-water marks)
 MAX_MESSAGES_PER_POLL = 256  # so a flooding peer cannot keep a receive call busy forever
 MAX_UNSENT_REPLIES = 1024
@@ -99,6 +100,19 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 log = logging.getLogger(__name__)
+
+
+def check_address(address: str, name: str = "address") -> str:
+    """The address, if ZeroMQ can take it; else a ValueError that shows how to write it
+    (ZeroMQ itself says only "Invalid argument"). name: how the user gave it (--bind)."""
+    transport, separator, rest = address.partition("://")
+    if not separator:
+        raise ValueError(f"{name} {address} has no transport: ZeroMQ addresses start with tcp:// (or ipc:// for a "
+                         f"socket file); write tcp://{address}")
+    if transport not in ZMQ_TRANSPORTS or not rest:
+        raise ValueError(f"{name} {address} is not a ZeroMQ address: write tcp://HOST:PORT, such as "
+                         f"{DEFAULT_ADDRESS}, or ipc://PATH")
+    return address
 
 
 class RemoteError(ProtocolError):
@@ -299,6 +313,7 @@ class EngineSocket:
     ):
         """With auth, only hosts holding a key in auth.authorized_clients can connect.
         max_message_bytes: a host sending a larger message part is disconnected."""
+        check_address(address)
         self._params_schema = params_schema
         self._context = context or zmq.Context()
         self._owns_context = context is None
@@ -463,7 +478,7 @@ class HostSocket:
                  auth: ClientKeys | None = None):
         """With auth, the connection uses CURVE: the engine must hold auth.keys.public
         among its authorized clients, and must itself own auth.server_public."""
-        self.address = address
+        self.address = check_address(address)
         self._context = context or zmq.Context()
         self._owns_context = context is None
         self._socket = self._context.socket(zmq.DEALER)

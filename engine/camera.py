@@ -14,11 +14,12 @@ tells the host) and stays in the session's stats.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from bridge.virtualcam import VirtualCamera, VirtualCameraUnavailable, open_virtual_camera
+
+if TYPE_CHECKING:
+    from .session import OutputFrame
 
 
 class SessionCamera:
@@ -48,11 +49,12 @@ class SessionCamera:
         self._camera, self._unavailable = opened, None
         return None
 
-    def submit(self, pixels: np.ndarray, format: str) -> None:
-        """Hand a finished frame to the camera, if it is on; never waits."""
+    def submit(self, output: OutputFrame) -> None:
+        """Hand a finished frame to the camera, if it is on (only then is it converted to its
+        host's format for it); never waits."""
         camera = self._camera  # one read: the IO thread may close it meanwhile, and then submit refuses
         if camera is not None:
-            camera.submit(pixels, format)
+            camera.submit(output.pixels, output.format)
 
     def describe(self) -> dict[str, Any]:
         """For the session's stats: state (off, on, unavailable, failed) and what goes with it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,10 @@ import numpy as np
 
 from bridge import params as table
 from bridge.protocol import ProtocolError, param_spec
-from bridge.zmq_io import DEFAULT_ADDRESS
+from bridge.zmq_io import DEFAULT_ADDRESS, check_address
+from .models.lora_files import DEFAULT_LORA_DIR
+
+DISTRIBUTION = "streamdiffusion-bridge"  # the name pyproject.toml gives the package
 
 # Session parameters (bridge/params.py) that `run` and `serve` take as flags: the values
 # a stream, or every session a host opens without saying otherwise, starts with.
@@ -72,6 +76,7 @@ def write_video(path: str, frames: list[np.ndarray], fps: float) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import os
+    device, dtype = _device_and_dtype(args.device)  # one this torch cannot use fails here, on every rank too
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: the DiT's blocks over the ranks
         from .parallel import run_cli
         return run_cli(args)
@@ -79,7 +84,6 @@ def run(args: argparse.Namespace) -> None:
     from .models.weights import build_models
     from .pipeline import StreamPipeline, StreamSettings
 
-    device, dtype = _device_and_dtype(args.device)
     height, width = model_size(args.model, args.size)
     if args.source == "testpattern":
         video, fps = test_pattern(args.frames, height, width), args.fps
@@ -118,11 +122,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
 
 
-# For fault-injection tests only: every step of a session with this prompt raises
-# torch.cuda.OutOfMemoryError, as if the device ran out of memory mid-stream.
-FAULT_OOM_PROMPT_ENV = "ENGINE_FAULT_OOM_PROMPT"
-
-
 def serve(args: argparse.Namespace) -> None:
     import zmq
 
@@ -130,23 +129,31 @@ def serve(args: argparse.Namespace) -> None:
     from bridge.zmq_io import ServerKeys
 
     from .config import get_preset
+    from .models.lora import LoraLibrary
     from .models.weights import build_models
     from .server import EngineServer, EngineSpoutSession, Limits, check_bind
 
+    check_address(args.bind, "--bind")
     auth = ServerKeys.from_dir(args.keys) if args.keys else None
     check_bind(args.bind, auth is not None)
     get_preset(args.model)  # an unknown name fails now, not in the worker
     if args.weights:
         _check_readable_folder(args.weights)
-    frame_width, frame_height = _size_option("--max-frame-size", args.max_frame_size)
+    frame_width, frame_height = parse_size("--max-frame-size", args.max_frame_size, example="1920x1080")
     limits = Limits(max_sessions=args.max_sessions, max_frame_width=frame_width, max_frame_height=frame_height,
                     max_prompt_chars=args.max_prompt_chars, max_model_size=args.max_model_size)
     device, dtype = _device_and_dtype(args.device)
     size = model_size(args.model, args.size)
+    session_defaults = session_flag_values(args, SERVE_FLAGS, only_given=True)
+    if args.lora:
+        if len(args.lora) > table.MAX_LORAS:
+            raise SystemExit(f"error: --lora: a session mixes at most {table.MAX_LORAS} adapters")
+        session_defaults["loras"] = tuple(args.lora)
+    loras = LoraLibrary(args.lora_dir, get_preset(args.model), device=device, dtype=dtype)
     spout = None
     if args.spout_in is not None or args.spout_out is not None:
-        # Frames at the model's size unless told otherwise; --size is height x width.
-        width, height = _size_option("--spout-size", args.spout_size) if args.spout_size else size[::-1]
+        # Frames at the model's size unless told otherwise (size is height, width).
+        width, height = parse_size("--spout-size", args.spout_size) if args.spout_size else size[::-1]
         try:
             spout = EngineSpoutSession(input=args.spout_in or "",
                                        output=args.spout_out or table.PARAMS["spout_output"].default,
@@ -154,7 +161,6 @@ def serve(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
-    _inject_faults_from_environment()
 
     def load_models():
         logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
@@ -163,13 +169,13 @@ def serve(args: argparse.Namespace) -> None:
     try:
         server = EngineServer(load_models, model=args.model, address=args.bind, model_size=size,
                               session_timeout_s=args.session_timeout, limits=limits, auth=auth,
-                              session_defaults=session_flag_values(args, SERVE_FLAGS, only_given=True), spout=spout)
+                              session_defaults=session_defaults, spout=spout, loras=loras)
     except zmq.ZMQError as error:
         raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
                          "Choose another port with --bind") from None
     except SpoutUnavailable as error:
         raise SystemExit(f"error: --spout-in/--spout-out: {error}") from None
-    except ValueError as error:  # --spout-size over --max-frame-size
+    except ValueError as error:  # --spout-size over --max-frame-size, a --lora that cannot be used
         raise SystemExit(f"error: {error}") from None
     osc = _start_osc(args, server) if args.osc is not None else None
     keys_note = "hosts need keys from " + args.keys if auth else "no keys needed on loopback"
@@ -226,28 +232,6 @@ def _check_readable_folder(folder: str) -> None:
                               f"(chmod u+rx {folder}) or run the engine as its owner")
 
 
-def _inject_faults_from_environment() -> None:
-    import os
-
-    prompt = os.environ.get(FAULT_OOM_PROMPT_ENV)
-    if not prompt:
-        return
-    import torch
-
-    from .pipeline import StreamPipeline
-
-    chunk_steps = StreamPipeline.chunk_steps
-
-    def chunk_steps_or_run_out_of_memory(pipeline, frames):
-        if pipeline.settings.prompt == prompt:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_PROMPT_ENV})")
-        return (yield from chunk_steps(pipeline, frames))
-
-    StreamPipeline.chunk_steps = chunk_steps_or_run_out_of_memory
-    logging.getLogger(__name__).warning("fault injection: steps of sessions prompted %r will run out of memory",
-                                        prompt)
-
-
 def keys(args: argparse.Namespace) -> None:
     from bridge.zmq_io import AUTHORIZED_CLIENTS_DIR, make_keys
 
@@ -266,7 +250,7 @@ def keys(args: argparse.Namespace) -> None:
 def devices(args: argparse.Namespace) -> None:
     from .devices import find_devices, format_table
 
-    print(format_table(find_devices()))
+    print(format_table(find_devices(args.lora_dir)))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -279,21 +263,53 @@ def _device_and_dtype(device: str | None):
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def model_size(model: str, size: str | None) -> tuple[int, int]:
-    """(height, width) from an HxW option, or the model's default size."""
-    return _size_option("--size", size or ("64x64" if model == "tiny" else "512x512"))
+def check_device(device: str) -> None:
+    """Refuse a --device this torch cannot use with what to do instead (torch itself fails
+    later, with an assertion deep in a model's load)."""
+    import torch
 
-
-def _size_option(flag: str, size: str) -> tuple[int, int]:
-    """(first, second) of an AxB option."""
     try:
-        first, second = (int(v) for v in size.lower().split("x"))
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device torch knows: give cpu, cuda or cuda:N") from None
+    if chosen.type != "cuda":
+        return
+    if not torch.backends.cuda.is_built():
+        release = torch.__version__.split("+")[0]
+        raise ValueError(f"--device {device}: the torch installed here ({torch.__version__}) is built without CUDA. "
+                         f"Install its CUDA build (pip install torch=={release} --index-url "
+                         "https://download.pytorch.org/whl/cuXXX, with the cuXXX pytorch.org lists for your driver) "
+                         "or run on the CPU with --device cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError(f"--device {device}: torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU here. "
+                         "Check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or run on the CPU with "
+                         "--device cpu")
+    if chosen.index is not None and chosen.index >= count:
+        present = ", ".join(f"cuda:{index}" for index in range(count))
+        raise ValueError(f"--device {device}: there is no such GPU here; torch finds {present}. "
+                         "Give one of those, or --device cpu")
+
+
+def model_size(model: str, size: str | None, flag: str = "--size") -> tuple[int, int]:
+    """(height, width), the order tensors take, from a WIDTHxHEIGHT option or the model's default size."""
+    width, height = parse_size(flag, size or ("64x64" if model == "tiny" else "512x512"))
+    return height, width
+
+
+def parse_size(flag: str, size: str, example: str = "512x512") -> tuple[int, int]:
+    """(width, height) of a WIDTHxHEIGHT option such as 512x288."""
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise ValueError(f"{flag} takes two whole numbers like 1920x1080, got {size!r}") from None
-    return first, second
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{flag} {size} is not a size: write {flag} WIDTHxHEIGHT in pixels, e.g. {flag} {example}")
+    return width, height
 
 
 def add_session_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], description: str) -> None:
@@ -329,6 +345,21 @@ def _param_value(param: table.Param, flag: str):
     return value
 
 
+def lora_flag(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] as a [name or path, scale] pair, checked as a host's would be. A colon
+    not followed by a number is part of the path (C:/loras/ink.safetensors); no scale is 1."""
+    path, _, scale = text.rpartition(":")
+    try:
+        pair = (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        pair = (text, 1.0)
+    try:
+        [checked] = param_spec(table.PARAMS["loras"]).check("--lora", [pair])
+    except ProtocolError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+    return checked
+
+
 def session_flag_values(args: argparse.Namespace, names: tuple[str, ...], *, only_given: bool = False) -> dict:
     """The session parameters of add_session_flags by their protocol names: those given, and
     the table's defaults for the others unless only_given."""
@@ -336,42 +367,107 @@ def session_flag_values(args: argparse.Namespace, names: tuple[str, ...], *, onl
     return given if only_given else {**{name: table.PARAMS[name].default for name in names}, **given}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="StreamDiffusionV2 engine")
-    commands = parser.add_subparsers(dest="command", required=True)
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless it has none or the help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.default is False or "default" in help:
+            return help
+        return help + " (default %(default)s)"
+
+
+class EngineArgumentParser(argparse.ArgumentParser):
+    """A parser whose help shows defaults; its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+
+class PrintVersions(argparse.Action):
+    """--version: torch is imported only when asked, not for every command's help."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(versions())
+        parser.exit()
+
+
+def versions() -> str:
+    """This package's version, torch's, and whether torch can use a GPU here."""
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        cuda = "built without CUDA (CPU only)"
+    elif torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count()))
+        cuda = f"CUDA {torch.version.cuda}, GPUs: {names}"
+    else:
+        cuda = f"CUDA {torch.version.cuda}, but no GPU is visible"
+    return f"{DISTRIBUTION} {package_version()}\ntorch {torch.__version__}: {cuda}"
+
+
+def package_version() -> str:
+    """The installed package's version, or pyproject.toml's when running from a checkout not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.MULTILINE) if pyproject.exists() else None
+        return found.group(1) if found else "(version unknown: not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = EngineArgumentParser(prog="python -m engine", description="StreamDiffusionV2 engine")
+    parser.add_argument("--version", action=PrintVersions,
+                        help="print the versions of this package and torch, and whether CUDA is usable, then exit")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
     run_parser = commands.add_parser("run", help="stream a clip through the pipeline chunk by chunk")
     run_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
-    run_parser.add_argument("--weights", help="folder with the Wan2.1 release files (not needed for tiny)")
+    run_parser.add_argument("--weights", metavar="DIR",
+                            help="folder with the Wan2.1 release files (default: the Hugging Face cache, which "
+                                 "`download` fills; tiny needs none)")
     run_parser.add_argument("--source", default="testpattern", help="'testpattern' or a video file")
-    run_parser.add_argument("--frames", type=int, default=65)
+    run_parser.add_argument("--frames", type=int, default=65,
+                            help="how many frames to stream: of the test pattern, or the video's first")
     run_parser.add_argument("--fps", type=float, default=16.0, help="frame rate of the test pattern")
-    run_parser.add_argument("--size", help="model size HxW, multiples of 16 (tiny: 64x64, else 512x512)")
+    run_parser.add_argument("--size", metavar="WxH",
+                            help="the model's size WIDTHxHEIGHT, multiples of 16 (default 64x64 for tiny, else "
+                                 "512x512)")
     run_parser.add_argument("--no-stream-batch", action="store_true", help="run the steps one after another")
     run_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
-    run_parser.add_argument("--device")
-    run_parser.add_argument("--output", help="write the result (.mp4)")
+    run_parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda where torch finds a GPU, else cpu)")
+    run_parser.add_argument("--output", metavar="FILE",
+                            help="write the frames that come out to this video (.mp4); without it nothing is written")
     add_session_flags(run_parser, RUN_FLAGS, "the stream's settings")
     run_parser.set_defaults(handler=run)
 
     serve_parser = commands.add_parser("serve", help="serve host applications over shared memory, ZeroMQ or Spout")
-    serve_parser.add_argument("--model", default=table.DEFAULT_MODEL,
-                              help=f"tiny | wan2.1-1.3b | wan2.1-14b (default {table.DEFAULT_MODEL})")
+    serve_parser.add_argument("--model", default=table.DEFAULT_MODEL, help="tiny | wan2.1-1.3b | wan2.1-14b")
     serve_parser.add_argument("--bind", default=DEFAULT_ADDRESS,
                               help="where hosts connect; anything but loopback (tcp://127.0.0.1:PORT, ipc://PATH) "
                                    "needs --keys")
     serve_parser.add_argument("--keys", metavar="DIR",
                               help="require CURVE authentication with the keys `python -m engine keys` made in DIR")
-    serve_parser.add_argument("--weights", help="folder with the Wan2.1 release files (not needed for tiny)")
-    serve_parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    serve_parser.add_argument("--weights", metavar="DIR",
+                              help="folder with the Wan2.1 release files (default: the Hugging Face cache, which "
+                                   "`download` fills; tiny needs none)")
+    serve_parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda where torch finds a GPU, else cpu)")
     serve_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
-    serve_parser.add_argument("--size", help="default model size HxW for sessions (tiny: 64x64, else 512x512); "
-                                             "a session can set model_width and model_height")
+    serve_parser.add_argument("--size", metavar="WxH",
+                              help="sessions' model size WIDTHxHEIGHT, multiples of 16, unless a session sets "
+                                   "model_width and model_height (default 64x64 for tiny, else 512x512)")
     serve_parser.add_argument("--session-timeout", type=float, default=10.0, metavar="SECONDS",
                               help="close a session whose host is silent this long")
     serve_parser.add_argument("--max-sessions", type=int, default=8, help="sessions served at once")
     serve_parser.add_argument("--max-frame-size", default="3840x2160", metavar="WxH",
-                              help="largest frame a host may send (width x height)")
+                              help="largest frame a host may send, WIDTHxHEIGHT")
     serve_parser.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt taken")
     serve_parser.add_argument("--max-model-size", type=int, default=1024, metavar="PIXELS",
                               help="largest model_width and model_height a session may ask for")
@@ -388,54 +484,74 @@ def main(argv: list[str] | None = None) -> None:
                               help="... and publish its output as this Spout sender "
                                    f"(default {table.PARAMS['spout_output'].default})")
     serve_parser.add_argument("--spout-size", metavar="WxH",
-                              help="size of the --spout-in/--spout-out session's frames; other sizes are fitted to "
-                                   "it (default: the model size)")
+                              help="size WIDTHxHEIGHT of the --spout-in/--spout-out session's frames; other sizes are "
+                                   "fitted to it (default: the model size)")
     serve_parser.add_argument("--osc", type=int, metavar="PORT",
                               help="also take parameter changes as OSC over UDP at PORT: /sd/<param> VALUE for every "
                                    "session, /sd/<session>/<param> VALUE for one (engine/osc.py)")
     serve_parser.add_argument("--osc-bind", default="127.0.0.1", metavar="HOST",
-                              help="where OSC listens (default 127.0.0.1); beyond loopback needs --osc-allow-remote")
+                              help="where OSC listens; beyond loopback needs --osc-allow-remote")
     serve_parser.add_argument("--osc-allow-remote", action="store_true",
                               help="let --osc-bind reach beyond this machine: OSC has no authentication, so anyone "
                                    "who reaches the port can change every session's parameters")
+    serve_parser.add_argument("--lora-dir", default=DEFAULT_LORA_DIR, metavar="DIR",
+                              help="the LoRA folder: a name in a session's loras is a file here (NAME or "
+                                   "NAME.safetensors); `python -m engine devices --lora-dir DIR` lists them")
     add_session_flags(serve_parser, SERVE_FLAGS, "what every session starts with unless its host says otherwise "
                                                  "(the --spout-in/--spout-out session too)")
+    serve_parser.add_argument("--lora", action="append", type=lora_flag, metavar="PATH[:SCALE]",
+                              help="a LoRA adapter every session starts with, a name in --lora-dir or a path, at "
+                                   "SCALE (-2 to 2; default 1); repeat it to mix several")
     serve_parser.set_defaults(handler=serve)
 
     keys_parser = commands.add_parser("keys", help="create CURVE keys for an engine that hosts on other "
                                                    "machines reach")
     keys_parser.add_argument("--dir", default="~/.sdbridge/keys",
-                             help="where the keys go (default ~/.sdbridge/keys); the engine's pair is made once")
+                             help="where the keys go; the engine's pair is made once")
     keys_parser.add_argument("--client", default="client", help="name of the host key pair to add")
     keys_parser.add_argument("--server-only", action="store_true", help="make only the engine's key pair")
     keys_parser.set_defaults(handler=keys)
 
     demo_parser = commands.add_parser("demo", help="the whole loop: an engine, a host streaming a test pattern "
                                                    "through it in real time, the video that comes back")
-    demo_parser.add_argument("--model", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b")
+    demo_parser.add_argument("--model", default="auto",
+                             help="auto | tiny | wan2.1-1.3b | wan2.1-14b (auto: wan2.1-1.3b where a CUDA GPU and "
+                                  "its weights are found, else tiny, saying why)")
     demo_parser.add_argument("--weights", help="folder with the Wan2.1 release files (not needed for tiny)")
-    demo_parser.add_argument("--transport", choices=["shm", "zmq"], default="shm")
-    demo_parser.add_argument("--frames", type=int, default=160)
+    demo_parser.add_argument("--download", action="store_true",
+                             help="with --model auto on a CUDA GPU: fetch the wan2.1-1.3b weights into the Hugging "
+                                  "Face cache first, with progress (several GB the first time)")
+    demo_parser.add_argument("--transport", choices=["shm", "zmq"], default="shm",
+                             help="how frames travel: shared memory or ZeroMQ")
+    demo_parser.add_argument("--frames", type=int, default=160, help="how many test-pattern frames to send")
     demo_parser.add_argument("--fps", type=float, default=16.0, help="frame rate the test pattern is sent at")
-    demo_parser.add_argument("--size", default="256x256", help="host frame size HxW")
-    demo_parser.add_argument("--model-size", help="model size HxW, multiples of 16 (tiny: 64x64, else 512x512)")
-    demo_parser.add_argument("--prompt", default="a watercolour painting")
+    demo_parser.add_argument("--size", default="256x256", metavar="WxH", help="host frame size WIDTHxHEIGHT")
+    demo_parser.add_argument("--model-size", metavar="WxH",
+                             help="model size WIDTHxHEIGHT, multiples of 16 (default 64x64 for tiny, else 512x512)")
+    demo_parser.add_argument("--prompt", default="a watercolour painting", help="what the picture becomes")
     demo_parser.add_argument("--latency-ms", type=float, default=500.0,
                              help="the session's budget from capture to output, which the scheduler holds its "
                                   "frames to (stream batching goes where its lag does not fit)")
-    demo_parser.add_argument("--output", default="out/demo.mp4")
+    demo_parser.add_argument("--output", default="out/demo.mp4", metavar="FILE",
+                             help="the video of the frames that come back")
     demo_parser.set_defaults(handler=demo)
 
-    download_parser = commands.add_parser("download", help="fetch the published weights of a model")
+    download_parser = commands.add_parser("download", help="fetch the published weights of a model into the "
+                                                           "Hugging Face cache")
     download_parser.add_argument("--model", required=True, help="wan2.1-1.3b | wan2.1-14b")
     download_parser.add_argument("--no-taehv", action="store_true", help="skip the TAEHV decoder")
     download_parser.set_defaults(handler=download)
 
-    devices_parser = commands.add_parser("devices", help="Spout senders, Syphon servers and virtual cameras on this "
-                                                         "machine: usable or why not, and the fix")
+    devices_parser = commands.add_parser("devices", help="Spout senders, Syphon servers, virtual cameras and LoRA "
+                                                         "adapters on this machine: usable or why not, and the fix")
+    devices_parser.add_argument("--lora-dir", default=DEFAULT_LORA_DIR, metavar="DIR",
+                                help="the LoRA folder whose adapters are listed (as serve --lora-dir)")
     devices_parser.set_defaults(handler=devices)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except (OSError, ValueError) as error:  # the message says what to do next (FileExistsError, PermissionError...)

@@ -9,7 +9,8 @@ or reload; not those taken only when a session opens) has two addresses:
     /sd/<session>/<param> VALUE    on one session, by id    /sd/3f2a9c0d41b7e865/seed 7
 
 and /sd/prompts takes its [text, weight] pairs as alternating arguments, a text without
-a weight weighing 1: /sd/prompts "a fox" 0.7 "a wolf" 0.3 (no arguments clears them).
+a weight weighing 1: /sd/prompts "a fox" 0.7 "a wolf" 0.3 (no arguments clears them);
+/sd/loras its [name, scale] pairs the same way: /sd/loras "ink" 0.8 "film-grain" -0.5.
 
 Values are taken as OSC senders send them: an int or a numeric string for a number
 (an int parameter rounds a float), 1/0, true/false or on/off for a switch, and for a
@@ -39,7 +40,7 @@ from pythonosc.osc_packet import OscPacket
 from pythonosc.osc_server import BlockingOSCUDPServer
 
 from bridge.params import OPEN, PARAMS, Param
-from bridge.protocol import ErrorCode, ProtocolError, ValueSpec, WeightedPromptsSpec
+from bridge.protocol import ErrorCode, PairListSpec, ProtocolError, ValueSpec
 
 from .server import EngineServer, is_loopback_host
 
@@ -63,8 +64,8 @@ def osc_value(name: str, spec: ValueSpec, args: Sequence[Any]) -> tuple[Any, lis
     """The value of parameter `name` that an OSC message's arguments mean, checked by spec
     as a host's value is, and what was clamped on the way (empty when nothing was).
     Raises ProtocolError when the arguments mean no value of it."""
-    if isinstance(spec, WeightedPromptsSpec):
-        return _weighted_prompts(name, spec, args)
+    if isinstance(spec, PairListSpec):
+        return _pairs(name, spec, args)
     if len(args) != 1:
         raise ProtocolError(ErrorCode.BAD_TYPE, name, f"{name} takes one value, got {len(args)}")
     value, clamped = _clamped(name, spec, _as_kind(name, spec, args[0]))
@@ -247,22 +248,25 @@ def _number_text(number: float) -> str:
     return str(number) if isinstance(number, int) else f"{number:g}"
 
 
-def _weighted_prompts(name: str, spec: WeightedPromptsSpec, args: Sequence[Any]) -> tuple[Any, list[str]]:
-    """[text, weight] pairs from alternating arguments, text first; a last text alone weighs 1."""
-    clamped = []
+def _pairs(name: str, spec: PairListSpec, args: Sequence[Any]) -> tuple[Any, list[str]]:
+    """[text, number] pairs (weighted prompts, LoRA adapters) from alternating arguments,
+    text first; a last text alone has the number 1."""
+    pairs_kind, clamped = spec.pairs, []
     if len(args) > 2 * spec.maximum:
-        clamped.append(f"{name}: only the first {spec.maximum:g} prompts taken")
+        clamped.append(f"{name}: only the first {spec.maximum:g} {name} taken")
         args = args[:2 * int(spec.maximum)]
     pairs = []
     for index in range(0, len(args), 2):
         entry = f"{name}[{index // 2}]"
-        text, weight = args[index], args[index + 1] if index + 1 < len(args) else 1.0
+        text, number = args[index], args[index + 1] if index + 1 < len(args) else 1.0
         if not isinstance(text, str):
-            raise ProtocolError(ErrorCode.BAD_TYPE, name, f"{name} takes text, weight, text, weight ...; "
+            raise ProtocolError(ErrorCode.BAD_TYPE, name, f"{name} takes {pairs_kind.text}, {pairs_kind.number}, "
+                                                          f"{pairs_kind.text}, {pairs_kind.number} ...; "
                                                           f"argument {index + 1} is {type(text).__name__}")
-        text, text_clamped = _clamped(f"{entry} text", ValueSpec(str, 0, spec.max_chars), text)
-        weight, weight_clamped = _clamped(f"{entry} weight", ValueSpec(float, 0.0),
-                                          float(_number(f"{entry} weight", weight)))
-        pairs.append((text, weight))
-        clamped += text_clamped + weight_clamped
+        text, text_clamped = _clamped(f"{entry} {pairs_kind.text}", ValueSpec(str, 0, spec.max_chars), text)
+        number, number_clamped = _clamped(
+            f"{entry} {pairs_kind.number}", ValueSpec(float, pairs_kind.number_minimum, pairs_kind.number_maximum),
+            float(_number(f"{entry} {pairs_kind.number}", number)))
+        pairs.append((text, number))
+        clamped += text_clamped + number_clamped
     return spec.check(name, pairs), clamped

@@ -20,6 +20,8 @@ however its steps are scheduled.
 A prompt change is live: with ``transition_frames`` the text context fades from
 the one in force to the new prompt's over that many output frames
 (:class:`PromptTransition`), each chunk conditioned on its own point of the fade.
+So is a change of LoRA adapters or their scales (``loras``, read from a
+:class:`~.models.lora.LoraLibrary`): the next chunk is denoised with the new mix.
 
 Several pipelines (sessions) sharing one model step together with
 ``push_streams``: a pipeline's chunk is a generator that yields each DiT call it
@@ -38,9 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from bridge.params import LIVE, PARAMS
+from bridge.protocol import PARAM_SPECS, ProtocolError
 
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
 from .models.dit import CausalWanDiT, StreamInput
+from .models.lora import LoraLibrary, LoraMix
 from .models.text import PromptCache, TextEncoder, blend_embeddings
 from .motion import MotionNoiseController, MotionSettings
 
@@ -68,6 +72,7 @@ class StreamSettings:
     prompts: tuple[tuple[str, float], ...] = PARAMS["prompts"].default  # weighted; replace `prompt` when given
     blend: str = PARAMS["blend"].default
     transition_frames: int = PARAMS["transition_frames"].default  # output frames a prompt change fades over
+    loras: tuple[tuple[str, float], ...] = PARAMS["loras"].default  # LoRA adapters: (name or path, scale)
     fit: str = PARAMS["fit"].default
     mode: str = "v2v"  # or "t2v": no input frames
     clean_cache_pass: bool = False  # re-run each finished latent at t=0 (no-batch mode only)
@@ -91,6 +96,10 @@ class StreamSettings:
         if self.blend == "slerp" and len(self.prompts) > 2:
             raise ValueError(f"blend 'slerp' mixes two weighted prompts, but prompts holds {len(self.prompts)}; "
                              "give two prompts, or blend 'linear'")
+        try:  # the protocol's check of the table's entry
+            object.__setattr__(self, "loras", PARAM_SPECS["loras"].check("loras", self.loras))
+        except ProtocolError as error:
+            raise ValueError(error.message) from None
         low, high = PARAMS["transition_frames"].minimum, PARAMS["transition_frames"].maximum
         if not isinstance(self.transition_frames, int) or not low <= self.transition_frames <= high:
             raise ValueError(f"transition_frames must be an integer from {low:g} to {high:g}, "
@@ -178,13 +187,16 @@ class PromptTransition:
 
 class StreamPipeline:
     def __init__(self, dit: CausalWanDiT, vae, text_encoder: TextEncoder | PromptCache,
-                 settings: StreamSettings = StreamSettings(), *, decoder=None, offload_text_encoder: bool = False):
+                 settings: StreamSettings = StreamSettings(), *, decoder=None, offload_text_encoder: bool = False,
+                 loras: LoraLibrary | None = None):
         """``vae`` encodes (and decodes unless ``decoder``, e.g. a TAEHV, is given).
 
         ``offload_text_encoder`` moves the text encoder to the CPU after each new
         prompt (umT5-XXL holds about 11 GB of GPU memory); a prompt change then
-        costs a move back, so prompts already seen come from the prompt cache."""
+        costs a move back, so prompts already seen come from the prompt cache.
+        ``loras``: where the settings' LoRA adapters are read (none can be named without it)."""
         self.dit, self.vae, self.decoder = dit, vae, decoder or vae
+        self.loras = loras
         self.prompts = text_encoder if isinstance(text_encoder, PromptCache) else PromptCache(text_encoder)
         self.offload_text_encoder = offload_text_encoder
         param = next(dit.parameters())
@@ -203,12 +215,14 @@ class StreamPipeline:
         a running transition stays as it began."""
         new = replace(self.settings, **changes)  # validates
         rebuild = any(getattr(new, k) != getattr(self.settings, k) for k in changes if k not in LIVE_SETTINGS)
-        # Encoded before anything changes, so that a prompt that fails to encode changes nothing.
+        # Encoded and read before anything changes, so that a prompt or an adapter that fails changes nothing.
         target = self._encode_prompt(new) if not rebuild and any(k in changes for k in PROMPT_SETTINGS) else None
+        adapters = self._lora_mix(new) if not rebuild and "loras" in changes else self.adapters
         self.settings = new
         if rebuild:
             self.reset()
             return True
+        self.adapters = adapters
         if target is not None and not torch.equal(target, self.transition.target):
             self.transition = PromptTransition(self.context, target, new.transition_frames, self.frames_out,
                                                new.blend)
@@ -222,6 +236,7 @@ class StreamPipeline:
         self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
         self.motion = MotionNoiseController(motion_settings(s))
         self.transition = PromptTransition.cut(self._encode_prompt(s))
+        self.adapters = self._lora_mix(s)
         self.vae_state = self.vae.new_stream()
         self.decoder_state = self.decoder.new_stream() if self.decoder is not self.vae else self.vae_state
         self.latent_h, self.latent_w = s.height // 8, s.width // 8
@@ -387,7 +402,7 @@ class StreamPipeline:
     def _x0(self, x: torch.Tensor, timesteps, context, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
         t = torch.as_tensor(timesteps, device=self.device).reshape(-1, 1).expand(batch, x.shape[2])
-        flow = yield StreamInput(x, t, context, cache)
+        flow = yield StreamInput(x, t, context, cache, self.adapters)
         sigma = sigma_for_timestep(t[:, 0]).to(self.device)
         return x0_from_flow(x, flow, sigma)
 
@@ -400,7 +415,13 @@ class StreamPipeline:
         shape = (1, self.dit.config.in_dim, count, self.latent_h, self.latent_w)
         return self._noise(shape, self.chunks_in, 99)
 
-    # -- prompts --------------------------------------------------------------
+    # -- prompts and adapters --------------------------------------------------
+    def _lora_mix(self, settings: StreamSettings) -> LoraMix | None:
+        if settings.loras and self.loras is None:
+            raise ValueError("this pipeline was made without a LoRA library (StreamPipeline(..., loras=...)), "
+                             "so its settings can name no LoRA adapters")
+        return self.loras.mix(settings.loras) if settings.loras else None
+
     def _encode_prompt(self, settings: StreamSettings) -> torch.Tensor:
         context = prompt_context(self.prompts, settings)
         if self.offload_text_encoder and not self.prompts.encoder.offloaded:

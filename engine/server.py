@@ -42,6 +42,12 @@ What a host sees (messages as in bridge/protocol.py):
   whether the stream restarts. stats returns the session's state, parameters and
   counters. bye closes the session. shutdown stops the engine as SIGTERM does (bridge/launcher.py
   sends it); only hosts that may send requests at all can send it (see Safety).
+- loras (live) names the session's LoRA adapters as [name or path, scale] pairs: a name
+  is a file in the engine's LoRA folder (`serve --lora-dir`), anything with a folder in it
+  a path on the engine's machine. Each file is read and checked when the params (or hello)
+  come, so a broken one is refused at once: error bad_value, field params.loras, naming
+  the file and its first offending keys; the session keeps the adapters it had and
+  streams on. A new mix applies from the next chunk, without restarting the stream.
 - virtualcam (a live parameter; `serve --virtualcam` makes it default to true) also
   sends the session's outputs to a virtual camera. Where none can be opened, the host
   gets an error without an id, code output_unavailable, field params.virtualcam, whose
@@ -109,6 +115,8 @@ from bridge.shm import RingReader, RingWriter, reclaim_abandoned_rings, session_
 from bridge.spout import SpoutUnavailable, load_spoutgl
 from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request, ServerKeys
 
+from .models.lora import LoraLibrary
+from .models.lora_files import LoraFileError
 from .models.weights import Models
 from .session import (PARAMS, TARGETS, InputFrame, Session, applies, apply_params, current_params, session_routes,
                       session_settings, to_rgb)
@@ -249,13 +257,16 @@ class EngineServer:
         auth: ServerKeys | None = None,
         session_defaults: Mapping[str, Any] = {},
         spout: EngineSpoutSession | None = None,
+        loras: LoraLibrary | None = None,
     ):
         """auth: the keys hosts must authenticate with; required unless address is loopback.
         session_defaults: parameter values (bridge/params.py) a new session has unless its
         hello says otherwise, in place of the table's defaults (targets given here count as
         stated by the session, engine/slo.py says why that matters); model_size sets the model's.
         spout: the Spout session to open in the engine itself; raises SpoutUnavailable
-        (saying why, and the fix) where Spout cannot work."""
+        (saying why, and the fix) where Spout cannot work. loras: where the LoRA adapters
+        sessions name are read (None: sessions can name none); a default adapter that cannot
+        be used raises LoraFileError."""
         check_bind(address, auth is not None)
         self.model = model
         height, width = model_size
@@ -266,6 +277,8 @@ class EngineServer:
         self._param_specs = limits.params()
         for name, value in session_defaults.items():  # a bad default fails here, not in every hello
             self._param_specs[name].check(name, value)
+        self._loras = loras
+        self._check_loras(self._session_defaults)
         self._stated_targets = {name: value for name, value in session_defaults.items() if name in TARGETS}
         default_settings = session_settings(self._session_defaults)  # validates the size
         self._session_timeout_s = session_timeout_s
@@ -283,7 +296,7 @@ class EngineServer:
         # bound the oldest go, as for a fader newer values matter more.
         self._param_changes: deque[tuple[str | None, dict[str, Any], ParamsRefused]] = deque(
             maxlen=MAX_QUEUED_PARAM_CHANGES)
-        self._worker = Worker(load_models, self._open_sessions, warm_up=default_settings)
+        self._worker = Worker(load_models, self._open_sessions, warm_up=default_settings, loras=loras)
         self._stopping = threading.Event()
         self.failed = False  # set when a thread died of an unexpected error, or the model did not load
         reclaimed = reclaim_abandoned_rings()
@@ -420,14 +433,21 @@ class EngineServer:
             payload = handlers[type(request.message)](request)
         except ProtocolError as error:
             self._socket.reply_error(request, error)
+            return
         except Exception as error:  # noqa: BLE001 - a fault handling one request must not end every session
-            kind = type(request.message).__name__
-            log.exception("handling a %s failed", kind)
-            self._socket.reply_error(request, ProtocolError(
-                ErrorCode.INTERNAL, None, f"the engine failed to handle this {kind} ({type(error).__name__}: {error}); "
-                "it goes on serving: try again, and if it happens again report it with the engine's log"))
-        else:
+            self._answer_fault(request, error)
+            return
+        try:
             self._socket.reply_ok(request, payload)
+        except Exception as error:  # noqa: BLE001 - a reply that cannot be encoded is a fault of ours too
+            self._answer_fault(request, error)
+
+    def _answer_fault(self, request: Request, error: Exception) -> None:
+        kind = type(request.message).__name__
+        log.exception("handling a %s failed", kind)
+        self._socket.reply_error(request, ProtocolError(
+            ErrorCode.INTERNAL, None, f"the engine failed to handle this {kind} ({type(error).__name__}: {error}); "
+            "it goes on serving: try again, and if it happens again report it with the engine's log"))
 
     def _hello(self, request: Request) -> dict[str, Any]:
         hello: Hello = request.message
@@ -440,6 +460,7 @@ class EngineServer:
                                 f"{self.model} failed to load ({self._worker.load_error}); "
                                 "fix that and restart the engine")
         self._check_limits(hello)
+        self._refuse_unusable_loras(hello.params)
         if hello.transport == "spout":
             try:
                 load_spoutgl()
@@ -558,6 +579,7 @@ class EngineServer:
             if applies(name) == OPEN and name in session.routes:
                 raise ProtocolError(ErrorCode.BAD_VALUE, f"params.{name}",
                                     f"{name} is fixed when a session opens; open a new session to change it")
+        self._refuse_unusable_loras(params)
         settings, targets, routes = apply_params(session.settings, session.targets, session.routes, params)
         restarts = session.change(settings, targets, routes)
         if "virtualcam" in params:
@@ -571,10 +593,28 @@ class EngineServer:
             "virtualcam": session.camera.describe(),
         }
 
+    def _check_loras(self, params: Mapping[str, Any]) -> None:
+        """Read and check every LoRA file params name (into the library, where the worker takes
+        them from); raises LoraFileError naming the file and its first offending keys."""
+        loras = params.get("loras")
+        if not loras:
+            return
+        if self._loras is None:
+            raise LoraFileError(loras[0][0], ["this engine reads no LoRA adapters (it was made without a library)"])
+        self._loras.check(loras)
+
+    def _refuse_unusable_loras(self, params: Mapping[str, Any]) -> None:
+        """_check_loras, for a host: a file that cannot be used is a bad value of params.loras."""
+        try:
+            self._check_loras(params)
+        except LoraFileError as error:
+            raise ProtocolError(ErrorCode.BAD_VALUE, "params.loras", str(error)) from None
+
     def _stats(self, request: Request) -> dict[str, Any]:
         stats = self._owned_session(request.sender, request.message.session, shared=True).stats()
         # The engine's device memory, for hosts (and bench/soak.py) watching it over hours.
         stats["device_memory_allocated"] = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else None
+        stats["lora_memory_bytes"] = self._loras.nbytes() if self._loras is not None else 0  # every session's
         return stats
 
     def _bye(self, request: Request) -> dict[str, Any]:
@@ -624,17 +664,17 @@ class EngineServer:
                     session.fail(f"the input ring is unusable: {error.message}")
                 return  # no magic yet: the host is still making the ring
         ring = session.input_ring
-        frame = ring.read_latest()
-        if frame is None:
-            return
         try:
-            _check_size(session, ring.width, ring.height)
-        except ProtocolError as error:
-            if session.bad_ring_generation != ring.generation:  # reported once per ring size
-                session.bad_ring_generation = ring.generation
+            frame = ring.read_latest()
+            if frame is not None:
+                _check_size(session, ring.width, ring.height)
+        except ProtocolError as error:  # the host's ring: a frame block or a frame it refuses, or another size
+            if session.bad_ring_generation != ring.writer_generation:  # told once per frame block, not per frame
+                session.bad_ring_generation = ring.writer_generation
                 self._socket.notify(session.owner, error)
             return
-        if session.put(InputFrame(to_rgb(frame.pixels, ring.format), ring.format, frame.seq, frame.t_capture_ns)):
+        if frame is not None and session.put(InputFrame(to_rgb(frame.pixels, ring.format), ring.format, frame.seq,
+                                                        frame.t_capture_ns)):
             self._worker.wake()
 
     def _send_due_outputs(self, session: Session, now_ns: int) -> None:
@@ -647,13 +687,13 @@ class EngineServer:
                     except OSError as error:  # shared memory is full
                         session.fail(f"cannot make the output ring: {error}")
                         return
-                ring.write(output.pixels, output.seq, output.t_capture_ns)
+                ring.write_in_place(output.write_pixels, output.seq, output.t_capture_ns)  # no copy of its own
             else:
                 header = FrameHeader(session=session.id, seq=output.seq, t_capture_ns=output.t_capture_ns,
                                      width=session.width, height=session.height, format=output.format)
                 if not self._socket.send_frame(session.owner, header, output.pixels):
                     return  # the host's queue is full; the frame waits for room (or a newer chunk)
-            session.camera.submit(output.pixels, output.format)
+            session.camera.submit(output)
             session.output_sent(output)
 
     def _close_silent_sessions(self) -> None:

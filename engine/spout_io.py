@@ -99,7 +99,7 @@ class SpoutSessionIO:
                 self._take(rgb)
             while (output := session.due_output(time.monotonic_ns())) is not None:
                 sender.send(output.pixels, output.format)
-                session.camera.submit(output.pixels, output.format)
+                session.camera.submit(output)
                 session.output_sent(output)
             if rgb is None:
                 self._stopping.wait(POLL_S)

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .models.lora import LoraLibrary
 from .models.text import PromptCache
 from .models.weights import Models
 from .pipeline import FRAMES_PER_LATENT, StreamPipeline, StreamSettings, push_streams
@@ -58,10 +59,11 @@ class Worker:
     """Runs on its own thread: run() until stop is set."""
 
     def __init__(self, load_models: Callable[[], Models], sessions: Callable[[], list[Session]],
-                 warm_up: StreamSettings | None = None):
+                 warm_up: StreamSettings | None = None, loras: LoraLibrary | None = None):
         """warm_up: the settings of the throwaway stream run once the models are loaded (the
-        engine's defaults), or None for none."""
+        engine's defaults), or None for none. loras: where the sessions' LoRA adapters are read."""
         self._load_models = load_models
+        self._loras = loras
         self._sessions = sessions  # the open sessions, a fresh list on each call
         self._warm_up_settings = warm_up
         self._policy = SloPolicy(CostModel())
@@ -119,7 +121,8 @@ class Worker:
         try:
             for stream_batch in (True, False):
                 pipeline = StreamPipeline(self._models.dit, self._models.vae, self._prompts,
-                                          replace(settings, stream_batch=stream_batch), decoder=self._models.decoder)
+                                          replace(settings, stream_batch=stream_batch), decoder=self._models.decoder,
+                                          loras=self._loras)
                 pipeline.push(np.zeros((pipeline.next_chunk_frames, settings.height, settings.width, 3), np.uint8))
                 shape = StepShape.steady(settings.steps, stream_batch)
                 for index in range(WARM_UP_STEPS):
@@ -208,7 +211,7 @@ class Worker:
             session.take_pending()  # the pipeline starts from the session's current settings
             session.set_stream_batch(choice.stream_batched)
             pipeline = StreamPipeline(self._models.dit, self._models.vae, self._prompts, session.settings,
-                                      decoder=self._models.decoder)
+                                      decoder=self._models.decoder, loras=self._loras)
             self._streams[session.id] = _Stream(pipeline)
             session.expect_frames(pipeline.next_chunk_frames)
             session.set_state("ready")
@@ -259,9 +262,12 @@ class Worker:
         open_ids = {session.id for session in self._sessions()}
         closed = [id for id in self._streams if id not in open_ids]
         for id in closed:
-            del self._streams[id]
-        if closed:
-            _release_device_memory()
+            del self._streams[id]  # its pipeline goes with it, by reference counting: pipelines hold no cycles
+        # No gc.collect() here: a full collection holds the GIL for a tenth of a second or more, stalling
+        # every other session, and hosts that come and go would bring one each (tests/test_server.py
+        # checks that a closed session's pipeline is freed without one).
+        if closed and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def _end(self, session: Session, failure: str) -> None:
         """Drop a failed session's pipeline and give its memory back before telling the host."""
@@ -284,7 +290,7 @@ def _failure_message(session: Session, error: Exception) -> str:
 
 
 def _release_device_memory() -> None:
-    """Give the memory of dropped pipelines back to the device, so another session can use it."""
+    """Give the memory of failed or thrown-away pipelines back to the device, so another session can use it."""
     gc.collect()  # caches can sit in reference cycles (a traceback holding a failed step's frames)
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -63,7 +63,6 @@ from streamdiffusion_obs.settings import (  # noqa: E402
 EVERY_FRAME_MS = 1  # OBS runs a timer at most once a video frame; the pipeline paces captures itself
 STATUS_ROWS = ("Engine", "Model", "Frames", "Latency", "Dropped", "Scheduler", "Error", "Notice", "Input", "Output",
                "Capture timer", "Spout", "Local engine", "Set-up")
-PROMPTS_FORMAT = " Here one a line: text, weight (1 when left out)."  # how the Weighted Prompts text is read
 
 
 def script_description() -> str:
@@ -80,7 +79,7 @@ def script_defaults(settings) -> None:
         value = environment.default_folder(REPO_ROOT) if name == "environment" else getattr(DEFAULTS, name)
         _ACCESS[_HOST_SETTING_KINDS[type(value)]][1](settings, name, value)
     for param in SESSION_PARAMS:
-        default = _prompts_text(param.default) if param.kind == "prompts" else param.default
+        default = _pairs_text(param.default) if param.kind in table.PAIR_KINDS else param.default
         _ACCESS[param.kind][1](settings, param.name, default)
 
 
@@ -220,6 +219,9 @@ class StreamDiffusionScript:
             self.local_engine = EngineProcess.start(python=str(self.environment.python), model=self.settings.model,
                                                     bind=self.settings.address, cwd=REPO_ROOT,
                                                     log_file=log_path("obs"))
+        except ValueError as error:  # the address is not one ZeroMQ takes: the message says how to write it
+            self.local_engine_problem = str(error)
+            return
         except OSError as error:  # no interpreter there, say
             self.local_engine_problem = f"cannot start {self.environment.python}: {error}"
             return
@@ -300,11 +302,11 @@ def read_settings(settings) -> ScriptSettings:
     params, problems = {}, []
     for param in SESSION_PARAMS:
         value = _ACCESS[param.kind][0](settings, param.name)
-        if param.kind == "prompts":
+        if param.kind in table.PAIR_KINDS:
             try:
-                value = controls.weighted_prompts(line.rsplit(",", 1) for line in value.splitlines())
+                value = controls.pairs((line.rsplit(",", 1) for line in value.splitlines()), param)
             except ValueError as error:
-                problems.append(f"{param.label}: {error}; the prompts sent before stay")
+                problems.append(f"{param.label}: {error}; the {param.name} sent before stay")
                 continue
         params[param.name] = value
     return ScriptSettings(**values, params=params, problem="; ".join(problems))
@@ -316,7 +318,8 @@ _ACCESS = {
     "int": (obs.obs_data_get_int, obs.obs_data_set_default_int),
     "float": (obs.obs_data_get_double, obs.obs_data_set_default_double),
     "str": (obs.obs_data_get_string, obs.obs_data_set_default_string),
-    "prompts": (obs.obs_data_get_string, obs.obs_data_set_default_string),  # PROMPTS_FORMAT's text
+    # lists of pairs: text, one pair a line (pairs_format)
+    **{kind: (obs.obs_data_get_string, obs.obs_data_set_default_string) for kind in table.PAIR_KINDS},
 }
 _HOST_SETTING_KINDS = {str: "str", int: "int"}  # the script's own settings' kinds, by their defaults' types
 # A number's property: a slider over the table's bounds, or a spin box where the table's
@@ -342,10 +345,11 @@ def _add_session_param(props, param: table.Param) -> None:
     elif param.kind in ("int", "float"):
         add = _NUMBER_PROPERTIES[param.kind, param.slider is None]
         prop = add(props, param.name, label, param.minimum, param.maximum, _step(param))
-    else:  # a prompt, or weighted prompts
+    else:  # a prompt, or a list of pairs (weighted prompts, LoRA adapters)
         prop = obs.obs_properties_add_text(props, param.name, label, obs.OBS_TEXT_MULTILINE)
     help_text = controls.help_text(param)
-    obs.obs_property_set_long_description(prop, help_text + PROMPTS_FORMAT if param.kind == "prompts" else help_text)
+    obs.obs_property_set_long_description(prop, help_text + pairs_format(param) if param.kind in table.PAIR_KINDS
+                                          else help_text)
 
 
 def _step(param: table.Param) -> float:
@@ -356,9 +360,15 @@ def _step(param: table.Param) -> float:
     return 10.0 ** round(math.log10((high - low) / 100))
 
 
-def _prompts_text(prompts) -> str:
-    """Weighted prompts as the Weighted Prompts text shows them (PROMPTS_FORMAT)."""
-    return "\n".join(f"{text}, {weight:g}" for text, weight in prompts)
+def pairs_format(param: table.Param) -> str:
+    """How the text of a list of pairs (Weighted Prompts, LoRA Styles) is read, said after its help."""
+    pairs = table.PAIR_KINDS[param.kind]
+    return f" Here one a line: {pairs.text}, {pairs.number} (1 when left out)."
+
+
+def _pairs_text(pairs) -> str:
+    """A list of pairs as its text shows it (pairs_format)."""
+    return "\n".join(f"{text}, {number:g}" for text, number in pairs)
 
 
 def _label(name: str, text: str) -> str:

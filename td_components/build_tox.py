@@ -59,8 +59,8 @@ def build(parent_path: str = "/project1", tox_path: str | Path = HERE / TOX_NAME
     output.inputConnectors[0].connect(stream)
 
     comp.create(td.textDAT, "engine_log")
-    prompts = comp.create(td.tableDAT, params.PROMPTS_DAT)
-    prompts.appendRow(["prompt", "weight"])
+    for spec in params.TABLE_SPECS:  # the default tables of the pair parameters (Weighted Prompts, LoRA Styles)
+        comp.create(td.tableDAT, params.table_dat_name(spec.param)).appendRow(params.table_header(spec.param))
 
     # The pages before the callbacks that watch them, so that setting defaults calls nothing.
     params.build_pages(comp)

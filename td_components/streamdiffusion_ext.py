@@ -7,7 +7,8 @@ Inside the component (build_tox.py makes it):
     frame_start         Execute DAT: OnFrameStart each frame, Shutdown when TouchDesigner quits
     parameter_changes   Parameter Execute DAT: OnParameterChange, OnPulse
     engine_log          Text DAT: the engine's output and the component's messages
-    prompts             Table DAT: the default Weighted Prompts (prompt, weight)
+    prompts             Table DAT: the default Weighted Prompts (text, weight)
+    loras               Table DAT: the default LoRA Styles (name, scale)
 
 The parameter pages are streamdiffusion_params.py's, made from the bridge's parameter table;
 that module, like the rest of the bridge, is imported once Bridge Path is on the module path
@@ -80,8 +81,8 @@ class StreamDiffusionExt:
         self._address = None  # where that client connects
         self._error = None  # why the component stopped, until the next Start or Stop
         self._ended = None  # how the last engine process ended, when it ended by itself
-        self._prompt_rows = None  # the Weighted Prompts rows last sent
-        self._prompt_problem = None  # what is wrong with the Weighted Prompts table, once said
+        self._table_rows = {}  # by table spec (Weighted Prompts, LoRA Styles): the rows last sent
+        self._table_problems = {}  # by table spec: what is wrong with its table, once said
         self._picture = None  # the stylised picture on screen (rows bottom to top)
         self._last_cook_ns = None
         self._notice = ("", 0.0)  # (text, time.monotonic() it was said)
@@ -181,8 +182,8 @@ class StreamDiffusionExt:
             return
         spec = params.SPECS.get(par.name) or params.SPECS[par.name[:-1]]  # Resolution1 -> Resolution
         if spec in params.SESSION_SPECS:
-            if spec is params.PROMPTS_SPEC:
-                self._prompt_rows = None  # another table: read it afresh
+            if spec in params.TABLE_SPECS:
+                self._table_rows.pop(spec.name, None)  # another table: read it afresh
             elif self._client is not None:  # without one, the next Start reads every value afresh
                 self._client.set(**{spec.param.name: params.engine_value(spec, par)})
         elif spec in params.PAGES["Transport"]:  # what a session opens with: a new one opens
@@ -197,7 +198,7 @@ class StreamDiffusionExt:
     def OnFrameStart(self):
         self._tend_processes()
         self._take_log_lines()
-        self._read_prompt_list()
+        self._read_tables()
         self._show_status()
         self.ownerComp.op("stream").cook(force=True)  # so it takes the newest output every frame
 
@@ -273,8 +274,9 @@ class StreamDiffusionExt:
     def _engine_values(self):
         """Every session parameter's value, as the engine takes it."""
         pars, params = self.ownerComp.par, self._params
-        self._prompt_rows = self._prompt_list() or []
-        return {spec.param.name: self._prompt_rows if spec is params.PROMPTS_SPEC
+        for spec in params.TABLE_SPECS:
+            self._table_rows[spec.name] = self._table_list(spec) or []
+        return {spec.param.name: self._table_rows[spec.name] if spec in params.TABLE_SPECS
                 else params.engine_value(spec, pars[spec.name]) for spec in params.SESSION_SPECS}
 
     def _close_client(self):
@@ -305,25 +307,28 @@ class StreamDiffusionExt:
             self._log_to_dat([line for _, line in self._log_lines.take()])
 
     # -- parameters ------------------------------------------------------------------------------
-    def _read_prompt_list(self):
-        """Send the Weighted Prompts when the table's rows changed (it is read every frame:
-        no parameter changes when a cell does)."""
-        rows = self._prompt_list() if self._params is not None else None
-        if rows is not None and rows != self._prompt_rows:
-            self._prompt_rows = rows
-            if self._client is not None:
-                self._client.set(**{self._params.PROMPTS_SPEC.param.name: rows})
+    def _read_tables(self):
+        """Send a table's rows (Weighted Prompts, LoRA Styles) when they changed (each is read
+        every frame: no parameter changes when a cell does)."""
+        if self._params is None:
+            return
+        for spec in self._params.TABLE_SPECS:
+            rows = self._table_list(spec)
+            if rows is not None and rows != self._table_rows.get(spec.name):
+                self._table_rows[spec.name] = rows
+                if self._client is not None:
+                    self._client.set(**{spec.param.name: rows})
 
-    def _prompt_list(self):
-        """The Weighted Prompts table's [text, weight] rows, or None (said once) when it is wrong."""
+    def _table_list(self, spec):
+        """A table's [text, number] rows, or None (said once) when it is wrong."""
         try:
-            rows = self._params.prompt_list(self.ownerComp.par[self._params.PROMPTS_SPEC.name].eval())
+            rows = self._params.pair_list(spec, self.ownerComp.par[spec.name].eval())
         except ValueError as error:
-            if str(error) != self._prompt_problem:
-                self._prompt_problem = str(error)
-                self._say(f"{error}; the prompts sent before stay")
+            if str(error) != self._table_problems.get(spec.name):
+                self._table_problems[spec.name] = str(error)
+                self._say(f"{error}; the {spec.param.name} sent before stay")
             return None
-        self._prompt_problem = None
+        self._table_problems.pop(spec.name, None)
         return rows
 
     def _apply_output_size(self):

@@ -19,8 +19,9 @@ from bridge import params as table
 
 # TouchDesigner's Non-Commercial licence caps every TOP at this many pixels a side.
 FREE_LICENCE_MAX_SIDE = 1280
-PROMPTS_DAT = "prompts"  # the component's own Weighted Prompts table, Weighted Prompts' default
-STYLES = {"bool": "Toggle", "int": "Int", "float": "Float", "str": "Str", "prompts": "DAT"}  # by the table's kinds
+# By the table's kinds; a list of pairs (Weighted Prompts, LoRA Styles) is a table DAT of rows (text, number),
+# by default the component's own, named as the parameter (table_dat_name).
+STYLES = {"bool": "Toggle", "int": "Int", "float": "Float", "str": "Str", **{kind: "DAT" for kind in table.PAIR_KINDS}}
 ENGINE_VALUES = {"bool": bool, "int": int, "float": float, "str": str}  # a control's value as the engine takes it
 
 
@@ -45,18 +46,29 @@ def td_name(name: str) -> str:
     return name.replace("_", "").capitalize()
 
 
+def table_dat_name(param: table.Param) -> str:
+    """The component's own table DAT of a pair parameter: the default of its control."""
+    return param.name
+
+
+def table_header(param: table.Param) -> list[str]:
+    """The column names of a pair parameter's table DAT, e.g. text, weight."""
+    pairs = table.PAIR_KINDS[param.kind]
+    return [pairs.text, pairs.number]
+
+
 def session_spec(param: table.Param) -> ParSpec:
     """The control of a session parameter: all of it from the parameter's table entry."""
     numeric = param.kind in ("int", "float")
     return ParSpec(
         td_name(param.name), param.label, "Menu" if param.choices else STYLES[param.kind],
-        PROMPTS_DAT if param.kind == "prompts" else param.default, menu=tuple(controls.menu(param)),
+        table_dat_name(param) if param.kind in table.PAIR_KINDS else param.default, menu=tuple(controls.menu(param)),
         slider=param.slider_range if numeric else None, minimum=param.minimum if numeric else None,
         maximum=param.maximum if numeric else None, help=controls.help_text(param), param=param)
 
 
 SESSION_SPECS = tuple(session_spec(param) for param in controls.host_params())
-PROMPTS_SPEC = next(spec for spec in SESSION_SPECS if spec.style == "DAT")  # Weighted Prompts: read each frame
+TABLE_SPECS = tuple(spec for spec in SESSION_SPECS if spec.style == "DAT")  # lists of pairs: read each frame
 SPOUT_SPECS = tuple(session_spec(param) for param in table.in_group("Spout"))  # given when a Spout session opens
 
 PAGES: dict[str, tuple[ParSpec, ...]] = {
@@ -163,16 +175,16 @@ def _configure(par, spec: ParSpec) -> None:
 
 
 def engine_value(spec: ParSpec, par):
-    """A session parameter's value as the engine takes it (Weighted Prompts: prompt_list)."""
+    """A session parameter's value as the engine takes it (a table DAT's: pair_list)."""
     return ENGINE_VALUES[spec.param.kind](par.eval())
 
 
-def prompt_list(prompts_dat) -> list[list]:
-    """The Weighted Prompts table DAT's rows as the engine takes them, [text, weight] pairs
-    (bridge/controls.py reads the rows); a ValueError names the table and the row."""
-    if prompts_dat is None:
+def pair_list(spec: ParSpec, dat) -> list[list]:
+    """A table DAT's rows as the engine takes them, [text, number] pairs (bridge/controls.py
+    reads the rows); a ValueError names the table and the row."""
+    if dat is None:
         return []
     try:
-        return controls.weighted_prompts(([cell.val for cell in row] for row in prompts_dat.rows()), header=True)
+        return controls.pairs(([cell.val for cell in row] for row in dat.rows()), spec.param, header=True)
     except ValueError as error:
-        raise ValueError(f"{prompts_dat.path}: {error}") from None
+        raise ValueError(f"{dat.path}: {error}") from None

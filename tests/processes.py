@@ -12,7 +12,8 @@ import pytest
 from bridge.launcher import EngineProcess, EngineStartError
 from bridge.zmq_io import ClientKeys
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 PATIENCE_S = 60.0  # generous: the machine running the tests may be busy
 
 # A host that streams black frames over shared memory until it is killed; it prints its
@@ -51,16 +52,20 @@ class ServedEngine:
     """`python -m engine serve --model tiny`, started by bridge.launcher in a child process
     of its own process group (so a test can kill it together with its resource tracker, as
     a crash or the OOM killer would); its log goes to a new file in log_dir. Extra flags
-    follow the model size; auth are the keys to reach an engine started with --keys."""
+    follow the model size; auth are the keys to reach an engine started with --keys; module,
+    one of tests/ with the engine's command line, replaces `engine` (faulty_engine)."""
 
     started: list["ServedEngine"] = []  # every engine the tests started, for leftover checks
 
     def __init__(self, log_dir: Path, *flags: str, address: str = "tcp://127.0.0.1:*", model_size: str = "32x32",
-                 env: dict | None = None, expect_listening: bool = True, auth: ClientKeys | None = None):
+                 env: dict | None = None, expect_listening: bool = True, auth: ClientKeys | None = None,
+                 module: str = "engine"):
         ServedEngine.started.append(self)
+        if module != "engine":
+            env = {"PYTHONPATH": str(TESTS), **(env or {})}
         self.launched = EngineProcess.start(model="tiny", bind=address, args=["--size", model_size, *flags], cwd=REPO,
                                             env=env, log_file=log_dir / f"engine-{time.monotonic_ns()}.log",
-                                            ready_timeout_s=PATIENCE_S, auth=auth)
+                                            ready_timeout_s=PATIENCE_S, auth=auth, module=module)
         self.process = self.launched.process
         try:
             self.address = self.launched.wait_until_ready()

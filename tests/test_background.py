@@ -36,7 +36,7 @@ def frame(value: int, width: int = 8, height: int = 6) -> np.ndarray:
     return pixels
 
 
-def wait_until(condition, timeout_s: float = 5.0):
+def wait_until(condition, timeout_s: float = PATIENCE_S):
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -54,7 +54,7 @@ class Shown:
         self.frames.append(pixels)
 
 
-def offer_until_shown(client, shown, value: int, count: int = 1, timeout_s: float = 5.0):
+def offer_until_shown(client, shown, value: int, count: int = 1, timeout_s: float = PATIENCE_S):
     """Offer frames of `value` until `count` more outputs have been shown."""
     target = len(shown.frames) + count
     wait_until(lambda: (client.offer(frame(value), time.monotonic_ns()), len(shown.frames) >= target)[1], timeout_s)

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import zmq
 
+from faulty_engine import OOM_PROMPT_ENV
 from processes import HOST_PROCESS, PATIENCE_S, REPO, ServedEngine as Engine
 from bridge.client import AuthenticationError, EngineClient, RemoteError
-from bridge.protocol import PROTOCOL_VERSION
-from bridge.shm import RingWriter, list_rings, reclaim_abandoned_rings, session_ring_names
+from bridge.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
+from bridge.shm import RingReader, RingWriter, list_rings, reclaim_abandoned_rings, session_ring_names
 from bridge.zmq_io import ClientKeys, ServerKeys, make_keys
 from engine import cli
 from engine.models.weights import build_models
@@ -38,14 +39,16 @@ def client(address: str, transport: str = "zmq", **kwargs) -> EngineClient:
     return EngineClient(address, transport=transport, width=HOST_SIZE, height=HOST_SIZE, **kwargs)
 
 
-def stream_until_output(engine_client: EngineClient, frames: int = 200) -> int:
-    """Send frames until one comes back; returns how many went."""
+def stream_until_output(engine_client: EngineClient) -> None:
+    """Send frames until one comes back, for up to PATIENCE_S: a time, not a number of frames,
+    since a busy machine steps slower while frames go out as fast."""
     frame = np.zeros((HOST_SIZE, HOST_SIZE, 3), np.uint8)
-    for sent in range(1, frames + 1):
+    deadline = time.monotonic() + PATIENCE_S
+    while time.monotonic() < deadline:
         engine_client.send(frame)
         if engine_client.receive(0.1) is not None:
-            return sent
-    pytest.fail(f"no output after {frames} frames; the engine says {engine_client.stats()}")
+            return
+    pytest.fail(f"no output within {PATIENCE_S:g} s of streaming; the engine says {engine_client.stats()}")
 
 
 def segments_owned_by(pid: int) -> list[str]:
@@ -202,7 +205,7 @@ def test_limits_hold_for_a_running_session_and_for_the_number_of_sessions(limite
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max-frame-size", "1920"], "--max-frame-size takes two whole numbers"),
+    (["--max-frame-size", "1920"], "write --max-frame-size WIDTHxHEIGHT in pixels, e.g. --max-frame-size 1920x1080"),
     (["--max-sessions", "0"], "max_sessions must be from 1"),
     (["--max-model-size", "16", "--size", "32x32"], "over --max-model-size 16"),
 ], ids=["malformed size", "no sessions", "default size over the limit"])
@@ -334,7 +337,7 @@ def test_a_host_killed_outright_loses_its_session_and_every_segment_of_it(tmp_pa
 
 
 def test_a_step_out_of_memory_ends_that_session_with_an_error_and_the_others_stream_on(tmp_path):
-    engine = Engine(tmp_path, env={cli.FAULT_OOM_PROMPT_ENV: "too big"})
+    engine = Engine(tmp_path, module="faulty_engine", env={OOM_PROMPT_ENV: "too big"})
     try:
         with client(engine.address, "shm", prompt="fine") as fine, \
                 client(engine.address, "zmq", prompt="too big") as failing:
@@ -379,6 +382,39 @@ def test_a_session_whose_frames_cannot_be_moved_fails_alone(monkeypatch):
     assert not server.failed
 
 
+def test_a_ring_that_lies_is_told_to_its_host_once_and_its_session_streams_when_the_ring_is_honest(monkeypatch):
+    """In-process, to make one session's input ring refuse what it holds for a while (a frame
+    block or a frame no RingWriter makes: the host's own memory may hold anything)."""
+    import engine.server
+
+    refusals = []
+
+    class LyingRing(RingReader):
+        def read_latest(self, out=None):
+            if len(refusals) < 20:  # the reads of the first 40 ms or so
+                refusals.append(self.name)
+                raise ProtocolError(ErrorCode.OUT_OF_RANGE, "height", "height must be from 1 to 8192, got 2**63")
+            return super().read_latest(out)
+
+    monkeypatch.setattr(engine.server, "RingReader", LyingRing)  # the engine's reference only
+    notices = []
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32))
+    notify = server._socket.notify
+    monkeypatch.setattr(server._socket, "notify", lambda *args: (notices.append(args), notify(*args)))
+    server.start()
+    try:
+        with client(server.address, "zmq") as healthy, client(server.address, "shm") as lying:
+            wait_until(lambda: send_and_receive(lying) or lying.error is not None, "the host to hear of its ring")
+            assert (lying.error.code, lying.error.field) == ("out_of_range", "height")
+            stream_until_output(lying)  # the same session, once its ring is honest
+            stream_until_output(healthy)
+        assert len(notices) == 1  # once for that frame block, not at each of its 20 reads
+    finally:
+        server.close()
+    assert not server.failed
+
+
 def test_a_fault_handling_one_request_is_answered_and_every_session_goes_on(monkeypatch):
     """In-process, to make the engine fail taking one parameter change (a fault of its own,
     not bad input): the host hears why, and the engine, that session included, serves on."""
@@ -407,6 +443,28 @@ def test_a_fault_handling_one_request_is_answered_and_every_session_goes_on(monk
             assert first.set(prompt="asked again")["params"]["prompt"] == "asked again"  # the same session
             stream_until_output(first)
             stream_until_output(second)
+    finally:
+        server.close()
+    assert not server.failed
+
+
+def test_a_reply_that_cannot_be_encoded_is_answered_as_a_fault_and_the_engine_serves_on(monkeypatch):
+    """In-process, to make a stats reply hold a number msgpack cannot carry (a lying ring's
+    frame counts once did, and the IO thread died of it)."""
+    import engine.session
+
+    stats = engine.session.Session.stats
+    monkeypatch.setattr(engine.session.Session, "stats", lambda session: {**stats(session), "frames_dropped": 2**64})
+    server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
+                          model_size=(32, 32))
+    server.start()
+    try:
+        with client(server.address, "zmq") as host:
+            with pytest.raises(RemoteError) as answered:
+                host.stats()
+            assert answered.value.code == "internal" and "cannot encode" in answered.value.message
+            monkeypatch.undo()
+            stream_until_output(host)
     finally:
         server.close()
     assert not server.failed

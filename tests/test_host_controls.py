@@ -39,6 +39,7 @@ from processes import PATIENCE_S, ServedEngine  # noqa: E402
 from streamdiffusion_obs import libobs  # noqa: E402
 from td_harness import build_component, pattern, source_top  # noqa: E402
 from test_engine_video_paths import rgba, spout_environment  # noqa: E402
+from tiny_loras import random_factors, write_lora  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,8 +47,9 @@ HOST_PARAMS = controls.host_params()
 SPOUT_PARAMS = table.in_group("Spout")
 TD_HOST_PAGES = {"Engine", "Transport", "Status"}  # TouchDesigner's own pages
 TD_TRANSPORT_OWN = {"Transport", "Outputsize", "Resolution1", "Resolution2"}  # the Transport page's own controls
-TD_STYLES = {"bool": "Toggle", "int": "Int", "float": "Float", "str": "Str", "prompts": "DAT"}
-WEIGHTED_PROMPTS = [["ink on paper", 0.7], ["charcoal", 0.3]]
+TD_STYLES = {"bool": "Toggle", "int": "Int", "float": "Float", "str": "Str", "prompts": "DAT", "loras": "DAT"}
+PAIRS = {"prompts": [["ink on paper", 0.7], ["charcoal", 0.3]],
+         "loras": [["ink", 0.5]]}  # a LoRA the tiny engine's folder holds (tiny_engine)
 OBS_ADDRESS = "tcp://127.0.0.1:5998"
 
 
@@ -65,8 +67,8 @@ def another_value(param):
     if param.kind in ("int", "float"):
         low, high = param.slider_range
         return low if param.default != low else high
-    if param.kind == "prompts":
-        return WEIGHTED_PROMPTS
+    if param.kind in table.PAIR_KINDS:
+        return PAIRS[param.kind]
     return "ink on paper"
 
 
@@ -123,9 +125,9 @@ def test_each_touchdesigner_control_is_its_table_entry(component, param):
         assert par.help.endswith(f" In {param.unit}.")
     if param.choices:
         assert par.menuNames == list(param.choices)
-    if param.kind == "prompts":  # a table DAT of rows (text, weight); the component's own is empty
-        assert param.default == () and par.eval() is component.op("prompts")
-        assert component.op("prompts").rows()[1:] == []
+    if param.kind in table.PAIR_KINDS:  # a table DAT of rows (text, number); the component's own is empty
+        assert param.default == () and par.eval() is component.op(param.name)
+        assert component.op(param.name).rows()[1:] == []
     else:
         assert par.default == param.default and par.eval() == param.default
     if param.kind in ("int", "float"):
@@ -149,7 +151,9 @@ def test_touchdesigner_shows_no_control_the_table_lacks(component):
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
-    engine = ServedEngine(tmp_path_factory.mktemp("engine"), "--session-timeout", "5")
+    loras = tmp_path_factory.mktemp("loras")
+    write_lora(loras / "ink.safetensors", random_factors())
+    engine = ServedEngine(tmp_path_factory.mktemp("engine"), "--session-timeout", "5", "--lora-dir", str(loras))
     yield engine
     assert engine.stop() == 0, engine.log()
 
@@ -160,21 +164,23 @@ def test_every_touchdesigner_control_reaches_the_engine_by_its_protocol_name(com
     par.Mode, par.Address = "attach", tiny_engine.address
     chosen = {param.name: another_value(param) for param in HOST_PARAMS}
     for param in HOST_PARAMS:
-        if param.kind == "prompts":
+        if param.kind in table.PAIR_KINDS:
             for row in chosen[param.name]:
-                component.op("prompts").appendRow(row)
+                component.op(param.name).appendRow(row)
         else:
             par[td_name(param)].val = chosen[param.name]
     par.Start.pulse()
     run_td_frames_until(lambda: component.EngineParams)
     assert {name: component.EngineParams[name] for name in chosen} == chosen
 
-    # Changed while streaming, each goes on its own (Weighted Prompts: when the table's rows change).
+    # Changed while streaming, each goes on its own (a table of pairs: when its rows change).
     for param in HOST_PARAMS:
-        if param.kind != "prompts":
+        if param.kind not in table.PAIR_KINDS:
             par[td_name(param)].val = param.default
     component.op("prompts").appendRow(["pencil", "1"])
-    defaults = {**table.defaults(), "prompts": [*WEIGHTED_PROMPTS, ["pencil", 1.0]]}
+    component.op("loras").appendRow(["ink", "-1"])
+    defaults = {**table.defaults(), "prompts": [*PAIRS["prompts"], ["pencil", 1.0]],
+                "loras": [*PAIRS["loras"], ["ink", -1.0]]}
     run_td_frames_until(lambda: all(component.EngineParams.get(param.name) == defaults[param.name]
                                     for param in HOST_PARAMS))
 
@@ -279,8 +285,8 @@ def obs_script(monkeypatch):
 
 
 def obs_value(param, value):
-    """A value as the OBS script keeps it: weighted prompts as lines of text, weight."""
-    return "\n".join(f"{text}, {weight}" for text, weight in value) if param.kind == "prompts" else value
+    """A value as the OBS script keeps it: a list of pairs as lines of text, number."""
+    return "\n".join(f"{text}, {number}" for text, number in value) if param.kind in table.PAIR_KINDS else value
 
 
 @pytest.mark.parametrize("param", HOST_PARAMS, ids=lambda param: param.name)
@@ -289,7 +295,7 @@ def test_each_obs_property_is_its_table_entry(obs_script, param):
     prop = props[param.name]
     restarts = " (restarts the stream)" if param.applies == table.RELOAD else ""
     assert prop.description == param.label + restarts
-    in_obs = streamdiffusion.PROMPTS_FORMAT if param.kind == "prompts" else ""
+    in_obs = streamdiffusion.pairs_format(param) if param.kind in table.PAIR_KINDS else ""
     assert prop.long_description == controls.help_text(param) + in_obs
     if param.choices:
         assert prop.kind == "list" and prop.items == [[label, value, False] for value, label in controls.menu(param)]
@@ -304,7 +310,7 @@ def test_each_obs_property_is_its_table_entry(obs_script, param):
         if prop.slider:  # a slider stops at the minimum plus whole steps: the default is one of them
             assert math.isclose((param.default - minimum) / step, round((param.default - minimum) / step))
     else:
-        assert prop.kind == {"bool": "bool", "str": "text", "prompts": "text"}[param.kind]
+        assert prop.kind == {"bool": "bool", "str": "text", "prompts": "text", "loras": "text"}[param.kind]
 
     settings = obs.settings()
     streamdiffusion.script_defaults(settings)
@@ -341,7 +347,7 @@ def test_every_obs_property_reaches_the_engine_by_its_protocol_name(obs_script):
     obs.update_script(streamdiffusion, settings, **{param.name: obs_value(param, param.default)
                                                     for param in HOST_PARAMS})
     engine.wait_for(lambda e: e.params_received)
-    assert engine.params_received == [{param.name: [] if param.kind == "prompts" else param.default
+    assert engine.params_received == [{param.name: [] if param.kind in table.PAIR_KINDS else param.default
                                        for param in HOST_PARAMS}]
 
 

@@ -115,7 +115,7 @@ def test_an_engine_that_never_answers_is_stopped_and_said_so_within_its_timeout(
     started = time.monotonic()
     with pytest.raises(EngineStartError) as failed:
         engine.wait_until_ready()
-    assert time.monotonic() - started < 3 + 10  # its timeout, and the time to stop it
+    assert time.monotonic() - started < 3 + PATIENCE_S  # its timeout and the time to stop it, not the stand-in's 600 s
     assert engine.returncode is not None  # stopped, not left hanging
     message = str(failed.value)
     assert message.startswith(f"the engine (pid {engine.pid}) did not answer within 3 s, so it was stopped")

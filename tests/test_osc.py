@@ -51,6 +51,8 @@ def test_values_are_taken_as_osc_senders_send_them():
     assert value("prompts", "a fox", 0.75, "a wolf", "0.25", "a crow") == (
         ("a fox", 0.75), ("a wolf", 0.25), ("a crow", 1.0))
     assert value("prompts") == ()
+    # LoRA adapters the same way: name, scale, name, scale ...
+    assert value("loras", "ink", 0.5, "grain", "-1") == (("ink", 0.5), ("grain", -1.0))
 
 
 @pytest.mark.parametrize("name, sent, taken, note", [
@@ -70,6 +72,8 @@ def test_texts_too_long_are_cut_to_the_engines_bounds():
     prompts, clamped = osc_value("prompts", PARAM_SPECS["prompts"], ["a", -1.0] + ["b", 1.0] * 9)
     assert prompts == (("a", 0.0),) + (("b", 1.0),) * 7
     assert clamped == ["prompts: only the first 8 prompts taken", "prompts[0] weight -1 clamped to 0"]
+    loras, clamped = osc_value("loras", PARAM_SPECS["loras"], ["ink", 5])
+    assert loras == (("ink", 2.0),) and clamped == ["loras[0] scale 5 clamped to 2"]
 
 
 @pytest.mark.parametrize("name, args, code", [

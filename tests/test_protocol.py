@@ -109,7 +109,9 @@ def test_numbers_convert_only_without_loss():
 def test_a_value_spec_describes_itself_as_plain_data_for_host_uis():
     assert PARAM_SPECS["strength"].describe() == {"type": "float", "minimum": 0.1, "maximum": 1.0}
     assert PARAM_SPECS["fit"].describe() == {"type": "str", "choices": ["letterbox", "crop", "stretch"]}
-    assert PARAM_SPECS["prompts"].describe() == {"type": "prompts", "maximum": 8}
+    assert PARAM_SPECS["prompts"].describe() == {"type": "prompts", "maximum": 8, "number_minimum": 0.0}
+    assert PARAM_SPECS["loras"].describe() == {"type": "loras", "maximum": 4, "number_minimum": -2.0,
+                                               "number_maximum": 2.0}
     assert msgpack.unpackb(msgpack.packb({k: v.describe() for k, v in PARAM_SPECS.items()}))  # travels as is
 
 
@@ -121,6 +123,17 @@ def test_weighted_prompts_are_text_weight_pairs_with_a_weight_above_zero():
                        ([["a", 1]] * 9, "params.prompts"), ("a fox", "params.prompts")):
         with pytest.raises(ProtocolError) as caught:
             check_params({"prompts": bad}, PARAM_SPECS)
+        assert caught.value.field == field, bad
+
+
+def test_loras_are_name_scale_pairs_with_scales_from_minus_2_to_2():
+    assert check_params({"loras": [["ink", 0.5], ("/styles/grain.safetensors", -2)]}, PARAM_SPECS) == {
+        "loras": (("ink", 0.5), ("/styles/grain.safetensors", -2.0))}
+    assert check_params({"loras": [["ink", 0]]}, PARAM_SPECS) == {"loras": (("ink", 0.0),)}  # scale 0: off
+    for bad, field in (([["ink", 2.5]], "params.loras[0] scale"), ([["", 1.0]], "params.loras[0] name"),
+                       ([["ink", 1.0]] * 5, "params.loras"), ([["ink"]], "params.loras[0]")):
+        with pytest.raises(ProtocolError) as caught:
+            check_params({"loras": bad}, PARAM_SPECS)
         assert caught.value.field == field, bad
 
 

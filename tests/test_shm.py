@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bridge.protocol import ErrorCode, ProtocolError
-from bridge.shm import MAX_NAME_CHARS, RingReader, RingWriter, session_ring_names
+from processes import PATIENCE_S
+from bridge.protocol import MAX_INT, ErrorCode, ProtocolError
+from bridge.shm import MAX_NAME_CHARS, RingReader, RingWriter, reclaim_abandoned_rings, session_ring_names
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(3 * PATIENCE_S)  # room for a test's waits to time out and say what never came
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_SHM = Path("/dev/shm")
@@ -85,6 +86,26 @@ def test_a_frame_can_be_read_into_a_buffer_of_the_callers():
         assert reader.read_latest(out=buffer).seq == 10  # the refused read did not consume it
 
 
+def test_a_frame_can_be_written_straight_into_its_slot_and_a_failed_fill_publishes_nothing():
+    with RingWriter.create(6, 4) as writer, RingReader.attach(writer.name) as reader:
+        writer.write_in_place(lambda slot: slot.fill(5), 5, 50)
+        got = reader.read_latest()
+        assert (got.seq, got.t_capture_ns) == (5, 50) and (got.pixels == 5).all()
+
+        def fails_half_way(slot):
+            slot[:2] = 6
+            raise RuntimeError("the conversion failed")
+
+        with pytest.raises(RuntimeError):
+            writer.write_in_place(fails_half_way, 6, 60)
+        assert reader.read_latest() is None
+        with RingReader.attach(writer.name) as newcomer:  # has read nothing yet: gets the last whole frame
+            got = newcomer.read_latest()
+            assert got.seq == 5 and (got.pixels == 5).all()
+        writer.write(frame(7), 7, 70)  # into the slot the failed fill left
+        assert reader.read_latest().seq == 7
+
+
 def test_a_reader_that_falls_behind_skips_to_the_newest_frame():
     with RingWriter.create(6, 4, slots=2) as writer, RingReader.attach(writer.name) as reader:
         for seq in range(10):
@@ -126,6 +147,32 @@ def test_resize_bumps_the_generation_and_readers_follow():
         writer.write(frame(3, 5, 8, 3), 3, 3)
         got = reader.read_latest()
         assert got.seq == 3 and got.pixels.shape == (5, 8, 3)
+
+
+def test_what_no_ring_writer_writes_is_refused_naming_the_field_and_the_reader_goes_on():
+    """The writer's memory may hold anything (another language's writer, a bug, a forgery):
+    its lies are the reader's errors, never its crashes. Forged here in the writer's own views."""
+    with RingWriter.create(6, 4) as writer, RingReader.attach(writer.name) as reader:
+        writer.write(frame(1), 1, 1)
+        writer._frames.slots["seq"][0] = -1
+        with pytest.raises(ProtocolError) as refused:
+            reader.read_latest()
+        assert (refused.value.code, refused.value.field) == (ErrorCode.OUT_OF_RANGE, "seq")
+        assert reader.read_latest() is None  # that frame is skipped, not refused again
+        writer.write(frame(2), 2, 2)
+        writer._frames.slots["publish"][1] = 2**64 - 1  # the count of frames it claims to have written
+        assert reader.read_latest().seq == 2 and reader.skipped == MAX_INT  # bounded, for stats to carry
+
+        writer.resize(6, 4)  # a new block: the lying count stays with the old one
+        writer._frames.header["height"] = 2**63  # before the reader follows
+        for _ in range(2):  # refused at every read until the writer makes another block
+            with pytest.raises(ProtocolError) as refused:
+                reader.read_latest()
+            assert refused.value.field == "height"
+        assert reader.writer_generation == 2 and reader.generation == 1
+        writer.resize(6, 4)
+        writer.write(frame(3), 3, 3)
+        assert reader.read_latest().seq == 3 and reader.generation == 3
 
 
 def test_a_reader_catches_up_over_several_resizes():
@@ -219,6 +266,29 @@ def test_a_ring_still_being_created_counts_as_not_there_yet():
         _posixshmem.shm_unlink("/sdb_unsized_test")
 
 
+LYING_OWNER = """
+import sys
+from bridge.shm import RingWriter
+
+ring = RingWriter.create(6, 4)
+ring._control["owner_pid"] = int(sys.argv[1])  # what a writer claims: any 64 bits
+print(ring.name, flush=True)
+sys.stdin.readline()
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("owner_pid", [0, 2**31, 2**64 - 1])
+def test_a_ring_whose_owner_pid_no_process_can_have_is_reclaimed(owner_pid):
+    owner = python(LYING_OWNER, str(owner_pid), start_new_session=True)
+    try:
+        ring = owner.stdout.readline().strip()
+        assert {ring, f"{ring}_1"} <= set(reclaim_abandoned_rings())
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)  # with its resource tracker, which would unlink them again
+        owner.communicate()
+
+
 @linux_only
 def test_segments_are_private_to_their_owner():
     with RingWriter.create(6, 4) as writer:
@@ -270,7 +340,7 @@ def test_no_torn_frames_while_another_process_writes_flat_out():
             writer.stdin.write("go\n")
             writer.stdin.flush()
             seen = []
-            deadline = time.monotonic() + 45
+            deadline = time.monotonic() + PATIENCE_S
             while (not seen or seen[-1] < count) and time.monotonic() < deadline:
                 got = reader.read_latest()
                 if got is None:
@@ -279,11 +349,11 @@ def test_no_torn_frames_while_another_process_writes_flat_out():
                 assert got.pixels.min() == got.pixels.max() == got.seq % 256
                 assert got.t_capture_ns == got.seq * 10
                 seen.append(got.seq)
-            assert seen and seen[-1] == count
+            assert seen and seen[-1] == count, f"the last frame never came within {PATIENCE_S:g} s; saw {seen[-3:]}"
             assert seen == sorted(set(seen))  # never an older frame, never the same one twice
         writer.stdin.write("close\n")
         writer.stdin.flush()
-        assert writer.wait(timeout=30) == 0, writer.stderr.read()
+        assert writer.wait(timeout=PATIENCE_S) == 0, writer.stderr.read()
     finally:
         writer.kill()
         writer.wait()
@@ -307,7 +377,7 @@ def test_a_reader_process_exiting_leaves_the_ring_in_place():
     with RingWriter.create(6, 4) as writer:
         writer.write(frame(3), 3, 3)
         reader = python(READER_PROCESS, writer.name)
-        out, err = reader.communicate(timeout=30)
+        out, err = reader.communicate(timeout=PATIENCE_S)
         assert reader.returncode == 0, err
         assert out.strip() == "3"
         assert "leaked" not in err
@@ -335,11 +405,11 @@ def test_a_killed_writers_segments_are_removed():
         assert writer.stdout.readline().strip() == "ready"
         assert {name, f"{name}_2"} <= ring_segments()
         writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=30)
-        deadline = time.monotonic() + 30
+        writer.wait(timeout=PATIENCE_S)
+        deadline = time.monotonic() + PATIENCE_S  # its resource tracker notices, then removes them
         while {name, f"{name}_2"} & ring_segments() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not {name, f"{name}_2"} & ring_segments()
+        assert not {name, f"{name}_2"} & ring_segments(), f"the segments were still there after {PATIENCE_S:g} s"
     finally:
         writer.kill()
         writer.wait()

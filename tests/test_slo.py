@@ -1,8 +1,9 @@
 """The SLO scheduler: on a simulated clock and device (engine/slo_sim.py, no model, no
 sleeping), and in a real engine with the tiny model on CPU.
 
-The engine test asserts no timings of its own: it checks that what the engine reports
-agrees with what the hosts measured, with generous tolerances.
+The engine tests assert no timings of their own: they check that what the engine reports
+agrees with what the hosts measured, with generous tolerances, and every wait is bounded in
+seconds (PATIENCE_S), never in frames: a busy machine makes them slower, not wrong.
 """
 
 import logging
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from processes import PATIENCE_S
 from bridge.client import EngineClient
 from engine import cli
 from engine.models.weights import build_models
@@ -20,6 +22,7 @@ from engine.slo_sim import Device, Stream, bursty_captures, simulate, steady_cap
 
 SECONDS = 30.0  # simulated
 BUDGET_S = 0.5
+HOST_DELAY_MS = 1000.0  # how much later than the engine sent it a host on a busy machine may take an output
 
 
 def delivered_fps(result) -> float:
@@ -287,22 +290,37 @@ def test_two_sessions_with_different_targets_are_served_and_their_stats_agree_wi
     targets = {"fast": {"target_fps": 16.0, "latency_ms": 1500.0}, "slow": {"target_fps": 6.0, "latency_ms": 3000.0}}
     frames = cli.test_pattern(8, 64, 64)
     try:
-        clients = {name: EngineClient(server.address, transport="zmq", width=64, height=64, timeout_s=60.0,
+        clients = {name: EngineClient(server.address, transport="zmq", width=64, height=64, timeout_s=PATIENCE_S,
                                       prompt="a watercolour", **params).open()
                    for name, params in targets.items()}
         latencies = {name: [] for name in clients}
+
+        def take_outputs(wait_s: float) -> None:
+            for name, engine_client in clients.items():
+                output = engine_client.receive(wait_s)
+                if output is not None:
+                    latencies[name].append(output.latency_ms)
+
         next_send = {name: time.monotonic() for name in clients}
         stop_at = time.monotonic() + 6.0
         while time.monotonic() < stop_at or not all(latencies.values()):
-            assert time.monotonic() < stop_at + 60, "a session was never served"
+            assert time.monotonic() < stop_at + PATIENCE_S, f"a session was never served: {latencies}"
             for name, engine_client in clients.items():
                 if time.monotonic() >= next_send[name]:
                     engine_client.send(frames[int(next_send[name] * 16) % len(frames)])
                     next_send[name] += 1 / targets[name]["target_fps"]
-                output = engine_client.receive(0.002)
-                if output is not None:
-                    latencies[name].append(output.latency_ms)
+            take_outputs(0.002)
+        # Sending stopped. Every output the engine had sent by now reaches its host, which
+        # takes it or skips it for a newer one: wait for them all, however slow the machine.
         stats = {name: engine_client.stats() for name, engine_client in clients.items()}
+        deadline = time.monotonic() + PATIENCE_S
+        while any(taken_or_skipped(clients[name]) < reported["frames_out"] for name, reported in stats.items()):
+            assert time.monotonic() < deadline, (
+                f"outputs the hosts never got: {({name: taken_or_skipped(c) for name, c in clients.items()})} "
+                f"of {({name: reported['frames_out'] for name, reported in stats.items()})}")
+            take_outputs(0.05)
+        sent_since = {name: engine_client.stats()["frames_out"] for name, engine_client in clients.items()}
+        skipped = {name: engine_client.counters.skipped for name, engine_client in clients.items()}
         for engine_client in clients.values():
             engine_client.close()
     finally:
@@ -313,18 +331,23 @@ def test_two_sessions_with_different_targets_are_served_and_their_stats_agree_wi
         assert reported["params"]["target_fps"] == targets[name]["target_fps"]
         assert reported["time_to_first_frame_ms"] is not None and reported["output_fps"] is not None
         assert reported["scheduler"]["state"] in ("meeting targets", "frame rate lowered", "over budget")
-        # Every output the host got was sent and counted; most that were sent arrived.
-        assert 0.5 * reported["frames_out"] <= len(measured) <= reported["frames_out"]
+        # Every output the engine sent reached its host: taken, or skipped for a newer one.
+        assert reported["frames_out"] <= len(measured) + skipped[name] <= sent_since[name]
         # The engine's latency percentiles (at sending, every output) and the host's (at
-        # receiving, the outputs it took) agree.
+        # receiving, the outputs it took) agree, the host's later by as much as it was busy.
         for p in (50, 95):
             engine_ms, host_ms = reported["latency_ms"][f"p{p}"], percentile(measured, p)
-            assert abs(host_ms - engine_ms) <= 0.5 * engine_ms + 200, (p, engine_ms, host_ms)
+            assert abs(host_ms - engine_ms) <= 0.5 * engine_ms + HOST_DELAY_MS, (p, engine_ms, host_ms)
+        # A miss the engine counted was taken late by the host too, or skipped.
         host_misses = sum(latency > targets[name]["latency_ms"] for latency in measured)
-        assert reported["deadline_misses"] <= host_misses + 0.1 * len(measured) + 2
+        assert reported["deadline_misses"] <= host_misses + skipped[name], (reported["deadline_misses"], host_misses)
     # The slow session got its lower rate, not the fast one's.
     assert stats["slow"]["frames_in"] < stats["fast"]["frames_in"]
     assert not server.failed
+
+
+def taken_or_skipped(engine_client: EngineClient) -> int:
+    return engine_client.counters.received + engine_client.counters.skipped
 
 
 def test_the_engine_warms_up_before_its_first_session_so_the_first_plan_predicts(caplog):
@@ -333,9 +356,9 @@ def test_the_engine_warms_up_before_its_first_session_so_the_first_plan_predicts
                           model_size=(32, 32))
     server.start()
     try:
-        with EngineClient(server.address, transport="zmq", width=64, height=64, timeout_s=60.0,
+        with EngineClient(server.address, transport="zmq", width=64, height=64, timeout_s=PATIENCE_S,
                           latency_ms=300).open() as engine_client:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + PATIENCE_S
             while (scheduler := engine_client.stats()["scheduler"]) is None:  # the worker's first plan
                 assert time.monotonic() < deadline, "no plan for the session"
                 time.sleep(0.05)
@@ -355,10 +378,10 @@ def test_sessions_of_one_size_step_together_in_the_engine():
     server.start()
     frames = cli.test_pattern(8, 64, 64)
     try:
-        clients = [EngineClient(server.address, transport="shm", width=64, height=64, timeout_s=60.0,
+        clients = [EngineClient(server.address, transport="shm", width=64, height=64, timeout_s=PATIENCE_S,
                                 prompt=prompt).open() for prompt in ("ink", "fog", "glass")]
         received = [0] * len(clients)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 2 * PATIENCE_S  # 40 outputs each, on a busy CPU
         while min(received) < 40:
             assert time.monotonic() < deadline, f"too few outputs: {received}"
             for index, engine_client in enumerate(clients):

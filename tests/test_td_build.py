@@ -49,6 +49,7 @@ def test_the_build_script_makes_the_network_it_describes_and_saves_it(td, tmp_pa
         "streamdiffusion_ext": "textDAT", "streamdiffusion_params": "textDAT", "in1": "inTOP",
         "fit_input": "fitTOP", "stream": "scriptTOP",
         "stream_callbacks": "textDAT", "out1": "outTOP", "engine_log": "textDAT", "prompts": "tableDAT",
+        "loras": "tableDAT",
         "frame_start": "executeDAT", "parameter_changes": "parameterexecuteDAT",
     }
     # The picture's way through, in to out.
@@ -82,12 +83,13 @@ def test_the_build_script_makes_the_network_it_describes_and_saves_it(td, tmp_pa
 
 def test_the_parameter_pages_are_the_ones_the_issue_specifies(component):
     pages = {page.name: page for page in component.customPages}
-    assert list(pages) == ["Engine", "Prompt", "Stream", "Targets", "Output", "Transport", "Status"]
+    assert list(pages) == ["Engine", "Prompt", "Style", "Stream", "Targets", "Output", "Transport", "Status"]
     expected = {
         "Engine": {"Mode": "Menu", "Python": "File", "Engineargs": "Str", "Model": "Menu", "Address": "Str",
                    "Bridgepath": "Folder", "Start": "Pulse", "Stop": "Pulse", "Restart": "Pulse",
                    "Processstate": "Str", "Openlog": "Pulse"},
         "Prompt": {"Prompt": "Str", "Prompts": "DAT", "Blend": "Menu", "Transitionframes": "Int"},
+        "Style": {"Loras": "DAT"},
         "Stream": {"Strength": "Float", "Steps": "Int", "Seed": "Int", "Fit": "Menu", "Lowlatencystart": "Toggle"},
         "Targets": {"Targetfps": "Float", "Latencyms": "Float"},
         "Output": {"Virtualcam": "Toggle"},
@@ -106,10 +108,10 @@ def test_the_parameter_pages_are_the_ones_the_issue_specifies(component):
     assert par.Blend.menuNames == ["linear", "slerp"]
     assert set(par.Fit.menuNames) == {"letterbox", "crop", "stretch"}
     assert "tiny" in par.Model.menuNames
-    assert par.Prompts.eval() is component.op("prompts")
+    assert par.Prompts.eval() is component.op("prompts") and par.Loras.eval() is component.op("loras")
     # The user reads Status and the process state; only the component writes them.
     assert all(p.readOnly for p in pages["Status"].pars) and par.Processstate.readOnly
-    assert not any(p.readOnly for page in ("Prompt", "Stream", "Targets", "Output", "Transport")
+    assert not any(p.readOnly for page in ("Prompt", "Style", "Stream", "Targets", "Output", "Transport")
                    for p in pages[page].pars)
     # Reload-type parameters say so before they are touched.
     assert "restarts the stream" in par.Steps.help and "restarts the stream" in par.Lowlatencystart.help

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from processes import PATIENCE_S
 from bridge.protocol import ProtocolError
 from bridge.virtualcam import (
     V4L2LOOPBACK_MODPROBE,
@@ -27,9 +28,7 @@ from bridge.virtualcam import (
     open_virtual_camera,
 )
 
-pytestmark = pytest.mark.timeout(30)
-
-WAIT_S = 10  # upper bound for the pacing thread to catch up; never a timing assertion
+pytestmark = pytest.mark.timeout(3 * PATIENCE_S)  # room for a test's waits to time out and say what never came
 
 
 class FakeClock:
@@ -80,17 +79,17 @@ class FakeCamera:
 
     def wait_for(self, count: int) -> list[tuple[float, np.ndarray]]:
         with self._changed:
-            assert self._changed.wait_for(lambda: len(self.sent) >= count, WAIT_S), f"{len(self.sent)} of {count} sent"
+            sent_in_time = self._changed.wait_for(lambda: len(self.sent) >= count, PATIENCE_S)
+            assert sent_in_time, f"{len(self.sent)} of {count} sent"
             return list(self.sent)
 
 
 def wait_until(condition) -> None:
-    """Poll for something another thread does; bounded, never a timing assertion."""
-    for _ in range(WAIT_S * 100):
-        if condition():
-            return
+    """Poll for something another thread does; bounded in time, never a timing assertion."""
+    deadline = time.monotonic() + PATIENCE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"what the test waited for did not happen within {PATIENCE_S:g} s"
         time.sleep(0.01)
-    raise AssertionError("timed out")
 
 
 def paced(camera: FakeCamera, **kwargs) -> VirtualCamera:
@@ -200,7 +199,7 @@ def test_a_slow_camera_gets_the_latest_frames_and_the_rest_are_counted_as_droppe
     camera.gate.clear()
     with paced(camera, max_queued_frames=2) as output:
         output.submit(frame(0))
-        assert camera.sending.wait(WAIT_S)  # frame 0 is in the device; the queue is empty
+        assert camera.sending.wait(PATIENCE_S)  # frame 0 is in the device; the queue is empty
         for value in range(1, 6):
             output.submit(frame(value))
         camera.gate.set()
@@ -225,10 +224,10 @@ def test_closing_a_camera_whose_device_hangs_returns_and_the_camera_is_released_
     camera.gate.clear()  # send() blocks
     output = paced(camera)
     output.submit(frame(1))
-    assert camera.sending.wait(WAIT_S)
+    assert camera.sending.wait(PATIENCE_S)
     started = time.monotonic()
     output.close(wait_s=0.05)
-    assert time.monotonic() - started < WAIT_S  # bounded, not until the device answers
+    assert time.monotonic() - started < PATIENCE_S  # bounded, not until the device answers
     assert not camera.closed  # still in send()
     camera.gate.set()
     wait_until(lambda: camera.closed)  # released by the pacing thread once send returns

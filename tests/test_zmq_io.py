@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
+from processes import PATIENCE_S
 from bridge.protocol import (
     PARAM_SPECS,
     PROTOCOL_VERSION,
@@ -26,10 +27,9 @@ from bridge.protocol import (
 )
 from bridge.zmq_io import EngineSocket, HostSocket, RemoteError
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(3 * PATIENCE_S)  # room for a test's waits to time out and say what never came
 
 ANY_PORT = "tcp://127.0.0.1:*"
-PATIENCE_S = 10.0  # generous: the machine running the tests may be busy
 
 
 class EngineThread:

@@ -81,8 +81,8 @@ class KVCache:
         # kept up to date while adaptive replacement runs instead of recomputed.
         self.sink_directions: torch.Tensor | None = None
         self._pending = None  # the last step's replacement decision, not yet read by the host
-        # Cross-attention keys/values of the last context, reused while it is unchanged.
-        self.context, self.context_version = None, -1
+        # Cross-attention keys/values of the last context, reused while it and its LoRA adapters are unchanged.
+        self.context, self.context_version, self.context_adapters = None, -1, None
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- stream position -------------------------------------------------------

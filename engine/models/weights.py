@@ -9,12 +9,15 @@ Layouts handled:
 - raw ``.pth`` state dicts (the Wan VAE, TAEHV).
 
 A checkpoint that does not fit the model fails with a :class:`CheckpointMismatch`
-listing the missing and unexpected keys and the first shape conflicts.
+listing the missing and unexpected keys and the first shape conflicts; a file that is
+empty, cut short or something else saved in its place (a broken download) fails with a
+:class:`CorruptCheckpoint` before torch or safetensors read it.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +29,9 @@ from torch import nn
 # the order the published loader looks for them.
 GENERATOR_KEYS = ("generator", "generator_ema", "state_dict")
 MAX_LISTED = 8
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6 is a zip archive
+PICKLE_MAGIC = b"\x80"  # a pickle's first byte (protocol 2 and later): torch.save's legacy format
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit, in bytes
 
 
 class CheckpointMismatch(ValueError):
@@ -51,6 +57,74 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be what its name says; the message says how to fetch it again."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        # In the Hugging Face cache the file is a link to a blob, which a new download would reuse.
+        linked = f" and the file it links to, {path.resolve()}," if path.is_symlink() else ""
+        super().__init__(
+            f"{path} looks corrupt or truncated: {reason} ({path.stat().st_size} bytes). A broken download leaves "
+            f"such a file. Delete it{linked} and fetch it again: `python -m engine download --model NAME` "
+            f"({' or '.join(PUBLISHED)}) into the Hugging Face cache, or a new copy into your --weights folder")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise CorruptCheckpoint for a file that cannot hold what its suffix says: empty, cut
+    short (a zip without its directory, safetensors offsets past the end), or text saved in
+    its place (an error page, a Git LFS pointer)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpoint(path, "it is empty")
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
+        first_line = head.decode("ascii").strip().split("\n")[0]
+        raise CorruptCheckpoint(path, f"it holds text, not weights: {first_line!r}")
+    if path.suffix == ".safetensors":
+        problem = _safetensors_problem(path, size)
+    else:
+        problem = _torch_file_problem(path, head, size)
+    if problem:
+        raise CorruptCheckpoint(path, problem)
+
+
+def _torch_file_problem(path: Path, head: bytes, size: int) -> str | None:
+    if head.startswith(PICKLE_MAGIC):
+        return None
+    if not head.startswith(ZIP_MAGIC):
+        return "it is neither a zip archive nor a pickle, as torch checkpoints are"
+    try:
+        with zipfile.ZipFile(path) as archive:  # reads only the directory at the end
+            end = max((entry.header_offset + entry.compress_size for entry in archive.infolist()), default=0)
+    except zipfile.BadZipFile:
+        return "the zip directory at its end is missing or damaged, as when the file is cut short"
+    if end > size:
+        return f"its zip directory places data up to byte {end}, past its end"
+    return None
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """A safetensors file: the header's length (8 bytes), the header (JSON: each tensor's
+    data_offsets), then the tensors' bytes."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        if size < 8 or header_size > MAX_SAFETENSORS_HEADER:
+            return "it does not begin with a safetensors header"
+        if 8 + header_size > size:
+            return f"its header is {header_size} bytes long, more than the file holds"
+        try:
+            header = json.loads(file.read(header_size))
+            end = 8 + header_size + max((entry["data_offsets"][1] for name, entry in header.items()
+                                         if name != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not a safetensors header"
+    if end > size:
+        return f"its header places tensors up to byte {end}, past its end"
+    return None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file, a sharded safetensors
     folder, or a torch ``.pt``/``.pth`` file (loaded with ``weights_only``)."""
@@ -60,16 +134,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return _read_sharded_folder(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        return _read_safetensors(path)
+    check_checkpoint(path)
+    try:
+        # mmap needs the zip format; a legacy pickle is read whole
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except RuntimeError as error:  # damage the check cannot see: torch's zip reader or storage sizes
+        raise CorruptCheckpoint(path, f"torch cannot read it ({str(error).splitlines()[0]})") from error
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, expected a state dict")
     return dict(loaded)
 
 
-def _read_sharded_folder(folder: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    check_checkpoint(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise CorruptCheckpoint(path, f"safetensors cannot read it ({str(error).splitlines()[0]})") from error
+
+
+def _read_sharded_folder(folder: Path) -> dict[str, torch.Tensor]:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
@@ -85,7 +173,7 @@ def _read_sharded_folder(folder: Path) -> dict[str, torch.Tensor]:
         shard_path = folder / shard
         if not shard_path.exists():
             raise FileNotFoundError(f"shard {shard} named in the index is missing from {folder}")
-        state.update(load_file(str(shard_path)))
+        state.update(_read_safetensors(shard_path))
     return state
 
 
@@ -171,6 +259,10 @@ class WeightsNotFound(FileNotFoundError):
     """The published weights are not where the engine looked; the message says what to do."""
 
 
+class DownloadFailed(ConnectionError):
+    """Fetching the published weights failed (the network, a proxy, the Hub); the message says what to do."""
+
+
 @dataclass(frozen=True)
 class WeightFiles:
     dit: Path  # model.pt, a .safetensors file or a Wan2.1 folder
@@ -192,11 +284,18 @@ def locate_weights(preset: str, folder: str | Path | None = None, *, download: b
     wan_repo, sdv2_file = PUBLISHED[preset]
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError:
+        raise WeightsNotFound(f"huggingface_hub, which finds and fetches the published weights, is not installed: "
+                              f"pip install 'streamdiffusion-bridge[wan]', or {_by_hand(preset)}") from None
+    try:
         wan = Path(snapshot_download(wan_repo, allow_patterns=WAN_PATTERNS, local_files_only=not download))
         dit = Path(hf_hub_download(SDV2_REPO, sdv2_file, local_files_only=not download))
         tiny_decoder = Path(hf_hub_download(TAEHV_REPO, TAEHV_FILE, local_files_only=not download)) if taehv else None
-    except Exception as error:  # offline, no cache, gated, or a broken download: say what to do instead
-        raise WeightsNotFound(_missing_message(preset, error, download)) from error
+    except Exception as error:  # offline, no cache, gated, refused: say what to do instead
+        if download:
+            raise DownloadFailed(_download_failed_message(preset, error)) from error
+        raise WeightsNotFound(f"the {preset} weights are not in the Hugging Face cache ({_cause(error)}).\n"
+                              + _placement(preset)) from error
     return WeightFiles(dit=dit, vae=wan / WAN_VAE_FILE, text_encoder=wan, taehv=tiny_decoder)
 
 
@@ -220,18 +319,32 @@ def _files_in_folder(preset: str, folder: Path, taehv: bool) -> WeightFiles:
 
 
 def _placement(preset: str) -> str:
+    return f"Fetch them with `python -m engine download --model {preset}`, or {_by_hand(preset)}"
+
+
+def _by_hand(preset: str) -> str:
     wan_repo, sdv2_file = PUBLISHED[preset]
-    return (f"Fetch them with `python -m engine download --model {preset}`, or place by hand in one folder:\n"
+    return (f"place them by hand in one folder:\n"
             f"  {WAN_VAE_FILE}, {WAN_T5_FILE}, {WAN_TOKENIZER_DIR}/ (from {wan_repo})\n"
             f"  model.pt (from {SDV2_REPO}: {sdv2_file})\n"
             f"  {TAEHV_FILE} (from {TAEHV_REPO}, only for the TAEHV decoder)\n"
-            f"and pass that folder with --weights.")
+            f"and pass that folder with --weights DIR.")
 
 
-def _missing_message(preset: str, error: Exception, download: bool) -> str:
-    cause = f"{type(error).__name__}: {error}".splitlines()[0]
-    what = "could not download" if download else "are not in the Hugging Face cache"
-    return f"the {preset} weights {what} ({cause}).\n" + _placement(preset)
+def _download_failed_message(preset: str, error: Exception) -> str:
+    from huggingface_hub import constants
+
+    return (f"could not download the {preset} weights from {constants.ENDPOINT} ({_cause(error)}).\n"
+            "Check that this machine reaches it: behind a proxy set HTTPS_PROXY, for a mirror set HF_ENDPOINT; "
+            f"then run `python -m engine download --model {preset}` again, which keeps what it fetched already.\n"
+            f"Or fetch the files on a machine that reaches it and {_by_hand(preset)}")
+
+
+def _cause(error: Exception) -> str:
+    """The first line of what went wrong underneath: huggingface_hub wraps a refused
+    connection in an error about the cache."""
+    root = error.__cause__ or error
+    return f"{type(root).__name__}: {root}".splitlines()[0]
 
 
 def download_weights(preset: str, *, taehv: bool = True) -> WeightFiles:

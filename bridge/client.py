@@ -155,7 +155,8 @@ class EngineClient:
         self._next_seq = 0
         self._input_ring: RingWriter | None = None
         self._output_ring: RingReader | None = None
-        self._stats_posted: dict[int, str] = {}  # request id -> session, for stats requests not answered yet
+        # request id -> (session, outputs received when posted), for stats requests not answered yet
+        self._stats_posted: dict[int, tuple[str, int]] = {}
         self._last_keepalive = 0.0
         self._waiting_since: float | None = None  # time of the oldest request the engine has not answered
         self._lost_at = 0.0
@@ -353,17 +354,19 @@ class EngineClient:
             return
         request_id = self._socket.post(StatsRequest(session=self.session))
         if request_id is not None:
-            self._stats_posted[request_id] = self.session
+            self._stats_posted[request_id] = (self.session, self.counters.received)
             while len(self._stats_posted) > MAX_STATS_POSTED:  # the oldest will never be answered
                 del self._stats_posted[next(iter(self._stats_posted))]
 
     def _take_notice(self, notice: Ok | ErrorReply) -> None:
         if notice.id is not None:  # the reply to a posted request
-            about = self._stats_posted.pop(notice.id, None)
-            if about is None or about != self.session:
+            session, received_when_posted = self._stats_posted.pop(notice.id, (None, 0))
+            if session is None or session != self.session:
                 return  # a ping's, or about an earlier session
             if isinstance(notice, Ok):
-                self._state = notice.payload.get("state", self._state)
+                # An output that came meanwhile is newer news than this reply (streaming, not ready).
+                if self.counters.received == received_when_posted:
+                    self._state = notice.payload.get("state", self._state)
                 return
             if notice.code == ErrorCode.UNKNOWN_SESSION:
                 self._session_forgotten()

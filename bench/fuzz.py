@@ -20,7 +20,7 @@ up to --rate a second (--rate 0: a flood, as fast as the engine takes them), to 
         other sessions     requests and frames naming the healthy session or none at all
         oversized          messages over 64 KiB, params over 64 entries, prompts over the
                            limit, and (every HUGE_PART_EVERY-th) a part over the engine's
-                           largest frame, for which the engine drops the connection
+                           largest frame, on a connection of its own, which the engine drops
         lying frames       frame headers that lie about width, height, stride or format
                            against the pixel bytes, huge size claims, wrong part counts,
                            honest frames of another size than the session's
@@ -296,7 +296,7 @@ class Peer:
     counts what it sent and what came back, and closes any session a fuzzed hello opened."""
 
     def __init__(self, context: zmq.Context, address: str, kind: str, transport: str = "zmq"):
-        self.kind = kind
+        self.kind, self.address = kind, address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
@@ -337,6 +337,16 @@ class Peer:
                     self.not_sent += 1
                     return
                 self.socket.poll(10, zmq.POLLOUT)
+
+    def send_alone(self, parts: list[bytes]) -> None:
+        """Send one input on a connection of its own, for one the engine drops the connection for
+        (a part over its limit): the messages queued behind it on ours would go with it."""
+        socket = self.socket.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, int(PATIENCE_S * 1000))  # it goes out after close(), in the background
+        socket.connect(self.address)
+        socket.send_multipart(parts)
+        socket.close()
+        self.sent += 1
 
     def take_replies(self) -> None:
         while self.socket.poll(0, zmq.POLLIN):
@@ -669,7 +679,9 @@ def fuzz(address: str, healthy: HealthyHost, watch: Watch, inputs: int, seconds:
                     oversized_count += 1
                 else:
                     parts = ZMQ_INPUTS[kind](gen, peer.session, healthy.session)
-                if not is_shutdown(parts):
+                if HUGE_PART in parts:
+                    peer.send_alone(parts)
+                elif not is_shutdown(parts):
                     peer.send(parts)
                     peer.take_replies()
             if number % 64 == 0:

@@ -1,4 +1,4 @@
-"""StreamPipeline: frames in, stylised frames out, on one device.
+"""StreamPipeline: frames in, stylised frames out, on one device or many.
 
 One pipeline is one stream. Per chunk of 4 input frames (the first chunk 5, or 1
 in low-latency mode):
@@ -27,11 +27,17 @@ Several pipelines (sessions) sharing one model step together with
 ``push_streams``: a pipeline's chunk is a generator that yields each DiT call it
 needs, and calls of the same size from different pipelines run as one forward
 (``CausalWanDiT.forward_streams``), which reads the weights once for all of them.
+
+Where a forward runs is the pipeline's executor (engine/executor.py): the whole DiT
+in this process, or its blocks over torch.distributed ranks (engine/parallel/), with
+one stream-batch tick in flight per rank. Everything else is this one pipeline on
+any number of ranks, so every mode and setting behaves the same on all of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 from bridge.params import LIVE, PARAMS
 from bridge.protocol import PARAM_SPECS, ProtocolError
 
+from .executor import Executor, Ticket, executor_for
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
 from .models.dit import CausalWanDiT, StreamInput
 from .models.lora import LoraLibrary, LoraMix
@@ -186,22 +193,27 @@ class PromptTransition:
 
 
 class StreamPipeline:
-    def __init__(self, dit: CausalWanDiT, vae, text_encoder: TextEncoder | PromptCache,
+    def __init__(self, dit: CausalWanDiT | Executor, vae, text_encoder: TextEncoder | PromptCache,
                  settings: StreamSettings = StreamSettings(), *, decoder=None, offload_text_encoder: bool = False,
                  loras: LoraLibrary | None = None):
-        """``vae`` encodes (and decodes unless ``decoder``, e.g. a TAEHV, is given).
+        """``dit``: the DiT (run here), or an executor that runs it (engine/executor.py: the
+        blocks over several ranks, say). ``vae`` encodes (and decodes unless ``decoder``, e.g.
+        a TAEHV, is given).
 
         ``offload_text_encoder`` moves the text encoder to the CPU after each new
         prompt (umT5-XXL holds about 11 GB of GPU memory); a prompt change then
         costs a move back, so prompts already seen come from the prompt cache.
         ``loras``: where the settings' LoRA adapters are read (none can be named without it)."""
-        self.dit, self.vae, self.decoder = dit, vae, decoder or vae
+        self.executor = executor_for(dit)
+        self.dit, self.vae, self.decoder = self.executor.dit, vae, decoder or vae
         self.loras = loras
         self.prompts = text_encoder if isinstance(text_encoder, PromptCache) else PromptCache(text_encoder)
         self.offload_text_encoder = offload_text_encoder
-        param = next(dit.parameters())
+        param = next(self.dit.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.settings = settings
+        self.pending: deque[_Work] = deque()  # stream-batch ticks in flight on the executor, oldest first
+        self.finished: deque[np.ndarray] = deque()  # finished frames not yet returned
         self.reset()
 
     # -- settings ---------------------------------------------------------------
@@ -224,14 +236,16 @@ class StreamPipeline:
             return True
         self.adapters = adapters
         if target is not None and not torch.equal(target, self.transition.target):
-            self.transition = PromptTransition(self.context, target, new.transition_frames, self.frames_out,
+            self.transition = PromptTransition(self.context, target, new.transition_frames, self.settled_frames,
                                                new.blend)
         # a new strength moves the controller's target; its running average goes on
         self.motion.settings = motion_settings(new)
         return False
 
     def reset(self) -> None:
-        """Start a new stream: empty caches, nothing in flight."""
+        """Start a new stream: empty caches. Ticks still in flight finish first; their frames
+        come with the next push (``drain`` takes them at once)."""
+        self._finish_pending()
         s = self.settings
         self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
         self.motion = MotionNoiseController(motion_settings(s))
@@ -241,24 +255,35 @@ class StreamPipeline:
         self.decoder_state = self.decoder.new_stream() if self.decoder is not self.vae else self.vae_state
         self.latent_h, self.latent_w = s.height // 8, s.width // 8
         self.cache = None  # made by the first chunk
-        self.in_flight = None  # [n, 16, 1, h, w] stream-batch slots, slot i at step i
-        self.chunks_in = 0  # chunks pushed since the first one
-        self.next_latent = 0  # latent frame number of the next chunk
+        self.lanes: dict[int, torch.Tensor] = {}  # tick -> its stream batch [steps, 16, 1, h, w], slot i at step i
+        self.chunks_in = 0  # chunks pushed, the first one included (tick m takes chunk m in)
+        self.first_latents = 0  # latent frames of the first chunk
+        self.next_latent = 0  # latent frame number of the next chunk (without stream batching)
         self.frames_in = 0  # frames pushed (the output frame number the newest chunk ends on)
         self.frames_out = 0  # frames finished
-        self.host_size: tuple[int, int] | None = None
-        self.queued_sizes: list[tuple[int, int]] = []  # host size of each chunk in flight
+        self.host_size: tuple[int, int] = (s.height, s.width)  # of the latest chunk pushed
+        self.sizes: dict[int, tuple[int, int]] = {}  # tick -> host size of its chunk, until it is finished
+        # tick -> (frames pushed by then, the prompt transition then): what each step of a chunk is conditioned on
+        self.history: dict[int, tuple[int, PromptTransition]] = {}
 
     @property
     def lag_frames(self) -> int:
-        """Input frames an output trails by (the stream batch's fill)."""
-        return self.settings.lag_frames
+        """Input frames an output trails by: the stream batch's fill, on every rank of the executor."""
+        return self.settings.lag_frames * self.executor.depth
+
+    @property
+    def settled_frames(self) -> int:
+        """Output frames that one process would have finished by now (the stream batch holds the
+        rest). Prompt transitions are timed on it, so they are the same on any number of ranks."""
+        if not self.settings.stream_batch or not self.started:
+            return self.frames_in
+        return self.frames_in - FRAMES_PER_LATENT * min(self.chunks_in - 1, self.settings.steps - 1)
 
     @property
     def context(self) -> torch.Tensor:
-        """The text context in force: what the latest output frames were conditioned on
+        """The text context in force: what the latest settled output frames were conditioned on
         (the prompt's own once a transition is over)."""
-        return self.transition.context(self.frames_out)
+        return self.transition.context(self.settled_frames)
 
     @property
     def first_chunk_frames(self) -> int:
@@ -298,6 +323,12 @@ class StreamPipeline:
             raise finished
         return finished
 
+    def drain(self) -> np.ndarray:
+        """Wait for the ticks in flight on the executor (on one rank there are none) and
+        return their finished frames. What the stream batch holds stays there."""
+        self._finish_pending()
+        return self._take_finished()
+
     def chunk_steps(self, frames) -> ChunkSteps:
         """The work of one ``push``, as a generator: it yields every DiT call it needs
         (a :class:`StreamInput`), is sent back that call's flow, and returns the
@@ -317,47 +348,47 @@ class StreamPipeline:
             count = pixels.shape[2]
             latents = self.vae.stream_encode(pixels, self.vae_state)
         self.frames_in += count
+        self.host_size = size
+        tick = self.chunks_in
+        self.chunks_in += 1
+        self.history[tick] = (self.frames_in, self.transition)
         if first:
             return (yield from self._first_chunk(latents, pixels, size))
-        return (yield from self._next_chunk(latents, pixels, size))
+        return (yield from self._next_chunk(tick, latents, pixels, size))
 
     def _first_chunk(self, latents, pixels, size) -> ChunkSteps:
         """Denoise the first latents with every step in turn (batch 1), then give
-        each stream-batch slot a copy of the cache, as published."""
+        each stream-batch slot a copy of the cache, as published. As published, the
+        first chunk is noised at the strength and conditioned on the step list's first
+        timestep, whatever the strength (later chunks: the motion controller's t0)."""
         s = self.settings
-        if s.mode == "t2v":
-            noise_scale, first_t = 1.0, self.steps[0]
-        else:
-            noise_scale, first_t = self.motion.first_chunk(pixels)
+        noise_scale = 1.0 if s.mode == "t2v" else self.motion.first_chunk(pixels)[0]
         frames = latents.shape[2]
-        cache = self.dit.new_cache(1, self.latent_h, self.latent_w)
-        x0 = yield from self._denoise_alone(latents, noise_scale, first_t, cache, chunk=0)
-        self.next_latent = frames
+        cache = self.executor.new_cache(1, self.latent_h, self.latent_w)
+        x0 = yield from self._denoise_alone(latents, noise_scale, self.steps[0], cache, chunk=0)
+        self.first_latents = self.next_latent = frames
         width = s.steps if s.stream_batch else 1
-        self.cache = cache.repeated(width) if width > 1 else cache
+        self.cache = self.executor.repeat_cache(cache, width) if width > 1 else cache
         self.cache.frame_start = [frames] * width
-        self.chunks_in = 1
-        return self._decode(x0, size)
+        return self._decode(x0, size, s.fit)
 
-    def _next_chunk(self, latents, pixels, size) -> ChunkSteps:
+    def _next_chunk(self, tick, latents, pixels, size) -> ChunkSteps:
         s = self.settings
         if s.mode == "t2v":
             noise_scale, first_t = 1.0, self.steps[0]
         else:
             noise_scale, first_t = self.motion.update(pixels)
-        chunk = self.chunks_in
-        self.chunks_in += 1
         if not s.stream_batch:
             self.cache.frame_start = [self.next_latent]
-            x0 = yield from self._denoise_alone(latents, noise_scale, first_t, self.cache, chunk)
+            x0 = yield from self._denoise_alone(latents, noise_scale, first_t, self.cache, tick)
             self.next_latent += latents.shape[2]
-            return self._decode(x0, size)
-        return (yield from self._stream_batch_step(latents, noise_scale, first_t, size, chunk))
+            return self._decode(x0, size, s.fit)
+        return (yield from self._stream_batch_step(tick, latents, noise_scale, first_t, size))
 
     def _denoise_alone(self, latents, noise_scale, first_t, cache, chunk) -> ChunkSteps:
         """All steps of one chunk in sequence against one cache (re-processing the
         same frames overwrites their slots)."""
-        context = self._conditioning([self.frames_in])
+        context = self.transition.context(self.frames_in)
         x = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
         steps = [first_t] + self.steps[1:]
         for i, t in enumerate(steps):
@@ -368,36 +399,40 @@ class StreamPipeline:
             yield from self._x0(x0, 0, context, cache)
         return x0
 
-    def _stream_batch_step(self, latents, noise_scale, first_t, size, chunk) -> ChunkSteps:
-        """One batched forward: the new chunk enters slot 0 at t0, slot i moves on
-        to step i, the last slot's chunk is finished."""
-        n = self.settings.steps
-        noisy = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
-        if self.in_flight is None:
-            self.in_flight = noisy.repeat(n, 1, 1, 1, 1)  # slots not yet filled compute on a copy
+    def _stream_batch_step(self, tick, latents, noise_scale, first_t, size) -> ChunkSteps:
+        """One batched forward, tick ``tick``: the new chunk enters slot 0 at t0, slot i
+        holds chunk ``tick - i * depth`` at step i, and the last slot's chunk is finished.
+
+        With an executor of depth N (N ranks), N ticks are in flight at once: tick m's
+        stream batch is tick m - N's, re-noised. Each slot's cache still sees its chunks
+        one after another, and each chunk's step i is conditioned as one process runs it
+        (at push c + i), so the frames are one process's, later by (steps - 1) * (N - 1) chunks."""
+        s, n, depth = self.settings, self.settings.steps, self.executor.depth
+        noisy = add_noise(latents, self._noise(latents.shape, tick, 0), noise_scale)
+        batch = self.lanes.pop(tick, None)
+        if batch is None:  # slots that hold no chunk yet compute on a copy
+            batch = noisy.repeat(n, 1, 1, 1, 1)
         else:
-            self.in_flight[0] = noisy[0]
+            batch[0] = noisy[0]
+        chunks = [tick - i * depth for i in range(n)]
         # A slot that holds no chunk yet re-processes the first streamed latent's
         # frame number: the write lands in the slot its real chunk will overwrite.
-        start = self.next_latent
-        filled = self.chunks_in - 1  # chunks streamed so far, this one included
-        self.cache.frame_start = [start - min(i, filled - 1) for i in range(n)]
-        timesteps = [first_t] + self.steps[1:]
-        # Slot i's chunk came in i calls ago, so (4 frames a chunk) it ends 4 * i output frames before this one.
-        context = self._conditioning([self.frames_in - FRAMES_PER_LATENT * i for i in range(n)])
-        x0 = yield from self._x0(self.in_flight, timesteps, context, self.cache)
-        self.next_latent += 1
-        self.queued_sizes.append(size)
+        self.cache.frame_start = [self.first_latents + max(chunk, 1) - 1 for chunk in chunks]
+        self.sizes[tick] = size
+        context = self._conditioning(tick, chunks)
+        for old in [t for t in self.history if t < tick - n * depth]:
+            del self.history[old]  # no slot refers to it any more
+        x0 = yield from self._x0(batch, [first_t] + self.steps[1:], context, self.cache)
 
-        renoised = self.in_flight.clone()
+        renoised = batch.clone()
         for i in range(n - 1):  # slot i's x0 moves to slot i+1 at the next step's level
             sigma = float(sigma_for_timestep(self.steps[i + 1]))
-            noise = self._noise(x0[i:i + 1].shape, chunk - i, i + 1)
+            noise = chunk_noise(x0[i:i + 1].shape, s.seed, chunks[i], i + 1, device=self.device, dtype=self.dtype)
             renoised[i + 1] = add_noise(x0[i:i + 1], noise, sigma)[0]
-        self.in_flight = renoised
-        if filled < n:
+        self.lanes[tick + depth] = renoised
+        if chunks[-1] < 1:  # the stream batch is still filling
             return np.zeros((0, *size, 3), dtype=np.uint8)
-        return self._decode(x0[n - 1:n], self.queued_sizes.pop(0))
+        return self._decode(x0[n - 1:n], self.sizes.pop(chunks[-1]), s.fit)
 
     def _x0(self, x: torch.Tensor, timesteps, context, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
@@ -428,12 +463,18 @@ class StreamPipeline:
             self.prompts.encoder.offload()
         return context.to(self.device, self.dtype)
 
-    def _conditioning(self, last_frames: list[int]) -> torch.Tensor:
-        """The text context of each batch row's chunk, by the output frame it ends on:
-        [1 or rows, L, text_dim]. While all rows agree it is one tensor kept from call to
-        call, so the DiT reuses its cross-attention K/V (kept per tensor) instead of
-        computing them again."""
-        contexts = [self.transition.context(frame) for frame in last_frames]
+    def _conditioning(self, tick: int, chunks: list[int]) -> torch.Tensor:
+        """The text context of each stream-batch slot: chunk c's step i as one process runs
+        it, at push c + i, by the output frame chunk c ends on. [1 or rows, L, text_dim]:
+        while all rows agree it is one tensor kept from call to call, so the DiT reuses its
+        cross-attention K/V (kept per tensor) instead of computing them again."""
+        frames_in = self.history[tick][0]
+        contexts = []
+        for i, chunk in enumerate(chunks):
+            if chunk >= 1:
+                contexts.append(self.history[chunk + i][1].context(self.history[chunk][0]))
+            else:  # a slot that holds no chunk yet: its result is never used
+                contexts.append(self.transition.context(frames_in - FRAMES_PER_LATENT * i))
         if all(context is contexts[0] for context in contexts):
             return contexts[0]
         return torch.cat(contexts)
@@ -442,69 +483,161 @@ class StreamPipeline:
     def _to_model(self, frames, expected: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
         return model_frames(frames, expected, self.settings, device=self.device, dtype=self.dtype)
 
-    def _decode(self, x0: torch.Tensor, size) -> np.ndarray:
-        frames = host_frames(self.decoder.stream_decode(x0, self.decoder_state), size, self.settings.fit)
+    def _decode(self, x0: torch.Tensor, size, fit: str) -> np.ndarray:
+        frames = host_frames(self.decoder.stream_decode(x0, self.decoder_state), size, fit)
         self.frames_out += len(frames)
         return frames
+
+    # -- work in flight ----------------------------------------------------------
+    def _finish_pending(self, keep: int = 0) -> None:
+        """Finish the ticks in flight, oldest first, until ``keep`` are left (their frames join
+        ``finished``). A failure drops the rest and is raised."""
+        while len(self.pending) > keep:
+            work = self.pending.popleft()
+            outcome = work.finish()
+            if isinstance(outcome, Exception):
+                self.fail()
+                raise outcome
+            self.finished.append(outcome)
+
+    def fail(self) -> None:
+        """Drop the work in flight after a failure; the stream needs ``reset`` to go on."""
+        for work in self.pending:
+            work.run.close()
+        self.pending.clear()
+
+    def _take_finished(self) -> np.ndarray:
+        """The finished frames of one host size, oldest first (a size change waits for the next push)."""
+        if not self.finished:
+            return np.zeros((0, *self.host_size, 3), dtype=np.uint8)
+        same = [self.finished.popleft()]
+        while self.finished and self.finished[0].shape[1:] == same[0].shape[1:]:
+            same.append(self.finished.popleft())
+        return same[0] if len(same) == 1 else np.concatenate(same)
 
 
 # A chunk's work: yields DiT calls, is sent their flows, returns the finished frames.
 ChunkSteps = Generator[StreamInput, torch.Tensor, np.ndarray]
 
 
+@dataclass
+class _Work:
+    """One chunk's work in progress: its generator, and the forward it waits on."""
+
+    run: ChunkSteps
+    executor: Executor
+    overlaps: bool  # a stream-batch tick on a deeper executor: may stay in flight while later chunks go in
+    call: StreamInput | None = None  # the DiT call it yielded, not yet submitted
+    ticket: Ticket | None = None  # the forward it waits on
+    place: int = 0  # its call's place in that forward
+
+    def start(self) -> np.ndarray | Exception | None:
+        """Run up to the first DiT call; the frames or the failure if it ends before one."""
+        return self._resume(None)
+
+    def finish(self) -> np.ndarray | Exception:
+        """Wait for the forward and run to the end (a chunk whose steps follow one another
+        submits them alone, one after another)."""
+        while True:
+            flow = self.ticket.result()[self.place]
+            if isinstance(flow, Exception):
+                self.run.close()
+                return flow
+            outcome = self._resume(flow)
+            if outcome is not None:
+                return outcome
+            self.submit_alone()
+
+    def step(self) -> np.ndarray | Exception | None:
+        """Take the forward's result and run to the next DiT call (None) or the end."""
+        flow = self.ticket.result()[self.place]
+        if isinstance(flow, Exception):
+            self.run.close()
+            return flow
+        return self._resume(flow)
+
+    def submit_alone(self) -> None:
+        self.ticket, self.place, self.call = self.executor.submit([self.call]), 0, None
+
+    def _resume(self, flow) -> np.ndarray | Exception | None:
+        try:
+            self.call = self.run.send(flow)
+            return None
+        except StopIteration as done:
+            return done.value
+        except Exception as error:  # noqa: BLE001 - this stream's failure, returned for it alone
+            return error
+
+
 @torch.no_grad()
 def push_streams(pipelines: list[StreamPipeline], chunks: list) -> list[np.ndarray | Exception]:
     """Push one chunk into each pipeline (as ``push``), their DiT calls together.
 
-    Calls of the same size (latent frames, height, width) share one forward. Returns,
-    per pipeline, its finished frames or the exception that failed its chunk: a failure
-    in a pipeline's own work (its frames, its VAE) fails only that pipeline, and a shared
-    forward that fails is run again stream by stream, so that a failure (running out of
-    memory, say) falls on the stream that causes it. A failed pipeline needs ``reset``."""
-    runs = [pipeline.chunk_steps(frames) for pipeline, frames in zip(pipelines, chunks)]
-    results: list[np.ndarray | Exception | None] = [None] * len(runs)
-    waiting: dict[int, StreamInput] = {}  # run -> the DiT call it waits on
+    Calls of the same size (latent frames, height, width) to the same DiT share
+    one forward. Returns, per pipeline, its finished frames or the exception that failed
+    its chunk: a failure in a pipeline's own work (its frames, its VAE) fails only that
+    pipeline, and so does one of its calls (the local executor runs a failed shared
+    forward again call by call). A failed pipeline needs ``reset``.
 
-    def resume(index: int, flow: torch.Tensor | None) -> None:
+    On an executor of depth N a stream-batch tick stays in flight while the next N - 1
+    chunks go in; every other chunk (a first chunk, steps one after another) finishes
+    within its push."""
+    results: list[np.ndarray | Exception | None] = [None] * len(pipelines)
+
+    def fail(index: int, error: Exception) -> None:
+        results[index] = error
+        pipelines[index].fail()
+
+    # Room for the new chunk: at most depth - 1 ticks of a stream stay in flight.
+    for index, pipeline in enumerate(pipelines):
+        overlaps = pipeline.started and pipeline.settings.stream_batch
         try:
-            waiting[index] = runs[index].send(flow)
-        except StopIteration as done:
-            results[index] = done.value
-        except Exception as error:  # noqa: BLE001 - this pipeline's failure, returned for it alone
+            pipeline._finish_pending(keep=pipeline.executor.depth - 1 if overlaps else 0)
+        except Exception as error:  # noqa: BLE001 - this pipeline's failure
             results[index] = error
 
-    for index in range(len(runs)):
-        resume(index, None)
-    while waiting:
+    works: dict[int, _Work] = {}
+    for index, pipeline in enumerate(pipelines):
+        if results[index] is None:
+            overlaps = pipeline.executor.depth > 1 and pipeline.started and pipeline.settings.stream_batch
+            work = _Work(pipeline.chunk_steps(chunks[index]), pipeline.executor, overlaps)
+            works[index] = work
+            outcome = work.start()
+            if outcome is not None:
+                _finished_or_failed(index, outcome, pipelines, results, fail)
+                del works[index]
+    while works:
         groups: dict[tuple, list[int]] = {}
-        for index, call in waiting.items():
-            groups.setdefault((id(pipelines[index].dit), *call.latents.shape[2:]), []).append(index)
-        calls, waiting = waiting, {}
+        for index, work in works.items():
+            groups.setdefault((id(work.executor.dit), *work.call.latents.shape[2:]), []).append(index)
         for indices in groups.values():
-            flows = _forward_together(pipelines[indices[0]].dit, [calls[index] for index in indices])
-            for index, flow in zip(indices, flows):
-                if isinstance(flow, Exception):
-                    runs[index].close()
-                    results[index] = flow
-                else:
-                    resume(index, flow)
+            ticket = works[indices[0]].executor.submit([works[index].call for index in indices])
+            for place, index in enumerate(indices):
+                works[index].ticket, works[index].place, works[index].call = ticket, place, None
+        for index in list(works):
+            pipeline, work = pipelines[index], works[index]
+            if work.overlaps:
+                pipeline.pending.append(work)  # a stream-batch tick: in flight while the next chunks go in
+                del works[index]
+                continue
+            outcome = work.step()
+            if outcome is not None:
+                _finished_or_failed(index, outcome, pipelines, results, fail)
+                del works[index]
+    for index, pipeline in enumerate(pipelines):
+        if results[index] is None:
+            results[index] = pipeline._take_finished()
     return results
 
 
-def _forward_together(dit: CausalWanDiT, calls: list[StreamInput]) -> list[torch.Tensor | Exception]:
-    positions = [call.cache.save_position() for call in calls]
-    try:
-        return dit.forward_streams(calls)
-    except Exception as error:  # noqa: BLE001 - retried alone below, or returned for its stream
-        if len(calls) == 1:
-            return [error]
-    # Out of the except clause, so the failed forward's tensors are freed before the retries.
-    for call, position in zip(calls, positions):
-        call.cache.restore_position(position)
-    return [flow for call in calls for flow in _forward_together(dit, [call])]
+def _finished_or_failed(index, outcome, pipelines, results, fail) -> None:
+    if isinstance(outcome, Exception):
+        fail(index, outcome)
+    else:
+        pipelines[index].finished.append(outcome)
 
 
-# Parts of a step that the pipeline-parallel stream (parallel.py) shares.
+# -- the parts of a step ---------------------------------------------------------
 
 def chunk_noise(shape, seed: int, chunk: int, step: int, *, device, dtype) -> torch.Tensor:
     """Noise for one chunk and denoising step, from the seed alone (not a running

@@ -84,9 +84,9 @@ def stream(pipe: StreamPipeline, fed: list, video: np.ndarray, changes: dict[int
     outputs, contexts = [], []
     for index, chunk in enumerate(chunks(pipe, video)):
         if index in changes:
-            cache, in_flight = pipe.cache, pipe.in_flight
+            cache, lanes = pipe.cache, pipe.lanes
             assert pipe.update(**changes[index]) is False
-            assert pipe.cache is cache and pipe.in_flight is in_flight
+            assert pipe.cache is cache and pipe.lanes is lanes
         out = pipe.push(chunk)
         outputs.append(out)
         contexts += [finished_context(fed[-1])] * len(out)

@@ -20,8 +20,11 @@ The policy:
    Otherwise the sessions with a complete chunk step together:
    the pipelines run their DiT calls of one size as one forward (engine/pipeline.py,
    push_streams), which reads the weights once for all of them, so on a GPU a step
-   of n sessions costs far less than n steps. The cost model learns what each shared
-   step costs, and a session joins one only while that pays (JOIN_GAIN).
+   of n sessions costs far less than n steps; on a compute-bound device (a CPU) it costs
+   what they cost in turn, and each would wait for the others' work. A session joins a
+   shared step only where the cost model (a time per forward and per latent row, fitted
+   to the steps measured since the warm-up) predicts that pays (JOIN_GAIN); else the
+   sessions step apart, as the published policy runs them.
 2. Mode: stream batching (one forward for all denoising steps: the most frames a
    second, but lag_frames more latency) unless its predicted latency is over budget
    where the other mode's is not. A pipeline starts in the chosen mode; a later change
@@ -40,7 +43,8 @@ The policy:
    frames while the sessions' demand exceeds the device's time, its frame rate is
    capped to an even cadence: every session gets the same share of its target (or,
    when targets fit, of the frames beyond them), never below the rate its budget needs
-   (slower frames make a chunk take longer to fill). The cap goes once demand fits.
+   (slower frames make a chunk take longer to fill), and none where no rate meets the
+   budget (the inbox's newest frames are served then). The cap goes once demand fits.
    Demand is judged once a steady step has been measured, not from first chunks.
 5. Chunk size: without stream batching a chunk after the first may hold 2 latent
    frames (8 video frames, one forward per denoising step for both). The policy
@@ -69,17 +73,27 @@ STALL_FACTOR = 4.0
 RATE_WINDOW = 16  # frames over which a session's input rate is measured
 WAIT_WINDOW = 16  # chunks over which a session's wait for the device is measured
 # Demand is compared with the device's time at this share: a little slack keeps steps of
-# different sessions from piling up into waits when every session runs at its cap.
+# different sessions from piling up into waits when every session runs at its cap (on a
+# real device; at 1.0 the engine test on a busy CPU starved a session). The price: caps
+# leave the device idle that share of the time, so on a compute-bound device at the edge of
+# its capacity the published policy, queueing every frame, serves a few more (bench/slo.py).
 DEVICE_SHARE = 0.95
 # When neither mode meets a budget, the other mode must predict at most this share of
 # the current one's latency to be worth restarting the stream for.
 SWITCH_GAIN = 0.95
-# A session joins a shared step when that adds at most this share of its own step's
-# time (a compute-bound device, a CPU, gains nothing: its sessions then step in turn,
-# each without waiting for the others' work). A shared step not measured within the
-# last RETRY_STEPS steps is tried again, to follow a device whose load changes.
+# A session joins a shared step when the cost model predicts that this adds at most this
+# share of its own step's time (a compute-bound device, a CPU, gains nothing: its sessions
+# then step in turn, each without waiting for the others' work). The prediction is the
+# shared step's own measurement while it is among the last RETRY_STEPS steps measured,
+# else the time per forward and per row fitted to those steps (FIT_WINDOW): a shared step
+# is run again only where the fit, which follows the device, says it pays.
 JOIN_GAIN = 0.9
 RETRY_STEPS = 200
+# The time per forward and per row are fitted to the shapes measured within this many
+# steps, so that a device that slows down (or speeds up) is not fitted to a mix of old
+# and new times. Where those shapes do not tell the two apart (every session stepping
+# alone in one mode), the last fit's balance of the two is kept, scaled to them.
+FIT_WINDOW = RETRY_STEPS
 # Chunks of 2 latent frames go back to 1 once chunks of 1 would take at most this share
 # of the device's time that is theirs.
 LATENTS_BACK = 0.8
@@ -156,6 +170,7 @@ class CostModel:
         self._observations = 0
         self._last_observed: dict[StepShape, int] = {}
         self._fitted: tuple[float, float] | None | bool = False  # False: to fit again
+        self._balance: tuple[float, float] | None = None  # the last fit that told forwards from rows
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         self._observations += 1
@@ -164,12 +179,19 @@ class CostModel:
         known = self._seconds.get(shape)
         if known is None:
             self._seconds[shape] = seconds
+            self._note_balance()
             return
         if seconds > self._stall_factor * known and shape not in self._stalled:
             self._stalled.add(shape)
             return
         self._stalled.discard(shape)
         self._seconds[shape] = known + self._smoothing * (seconds - known)
+
+    def _note_balance(self) -> None:
+        """Fit once the measured shapes tell forwards from rows, so that a balance is kept even
+        where no prediction was asked before they aged out of FIT_WINDOW."""
+        if self._balance is None:
+            self._fit_now()
 
     @property
     def steady_measured(self) -> bool:
@@ -181,28 +203,57 @@ class CostModel:
         """Whether a step of this shape was among the last ``within`` measured."""
         return self._observations - self._last_observed.get(shape, -within) < within
 
-    def predict(self, shape: StepShape, scaled: bool = True) -> float | None:
+    def predict(self, shape: StepShape, scaled: bool = True, within: int | None = None) -> float | None:
         """Seconds for a step of this shape, or None before any step was measured. Without
         scaled, None also where only scaling a measured step by its work would answer (a
-        guess that takes the device to be compute-bound)."""
-        if shape in self._seconds:
+        guess that takes the device to be compute-bound). With within, a measurement of the
+        shape older than the last ``within`` steps gives way to the fit, which follows the
+        device through the steps measured since (a shared step the fit says does not pay
+        is not run again, so its own measurement would never be renewed)."""
+        if shape in self._seconds and (within is None or self.measured_lately(shape, within)
+                                       or self._fit_now() is None):
             return self._seconds[shape]
         if not self._seconds:
             return None
-        if self._fitted is False:
-            self._fitted = self._fit()
-        if self._fitted is not None:
-            per_forward, per_row = self._fitted
+        fitted = self._fit_now()
+        if fitted is not None:
+            per_forward, per_row = fitted
             return per_forward * shape.forwards + per_row * shape.work
         if not scaled:
             return None
         per_work = sum(seconds / known.work for known, seconds in self._seconds.items()) / len(self._seconds)
         return per_work * shape.work
 
+    def _fit_now(self) -> tuple[float, float] | None:
+        if self._fitted is False:
+            self._fitted = self._fit()
+        return self._fitted
+
+    @property
+    def per_forward_and_row(self) -> tuple[float, float] | None:
+        """The fitted seconds per forward and per latent row, or None until steps tell them apart."""
+        return self._fit_now()
+
     def _fit(self) -> tuple[float, float] | None:
-        """Seconds per forward (reading the weights) and per latent row, fitted to the measured
-        shapes; None until two shapes tell them apart (or the fit makes no physical sense)."""
+        """Seconds per forward (reading the weights) and per latent row, fitted to the shapes
+        measured within FIT_WINDOW steps; where those do not tell the two apart, the last fit
+        that did, scaled to them; None until one did (or where the fit makes no physical sense)."""
         shapes = [shape for shape in self._seconds if not shape.first]  # a first chunk's VAE work is its own
+        recent = [shape for shape in shapes if self.measured_lately(shape, FIT_WINDOW)]
+        for group in (recent, shapes):
+            fitted = self._least_squares(group)
+            if fitted is not None:
+                self._balance = fitted
+                return fitted
+            if self._balance is not None and recent:
+                # The device's speed changed as a whole, or not at all: the balance holds.
+                per_forward, per_row = self._balance
+                predicted = sum(per_forward * shape.forwards + per_row * shape.work for shape in recent)
+                scale = sum(self._seconds[shape] for shape in recent) / predicted
+                return per_forward * scale, per_row * scale
+        return None
+
+    def _least_squares(self, shapes: list[StepShape]) -> tuple[float, float] | None:
         terms = np.array([[shape.forwards, shape.work] for shape in shapes], dtype=float).reshape(-1, 2)
         if np.linalg.matrix_rank(terms) < 2:
             return None
@@ -410,16 +461,16 @@ class SloPolicy:
         return ids
 
     def _pays_to_join(self, batch: list[StepShape], own: StepShape, explore: bool) -> bool:
-        """Whether a session joining the batch adds at most JOIN_GAIN of its own step; a joint
-        step not measured lately is tried (explore), or taken as predicted where it can be."""
+        """Whether a session joining the batch adds at most JOIN_GAIN of its own step, by the
+        cost model: the joint step as measured lately, else as the fitted time per forward and
+        per row predict it. Only where the model cannot tell (no fit yet) is a joint step tried
+        (explore) to learn what it costs; a guess from scaling by work, which takes the device
+        to be compute-bound, does not count as telling."""
         joint = StepShape.together([*batch, own])
-        if explore and not self.cost.measured_lately(joint, RETRY_STEPS):
-            return True  # try it, to learn what it costs
-        # Not exploring, a guess from scaling by work (which takes the device to be compute-bound) will not do.
-        predicted = [self.cost.predict(shape, scaled=explore) for shape in (joint, StepShape.together(batch), own)]
-        if None in predicted:
-            return True  # nothing to go by: try it
-        joint_s, batch_s, own_s = predicted
+        joint_s = self.cost.predict(joint, scaled=False, within=RETRY_STEPS)
+        batch_s, own_s = (self.cost.predict(shape, scaled=False) for shape in (StepShape.together(batch), own))
+        if None in (joint_s, batch_s, own_s):
+            return explore  # nothing to go by: try it where exploring
         return joint_s - batch_s <= JOIN_GAIN * own_s
 
     # -- mode and predictions ---------------------------------------------------------
@@ -494,7 +545,7 @@ class SloPolicy:
                         ) -> tuple[float, float] | None:
         shapes = [own_shape if other is session else _steady(other, other.stream_batched) for other in sessions]
         own = self.cost.predict(own_shape)
-        joint = self.cost.predict(StepShape.together(shapes))
+        joint = self.cost.predict(StepShape.together(shapes), within=RETRY_STEPS)
         in_turn = [self.cost.predict(shape) for shape in shapes]
         if own is None or joint is None or None in in_turn:
             return None
@@ -556,8 +607,11 @@ class SloPolicy:
             fair = {id: guaranteed[id] + extra[id] * scale for id in wanted}
         caps = {}
         for session in sessions:
-            if session.id in self._capped:
-                caps[session.id] = max(fair[session.id], self._lowest_rate_in_budget(session, step[session.id]))
+            lowest = self._lowest_rate_in_budget(session, step[session.id])
+            # Where no rate is enough for the budget, an even cadence would only spread a
+            # chunk's frames over a longer time: uncapped, the inbox's newest frames are served.
+            if session.id in self._capped and lowest > 0:
+                caps[session.id] = max(fair[session.id], lowest)
         return caps
 
     def _lowest_rate_in_budget(self, session: SessionLoad, step: float) -> float:

@@ -57,8 +57,9 @@ def bursty_captures(low_fps: float, high_fps: float, period_s: float, duration_s
 
 @dataclass
 class Device:
-    """A memory-bound device: each forward costs a fixed pass time (reading the weights)
-    plus time per latent row. After slow_after_s every step takes slowdown times as long."""
+    """Each forward costs a fixed pass time (reading the weights) plus time per latent row:
+    memory-bound by default, compute-bound with pass_s=0 (bench/slo.py --device). After
+    slow_after_s every step takes slowdown times as long."""
 
     pass_s: float = 0.030
     row_s: float = 0.010

@@ -17,7 +17,8 @@ from bridge.client import EngineClient
 from engine import cli
 from engine.models.weights import build_models
 from engine.server import EngineServer
-from engine.slo import CostModel, FrameRateGate, SessionLoad, SloPolicy, StepShape, excused_wait_start, percentile
+from engine.slo import (RETRY_STEPS, CostModel, FrameRateGate, SessionLoad, SloPolicy, StepShape, excused_wait_start,
+                        percentile)
 from engine.slo_sim import Device, Stream, bursty_captures, simulate, steady_captures
 
 SECONDS = 30.0  # simulated
@@ -186,12 +187,80 @@ def test_four_sessions_that_fit_only_when_batched_share_forwards_and_meet_their_
     assert sum(result.deadline_misses for result in fixed) > 0.5 * sum(result.delivered for result in fixed)
 
 
-def test_on_a_compute_bound_device_sessions_step_in_turn_once_sharing_is_seen_not_to_pay():
+def test_on_a_compute_bound_device_sessions_step_in_turn_as_the_fitted_cost_model_says():
     device = Device(pass_s=0.0, row_s=0.01)  # a shared step costs what its sessions' steps cost in turn
     streams = [Stream(steady_captures(16, SECONDS, start_s=0.011 * i), latency_ms=600) for i in range(4)]
     for result in simulate(streams, device, SECONDS):
-        assert result.steps_shared <= 0.1 * result.steps  # tried, and now and then tried again
+        assert result.steps_shared == 0  # the warm-up's fit says sharing does not pay: never tried
         assert result.deadline_misses <= 0.01 * result.delivered
+
+
+def warmed_up(device: Device, steps: int = 2) -> CostModel:
+    """A cost model after the engine's warm-up on this device: steady steps in each mode."""
+    cost = CostModel()
+    for stream_batched in (True, False):
+        shape = StepShape.steady(steps, stream_batched)
+        for _ in range(2):
+            cost.observe(shape, device.step_seconds([shape], 0.0))
+    return cost
+
+
+def ready_loads(count: int) -> list[SessionLoad]:
+    return [SessionLoad(f"s{i}", target_fps=16, latency_s=0.5, steps=2, stream_batched=True, mode_adjustable=True,
+                        started=True, ready=True, deadline_capture_ns=i, input_fps=16, wait_s=0.0, dropping=False)
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("device, merges", [(Device(pass_s=0.03, row_s=0.01), True),
+                                            (Device(pass_s=0.0, row_s=0.03), False)],
+                         ids=["memory-bound: one forward", "compute-bound: in turn"])
+def test_sessions_share_a_forward_only_where_the_fitted_cost_model_says_it_pays(device, merges):
+    """No shared step measured yet: the time per forward and per row fitted to the warm-up's
+    two modes decides, with no shared step tried on a device where it cannot pay."""
+    cost = warmed_up(device)
+    per_forward, per_row = cost.per_forward_and_row
+    assert per_forward == pytest.approx(device.pass_s, abs=1e-9) and per_row == pytest.approx(device.row_s)
+    plan = SloPolicy(cost).plan(ready_loads(4))
+    assert plan.batch == (["s0", "s1", "s2", "s3"] if merges else ["s0"])  # earliest deadline first
+
+
+def test_a_device_that_slows_down_keeps_its_balance_of_forwards_and_rows():
+    """Later steps of one shape alone cannot tell forwards from rows: the warm-up's balance is
+    kept, scaled to them, rather than fitted to a mix of old and new times."""
+    cost = warmed_up(Device(pass_s=0.0, row_s=0.03))
+    shape = StepShape.steady(2, True)
+    for _ in range(300):  # the device runs at half speed; only stream-batched steps alone are measured
+        cost.observe(shape, 2 * 0.06)
+    per_forward, per_row = cost.per_forward_and_row
+    assert per_forward == pytest.approx(0.0, abs=1e-9) and per_row == pytest.approx(0.06)
+    assert SloPolicy(cost).plan(ready_loads(4)).batch == ["s0"]
+
+
+def test_a_shared_step_measured_long_ago_gives_way_to_the_fit():
+    """A shared step found not to pay while the device was busy with something else is run
+    again once the fit to the steps measured since says it pays."""
+    cost = warmed_up(Device(pass_s=0.03, row_s=0.01))
+    joint = StepShape.together([StepShape.steady(2, True)] * 2)
+    cost.observe(joint, 1.0)  # far slower than its sessions in turn (0.1 s)
+    policy = SloPolicy(cost)
+    assert policy.plan(ready_loads(2)).batch == ["s0"]
+    for _ in range(RETRY_STEPS):
+        cost.observe(StepShape.steady(2, True), 0.05)
+        cost.observe(StepShape.steady(2, False), 0.08)
+    assert policy.plan(ready_loads(2)).batch == ["s0", "s1"]
+
+
+@pytest.mark.parametrize("device", [Device(pass_s=0.03, row_s=0.01), Device(pass_s=0.0, row_s=0.03)],
+                         ids=["memory-bound", "compute-bound"])
+def test_beyond_capacity_no_more_misses_at_no_lower_throughput_than_the_fixed_policy(device):
+    """Eight 16 FPS sessions, more than either device serves: the published policy queues every
+    frame and serves them seconds late; the SLO policy serves at least as many frames."""
+    streams = [Stream(steady_captures(16, SECONDS, start_s=0.013 * i)) for i in range(8)]
+    ours, fixed = (simulate(streams, device, SECONDS, policy) for policy in ("slo", "fixed"))
+    delivered = [sum(result.delivered for result in results) for results in (ours, fixed)]
+    misses = [sum(result.deadline_misses for result in results) for results in (ours, fixed)]
+    assert delivered[0] >= delivered[1]
+    assert misses[0] / delivered[0] <= misses[1] / delivered[1]
 
 
 def test_beyond_capacity_it_drops_frames_rather_than_queue_them_and_latency_stays_bounded():

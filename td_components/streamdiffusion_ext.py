@@ -12,7 +12,9 @@ Inside the component (build_tox.py makes it):
 
 The parameter pages are streamdiffusion_params.py's, made from the bridge's parameter table;
 that module, like the rest of the bridge, is imported once Bridge Path is on the module path
-(until then the component only says how to get the bridge).
+(until then the component only says how to get the bridge). Install (streamdiffusion_install.py)
+puts the bridge the component carries, with pyzmq and msgpack from pip, into Bridge Path (by
+default a folder of the user's), on a thread of its own; Status shows its progress.
 
 Everything here runs on TouchDesigner's main thread and returns within a frame. The
 bridge's host layer does the rest: bridge.launcher starts, watches and stops the engine
@@ -31,13 +33,17 @@ What the Script TOP shows:
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import sys
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
+
+import streamdiffusion_install as install  # TouchDesigner's import finds the component's DAT of that name
 
 NOTICE_S = 5.0  # how long a notice stays in Status > Message
 LOG_LINES = 200
@@ -87,9 +93,12 @@ class StreamDiffusionExt:
         self._last_cook_ns = None
         self._notice = ("", 0.0)  # (text, time.monotonic() it was said)
         self._log = deque(maxlen=LOG_LINES)
+        self._installation = None  # a streamdiffusion_install.Installation while Install runs
+        self._installed_line = None  # Status > Installed, read again when Bridge Path changes or Install ends
 
     # -- TouchDesigner's extension callbacks ---------------------------------------------------
     def onInitTD(self):
+        self._installed_line = None
         if self._bridge_loaded():
             self._apply_output_size()
         self._show_status()
@@ -160,6 +169,27 @@ class StreamDiffusionExt:
             self._log_lines.detach()
             self._log_lines = None
 
+    def Install(self):
+        """Put the bridge this component carries, with pyzmq and msgpack (pip), into Bridge Path."""
+        if self._installation is not None:
+            self._say("Install is running already")
+            return
+        if self._process or self._client or self._stopping_for_restart:
+            self._say("press Stop before Install: the running bridge holds its files")
+            return
+        package = self.ownerComp.op("bridge_package")
+        if package is None:
+            self._fail("this component carries no bridge to install: build it again with build_tox.py")
+            return
+        files = {row[0].val: package.op(row[1].val).text for row in package.op("manifest").rows()[1:]}
+        folder = self._bridge_folder()
+        self._error = None
+        self._installation = install.Installation(
+            folder, files, package.op("requirements").text, package.op("version").text.strip(),
+            python=self.ownerComp.par.Installpython.eval().strip(), bin_folder=_td_bin_folder()).start()
+        self._say(f"installing the bridge into {folder}")
+        self._show_status()  # Installing, at once
+
     @property
     def EngineParams(self):
         """The session's parameters as the engine last reported them ({} while there is no session)."""
@@ -167,12 +197,14 @@ class StreamDiffusionExt:
 
     # -- callbacks of the component's DATs -------------------------------------------------------
     def OnPulse(self, par):
-        actions = {"Start": self.Start, "Stop": self.Stop, "Restart": self.Restart,
+        actions = {"Start": self.Start, "Stop": self.Stop, "Restart": self.Restart, "Install": self.Install,
                    "Openlog": self.ownerComp.op("engine_log").openViewer}
         actions[par.name]()
 
     def OnParameterChange(self, par):
         params = self._params
+        if par.name == "Bridgepath":
+            self._installed_line = None  # Status > Installed: read the new folder
         if params is None:  # without the bridge, only a new Bridge Path changes anything
             if par.name == "Bridgepath":
                 self._error = None
@@ -196,6 +228,7 @@ class StreamDiffusionExt:
             self._say(f"{spec.label} applies at the next Start or Restart")
 
     def OnFrameStart(self):
+        self._tend_installation()
         self._tend_processes()
         self._take_log_lines()
         self._read_tables()
@@ -238,21 +271,48 @@ class StreamDiffusionExt:
         """Import the bridge's host layer and the parameter pages; a message saying what to do if that fails."""
         if self._params is not None:
             return None
-        folder = self.ownerComp.par.Bridgepath.eval().strip()
-        if folder and folder not in sys.path:
+        folder = str(self._bridge_folder())
+        if os.path.isdir(folder) and folder not in sys.path:
             sys.path.append(folder)  # appended, so TouchDesigner's own numpy keeps precedence
         try:
             # Here, not at the top: Bridge Path must be on the path first.
             from bridge import background, launcher
             import streamdiffusion_params as params  # made from the bridge's parameter table
         except ImportError as error:
-            return (f"cannot load the bridge ({error}): install it for TouchDesigner's Python "
-                    f"{sys.version_info.major}.{sys.version_info.minor} and set Bridge Path (see README.md)")
+            return (f"cannot load the bridge ({error}): press Install (Engine page) to put it in {folder} for "
+                    f"TouchDesigner's Python {install.td_version()}, or set Bridge Path to a folder that has it "
+                    f"(see README.md)")
         self._background, self._launcher, self._params = background, launcher, params
         if self._log_lines is None:
             self._log_lines = background.LogLines()
             self._log_lines.attach()
         return None
+
+    def _bridge_folder(self):
+        """Bridge Path, or by default the user's folder for this Python version."""
+        chosen = self.ownerComp.par.Bridgepath.eval().strip()
+        return Path(chosen) if chosen else install.default_folder()
+
+    def _tend_installation(self):
+        """Install's progress into the log; once it ends, the bridge loaded from where it went."""
+        installation = self._installation
+        if installation is None:
+            return
+        self._log_to_dat([f"[install] {line}" for line in installation.take_lines()])
+        if not installation.done:
+            return
+        self._installation = None
+        self._installed_line = None
+        if installation.error:
+            self._fail(f"Install failed: {installation.error}. See the log (Open Log)")
+            return
+        importlib.invalidate_caches()  # the folder's new packages, for the imports that follow
+        if self._params is not None:
+            self._say(f"installed in {installation.folder}; the bridge loaded before stays in use until "
+                      f"TouchDesigner restarts")
+        elif self._bridge_loaded():
+            self._apply_output_size()
+            self._say(f"installed in {installation.folder}: press Start")
 
     def _open_client(self, address):
         """A session on the engine at address, with whatever model it serves."""
@@ -349,6 +409,8 @@ class StreamDiffusionExt:
         """(Engine State, Message) as the Status page shows them."""
         if self._error:
             return "error", self._error
+        if self._installation is not None:
+            return "installing", f"installing into {self._installation.folder}: {self._installation.last_line}"
         status = self._client.status() if self._client is not None else None
         if status is not None:
             state, message = status.state, status.error or status.message
@@ -381,10 +443,16 @@ class StreamDiffusionExt:
             "Scheduler": status.scheduler if status else "",
             "Enginemodel": status.model if status else "",
             "Processstate": self._process_state(),
+            "Installed": self._installed(),
         }
         for name, value in shown.items():
             if par[name].eval() != value:  # unchanged values are not set again
                 par[name].val = value
+
+    def _installed(self):
+        if self._installed_line is None:
+            self._installed_line = install.describe(self._bridge_folder())
+        return self._installed_line
 
     def _process_state(self):
         process = self._process or self._stopping_for_restart
@@ -406,3 +474,13 @@ class StreamDiffusionExt:
         if lines:
             self._log.extend(lines)
             self.ownerComp.op("engine_log").text = "\n".join(self._log)
+
+
+def _td_bin_folder():
+    """TouchDesigner's binaries folder (app.binFolder), where Install looks for its Python first."""
+    try:
+        import td
+
+        return td.app.binFolder
+    except (ImportError, AttributeError):
+        return None

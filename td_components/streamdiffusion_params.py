@@ -90,8 +90,18 @@ PAGES: dict[str, tuple[ParSpec, ...]] = {
                 help="Where the engine listens: tcp://127.0.0.1:PORT (loopback only). Applies at the next "
                      "Start or Restart."),
         ParSpec("Bridgepath", "Bridge Path", "Folder", "",
-                help="A folder holding the project's bridge package and pyzmq and msgpack for Python 3.11 "
-                     "(see td_components/README.md); added to TouchDesigner's module path."),
+                help="Where Install puts the bridge, pyzmq and msgpack, and where the component imports them "
+                     "from (appended to TouchDesigner's module path). Empty: a folder of your own per Python "
+                     "version, e.g. %LOCALAPPDATA%/streamdiffusion/touchdesigner-python3.11."),
+        ParSpec("Install", "Install", "Pulse",
+                help="Install the bridge (carried in this component) with pyzmq and msgpack from pip into "
+                     "Bridge Path, for TouchDesigner's Python; once per machine and TouchDesigner version. "
+                     "Progress and errors show in Status > Message and Open Log."),
+        ParSpec("Installpython", "Python for Install", "File", "",
+                help="The Python that runs pip for Install. Empty: found by itself (TouchDesigner's, else "
+                     "a Python of TouchDesigner's version on PATH, else any python3)."),
+        ParSpec("Installed", "Installed", "Str", "", read_only=True,
+                help="What Bridge Path holds: the bridge's version and its packages'."),
         ParSpec("Start", "Start", "Pulse"),
         ParSpec("Stop", "Stop", "Pulse"),
         ParSpec("Restart", "Restart", "Pulse"),

@@ -26,6 +26,12 @@ or with Modify Outside of Cook on. What it models of TouchDesigner's behaviour:
   first time). An In TOP shows its COMP's first input; a Fit TOP resizes to a custom
   resolution ('fitoutside': cover, centre-crop); a Script TOP shows its last copyNumpyArray.
 - Creating a Script TOP also creates its docked callbacks DAT, named '<name>_callbacks'.
+- `COMP.save(path)` writes the component with everything inside it (a stand-in for a .tox:
+  JSON, not TouchDesigner's format): operators, parameter values and expressions, custom
+  pages, DAT text and table rows, wiring inside. `COMP.loadTox(path)` makes a copy of a
+  saved component inside this COMP (numbered when its name is taken; wiring to outside it
+  is not kept) and initialises its extensions, as loading a .tox does.
+- `app.binFolder`: the folder of TouchDesigner's binaries; here the running Python's.
 
 Test drivers that are not TouchDesigner API: `install()` (a fresh project at /project1,
 registered as sys.modules['td']), `run_frame()` (one frame: Execute DATs' onFrameStart,
@@ -316,9 +322,33 @@ class OP:
             del self._parent._children[self.name]
 
     def _description(self) -> dict:
-        custom = {p.name: [[par.name, par.style, par.val] for par in p.pars] for p in self.customPages}
-        return {"path": self.path, "type": self.opType, "custom_pages": custom,
-                "inputs": [o.path for o in self.inputs]}
+        """Everything a .tox keeps of this OP (and of what is inside it, for a COMP)."""
+        builtin = {par.name: _par_state(par) for par in self.par._pars.values() if not par.isCustom}
+        pages = [{"name": page.name, "groups": [[{**_par_state(par), **_par_looks(par)} for par in group]
+                                                for group in page.parGroups]}
+                 for page in self.customPages]
+        return {"type": self.opType, "name": self.name, "node": [self.nodeX, self.nodeY], "pars": builtin,
+                "custom_pages": pages,
+                "inputs": [c.source.name if c.source is not None and c.source._parent is self._parent else None
+                           for c in self.inputConnectors]}
+
+    def _restore(self, description: dict) -> None:
+        self.nodeX, self.nodeY = description["node"]
+        for name, state in description["pars"].items():
+            par = self.par[name]
+            if par is not None:
+                par._val, par.expr = state["val"], state["expr"]
+        for saved in description["custom_pages"]:
+            page = self.appendCustomPage(saved["name"])
+            for saved_group in saved["groups"]:
+                group = ParGroup(Par(self, state["name"], state["style"], page=page) for state in saved_group)
+                for par, state in zip(group, saved_group):
+                    for key, value in state.items():
+                        if key not in ("name", "style", "val"):
+                            setattr(par, key, value)
+                    par._val = state["val"]
+                    self.par._pars[par.name] = par
+                page.parGroups.append(group)
 
     def __repr__(self) -> str:
         return f"<{self.opType} {self.path}>"
@@ -386,14 +416,31 @@ class COMP(OP):
         return node
 
     def save(self, filepath: str, createFolders: bool = False) -> str:
-        """Writes a description of the component (a stand-in for a .tox) and returns the path."""
+        """Writes the component and everything inside it (a stand-in for a .tox); returns the path."""
         path = Path(filepath)
         if createFolders:
             path.parent.mkdir(parents=True, exist_ok=True)
-        network = [node._description() for node in _walk(self)]
-        path.write_text(json.dumps(network, indent=1))
+        path.write_text(json.dumps({"fake_td_tox": 1, "comp": self._description()}, indent=1))
         self.saved_to.append(str(path))
         return str(path)
+
+    def loadTox(self, filepath: str, unwired: bool = False, pattern=None, password=None) -> COMP:
+        """Load the component saved in filepath into this COMP, and return it."""
+        saved = json.loads(Path(filepath).read_text())
+        if saved.get("fake_td_tox") != 1:
+            raise ValueError(f"{filepath} is not a component saved by this td")
+        description = saved["comp"]
+        name, number = description["name"], 0
+        while (f"{name}{number}" if number else name) in self._children:
+            number += 1
+        comp = _rebuild(self, description, f"{name}{number}" if number else name)
+        for node in _walk(comp):
+            if node.isCOMP and node.par.ext0object.val:
+                node._initialize_extensions()
+        return comp
+
+    def _description(self) -> dict:
+        return {**super()._description(), "children": [child._description() for child in self.children]}
 
     def destroy(self) -> None:
         for child in self.children:
@@ -430,6 +477,31 @@ class COMP(OP):
 
 class baseCOMP(COMP):
     opType = "baseCOMP"
+
+
+def _par_state(par: Par) -> dict:
+    return {"name": par.name, "style": par.style, "val": par._val, "expr": par.expr}
+
+
+def _par_looks(par: Par) -> dict:
+    """A custom parameter's settings besides its value."""
+    return {key: getattr(par, key) for key in ("label", "default", "menuNames", "menuLabels", "min", "max",
+                                               "normMin", "normMax", "clampMin", "clampMax", "help", "readOnly")}
+
+
+def _rebuild(parent: COMP, description: dict, name: str) -> OP:
+    """An OP (and what was inside it) as saved, made without the side effects of creating one."""
+    node = globals()[description["type"]](parent, name)
+    parent._children[name] = node
+    node._restore(description)
+    if node.isCOMP:
+        for child in description["children"]:
+            _rebuild(node, child, child["name"])
+        for child in description["children"]:
+            for connector, source in zip(node._children[child["name"]].inputConnectors, child["inputs"]):
+                if source is not None:
+                    connector.connect(node._children[source])
+    return node
 
 
 def _walk(comp: COMP):
@@ -581,6 +653,13 @@ class DAT(OP):
             self._module, self._module_source = module, source
         return self._module
 
+    def _description(self) -> dict:
+        return {**super()._description(), "text": self._text}
+
+    def _restore(self, description: dict) -> None:
+        super()._restore(description)
+        self._text = description["text"]
+
     def _import(self, name, globals=None, locals=None, fromlist=(), level=0):
         """TouchDesigner's import: a DAT of that name in this DAT's component comes first."""
         dat = self._parent._children.get(name) if level == 0 else None
@@ -611,6 +690,13 @@ class tableDAT(DAT):
 
     def appendRow(self, cells) -> None:
         self._rows.append([str(c) for c in cells])
+
+    def _description(self) -> dict:
+        return {**super()._description(), "rows": self._rows}
+
+    def _restore(self, description: dict) -> None:
+        super()._restore(description)
+        self._rows = [list(row) for row in description["rows"]]
 
 
 class executeDAT(DAT):
@@ -679,6 +765,15 @@ _world = _World()
 
 def op(path: str) -> OP | None:
     return _find(_world.root, path)
+
+
+class App:
+    """`app`: the application's installation (binFolder: the folder of its binaries)."""
+
+    binFolder = str(Path(sys.executable).parent)
+
+
+app = App()
 
 
 # ----------------------------------------------------------------------------- test drivers

@@ -10,10 +10,10 @@ import fake_td
 TD_COMPONENTS = Path(__file__).resolve().parents[1] / "td_components"
 
 
-def build_component(tox_path):
+def build_component(tox_path, develop: bool = False):
     """Run build_tox.py as TouchDesigner's Textport would, and return the component."""
     build = runpy.run_path(str(TD_COMPONENTS / "build_tox.py"))["build"]
-    component = build("/project1", tox_path)
+    component = build("/project1", tox_path, develop=develop)
     fake_td.run_frame()  # the extension's onInitTD runs at the end of its first frame
     return component
 

@@ -263,8 +263,9 @@ class StreamPipeline:
         self.frames_out = 0  # frames finished
         self.host_size: tuple[int, int] = (s.height, s.width)  # of the latest chunk pushed
         self.sizes: dict[int, tuple[int, int]] = {}  # tick -> host size of its chunk, until it is finished
-        # tick -> (frames pushed by then, the prompt transition then): what each step of a chunk is conditioned on
-        self.history: dict[int, tuple[int, PromptTransition]] = {}
+        # tick -> (frames pushed by then, the prompt transition and settings then): what each step
+        # of a chunk runs with (one process runs chunk c's step i at push c + i)
+        self.history: dict[int, tuple[int, PromptTransition, StreamSettings]] = {}
 
     @property
     def lag_frames(self) -> int:
@@ -351,7 +352,7 @@ class StreamPipeline:
         self.host_size = size
         tick = self.chunks_in
         self.chunks_in += 1
-        self.history[tick] = (self.frames_in, self.transition)
+        self.history[tick] = (self.frames_in, self.transition, self.settings)
         if first:
             return (yield from self._first_chunk(latents, pixels, size))
         return (yield from self._next_chunk(tick, latents, pixels, size))
@@ -406,8 +407,9 @@ class StreamPipeline:
         With an executor of depth N (N ranks), N ticks are in flight at once: tick m's
         stream batch is tick m - N's, re-noised. Each slot's cache still sees its chunks
         one after another, and each chunk's step i is conditioned as one process runs it
-        (at push c + i), so the frames are one process's, later by (steps - 1) * (N - 1) chunks."""
-        s, n, depth = self.settings, self.settings.steps, self.executor.depth
+        (at push c + i: its text, its seed, its fit), so the frames are one process's, later by
+        (steps - 1) * (N - 1) chunks."""
+        n, depth = self.settings.steps, self.executor.depth
         noisy = add_noise(latents, self._noise(latents.shape, tick, 0), noise_scale)
         batch = self.lanes.pop(tick, None)
         if batch is None:  # slots that hold no chunk yet compute on a copy
@@ -427,12 +429,18 @@ class StreamPipeline:
         renoised = batch.clone()
         for i in range(n - 1):  # slot i's x0 moves to slot i+1 at the next step's level
             sigma = float(sigma_for_timestep(self.steps[i + 1]))
-            noise = chunk_noise(x0[i:i + 1].shape, s.seed, chunks[i], i + 1, device=self.device, dtype=self.dtype)
+            seed = self._as_pushed(chunks[i], i).seed
+            noise = chunk_noise(x0[i:i + 1].shape, seed, chunks[i], i + 1, device=self.device, dtype=self.dtype)
             renoised[i + 1] = add_noise(x0[i:i + 1], noise, sigma)[0]
         self.lanes[tick + depth] = renoised
         if chunks[-1] < 1:  # the stream batch is still filling
             return np.zeros((0, *size, 3), dtype=np.uint8)
-        return self._decode(x0[n - 1:n], self.sizes.pop(chunks[-1]), s.fit)
+        return self._decode(x0[n - 1:n], self.sizes.pop(chunks[-1]), self._as_pushed(chunks[-1], n - 1).fit)
+
+    def _as_pushed(self, chunk: int, step: int) -> StreamSettings:
+        """The settings chunk ``chunk``'s step ``step`` runs with: as they were at push
+        chunk + step (a slot that holds no chunk yet: the newest)."""
+        return self.history[chunk + step][2] if chunk >= 1 else self.settings
 
     def _x0(self, x: torch.Tensor, timesteps, context, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
         batch = x.shape[0]

@@ -1,8 +1,9 @@
-"""Pipeline parallelism (engine/parallel.py) on CPU with gloo, tiny models.
+"""Pipeline parallelism (engine/parallel/) on CPU with gloo, tiny models.
 
-The streams run in spawned processes, one per rank (few spawns: each imports
-torch); every process and the single-process reference run on one thread, so the
-frames compare exactly."""
+One StreamPipeline runs on 1, 2 and 3 ranks: on N ranks its DiT calls go round the
+ring (StageExecutor), with N stream-batch ticks in flight. The ranks run in spawned
+processes (few spawns: each imports torch), every scenario in one spawn; every process
+and the one-process reference run on one thread, so the frames compare exactly."""
 
 import copy
 import itertools
@@ -21,20 +22,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config import get_preset
+from engine.executor import executor_for
+from engine.flow import denoising_steps
 from engine.models.attention import StreamRows
 from engine.models.dit import CausalWanDiT
 from engine.models.kv_cache import KVCache
 from engine.models.text import TinyTextEncoder
 from engine.models.vae import TINY_VAE, WanVAE
 from engine.models.weights import Models
-from engine.parallel import (BlockBalancer, BuiltModels, CostModel, ParallelStreamPipeline, balanced_split,
-                             load_dit_part, neighbour_step, start_stage)
+from engine.parallel import (BlockBalancer, BuiltModels, CostModel, balanced_split, load_dit_part, neighbour_step,
+                             start_ranks)
 from engine.pipeline import StreamPipeline, StreamSettings
 
 SIZE = dict(height=32, width=48)
+LAYERS = 4
 
 
-def tiny_models(num_layers: int) -> Models:
+def tiny_models(num_layers: int = LAYERS) -> Models:
     """The tiny preset with ``num_layers`` blocks, the same from its seed in every process."""
     config = replace(get_preset("tiny"), num_layers=num_layers)
     torch.manual_seed(0)
@@ -42,160 +46,201 @@ def tiny_models(num_layers: int) -> Models:
     return Models(dit, vae, TinyTextEncoder(config.text_len, config.text_dim, seed=0))
 
 
-def clip(frames: int, height=40, width=60) -> np.ndarray:
-    rng = np.random.default_rng(0)
+def clip(frames: int, height=40, width=60, still=False) -> np.ndarray:
+    """A moving pattern with noise in it, or its first frame held (``still``)."""
+    noise = np.random.default_rng(0).integers(0, 255, (height, width))
     y, x = np.mgrid[0:height, 0:width]
     out = np.empty((frames, height, width, 3), np.uint8)
     for f in range(frames):
-        out[f, ..., 0] = (x * 4 + f * 9) % 256
-        out[f, ..., 1] = (y * 5 + f * 3) % 256
-        out[f, ..., 2] = rng.integers(0, 255, (height, width))
+        g = 0 if still else f
+        out[f, ..., 0] = (x * 4 + g * 9) % 256
+        out[f, ..., 1] = (y * 5 + g * 3) % 256
+        out[f, ..., 2] = (noise * (g + 1)) % 256
     return out
 
 
-def chunked(streams: list[int]) -> list[np.ndarray]:
-    """Chunks of consecutive streams of that many chunks each: 5 frames, then 4 a chunk."""
-    video = clip(sum(1 + 4 * n for n in streams))
-    chunks, start = [], 0
-    for n in streams:
-        chunks.append(video[start:start + 5])
-        chunks += [video[i:i + 4] for i in range(start + 5, start + 1 + 4 * n, 4)]
-        start += 1 + 4 * n
-    return chunks
+def chunked(video: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    starts = np.cumsum([0] + sizes)
+    return [video[a:b] for a, b in zip(starts, starts[1:])]
 
 
-# A scenario: ranks, blocks, settings, and before which push what happens (rank 0).
-# "drain" ends a stream's output before a reload setting starts the next stream.
-TWO_RANKS = dict(world=2, layers=2, steps=2, streams=[10, 5],
-                 events={6: [("update", {"prompt": "a watercolour dog"})],
-                         10: [("drain", None), ("update", {"steps": 1})]})
-THREE_RANKS = dict(world=3, layers=4, steps=3, streams=[16],
-                   events={4: [("rebalance", [0, 1, 2, 4])], 5: [("update", {"prompt": "a watercolour dog"})],
-                           8: [("rebalance", [0, 2, 3, 4])],  # ranks 0 and 1 each take a block from upstream
-                           12: [("rebalance", [0, 1, 2, 4])]})  # and hand it back downstream
+def stream(frames_first: int, chunks: int, *, still=False) -> list[np.ndarray]:
+    return chunked(clip(frames_first + 4 * chunks, still=still), [frames_first] + [4] * chunks)
 
 
-def rank_main(rank: int, scenario: dict, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=scenario["world"],
-                            timeout=timedelta(seconds=60))
-    settings = StreamSettings(prompt="a cat", steps=scenario["steps"], **SIZE)
-    stage = start_stage(BuiltModels(tiny_models(scenario["layers"])), settings)  # split from measured costs
-    report = {}
-    if rank == 0:
-        pipe = ParallelStreamPipeline(stage, settings, balancer=BlockBalancer())
-        streams = [[]]
-        for index, chunk in enumerate(chunked(scenario["streams"])):
-            for action, argument in scenario["events"].get(index, []):
+# Every mode and setting the pipeline takes, each a scenario: its settings, its chunks,
+# and before which push what happens ("drain" ends a stream's output before a reload).
+SCENARIOS = {
+    "stream batch, 1 step": dict(settings=dict(steps=1), chunks=stream(5, 8)),
+    "stream batch, 4 steps": dict(settings=dict(steps=4), chunks=stream(5, 16)),
+    "low-latency start, 2 steps": dict(settings=dict(steps=2, low_latency_start=True), chunks=stream(1, 10)),
+    "no batch": dict(settings=dict(steps=2, stream_batch=False),
+                     chunks=chunked(clip(5 + 8 + 4 + 8 + 4), [5, 8, 4, 8, 4])),
+    "clean-cache pass": dict(settings=dict(steps=2, stream_batch=False, clean_cache_pass=True), chunks=stream(5, 5)),
+    "t2v": dict(settings=dict(steps=2, mode="t2v"), chunks=[None] * 8),
+    "strength 0.1, still": dict(settings=dict(steps=2, strength=0.1), chunks=stream(5, 8, still=True)),
+    "strength 0.1, moving": dict(settings=dict(steps=2, strength=0.1), chunks=stream(5, 8)),
+    "strength 1.0, still": dict(settings=dict(steps=2, strength=1.0), chunks=stream(5, 8, still=True)),
+    "strength 1.0, moving": dict(settings=dict(steps=2, strength=1.0), chunks=stream(5, 8)),
+    "prompt transition": dict(settings=dict(steps=3, transition_frames=12), chunks=stream(5, 14),
+                              events={6: [("update", {"prompt": "a watercolour dog"})],
+                                      9: [("update", {"seed": 7, "strength": 0.5})]}),
+    "reload": dict(settings=dict(steps=2), chunks=stream(5, 8) + stream(5, 8),
+                   events={9: [("drain", None), ("update", {"steps": 3})]}),
+    "blocks moving": dict(settings=dict(steps=3), chunks=stream(5, 14),
+                          events={4: [("rebalance", [0, 1, 2, 4])], 8: [("rebalance", [0, 2, 3, 4])],
+                                  11: [("rebalance", [0, 1, 2, 4])]}),
+}
+
+
+class Recorded:
+    """The pipeline's executor, recording each call's timesteps and new input (for the drift test)."""
+
+    def __init__(self, executor):
+        self.executor, self.forwards = executor_for(executor), []
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+    def submit(self, calls):
+        # each call's timesteps, and its first row: the chunk that has just come in, noised
+        self.forwards += [(call.timesteps[:, 0].tolist(), round(float(call.latents[0].double().sum()), 6))
+                          for call in calls]
+        return self.executor.submit(calls)
+
+
+@torch.no_grad()
+def run_scenarios(executor, models: Models, names: list[str]) -> dict[str, dict]:
+    """Each scenario through one StreamPipeline on ``executor``: its frames per stream, and its forwards."""
+    results = {}
+    for name in names:
+        scenario = SCENARIOS[name]
+        recorded = Recorded(executor)
+        pipe = StreamPipeline(recorded, models.vae, models.text_encoder,
+                              StreamSettings(prompt="a cat", **SIZE, **scenario["settings"]))
+        streams, lags = [[]], []
+        for index, chunk in enumerate(scenario["chunks"]):
+            for action, argument in scenario.get("events", {}).get(index, []):
                 if action == "update":
                     pipe.update(**argument)
                 elif action == "rebalance":
-                    pipe.rebalance(argument)
+                    if getattr(executor, "world", 1) == len(argument) - 1:  # a split for this many ranks
+                        executor.rebalance(argument)
                 else:
                     streams[-1].append(pipe.drain())
+                    lags.append(pipe.lag_frames)
                     streams.append([])
             streams[-1].append(pipe.push(chunk))
         streams[-1].append(pipe.drain())
-        pipe.close()
-        report.update(frames=[np.concatenate(s) for s in streams], moves=pipe.moves)
-    else:
+        lags.append(pipe.lag_frames)
+        results[name] = dict(frames=[np.concatenate(s) for s in streams], forwards=recorded.forwards, lags=lags)
+    return results
+
+
+def rank_main(rank: int, world: int, names: list[str], init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    settings = StreamSettings(prompt="a cat", steps=4, **SIZE)
+    stage, models = start_ranks(BuiltModels(tiny_models()), settings)  # split from measured costs
+    report = {}
+    if models is None:
         stage.serve()
+        report.update(mirrors=len(stage.mirrors))
+    else:
+        report.update(results=run_scenarios(stage, models, names), moves=stage.moves)
+        stage.close()
     report.update(layers=stage.dit.held_layers, split=stage.split,
-                  params=sum(p.numel() for p in stage.dit.parameters()),
-                  cache_layers=stage.cache.layers, cache_bytes=stage.cache.nbytes(), cache_batch=stage.cache.batch,
-                  context_since=dict(stage.context_since), vae=stage.vae is not None,
-                  text_encoder=stage.text_encoder is not None, decoder=stage.decoder is not None)
+                  params=sum(p.numel() for p in stage.dit.parameters()))
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def run_ranks(scenario: dict, tmp_path: Path) -> list[dict]:
-    mp.spawn(rank_main, args=(scenario, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=scenario["world"])
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(scenario["world"])]
+def run_ranks(world: int, names: list[str], tmp_path: Path) -> list[dict]:
+    mp.spawn(rank_main, args=(world, names, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@torch.no_grad()
-def one_process(scenario: dict) -> list[np.ndarray]:
-    """The same pushes and updates through StreamPipeline: frames of each stream."""
+@pytest.fixture(scope="module")
+def one_rank():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        models = tiny_models(scenario["layers"])
-        pipe = StreamPipeline(models.dit, models.vae, models.text_encoder,
-                              StreamSettings(prompt="a cat", steps=scenario["steps"], **SIZE))
-        streams = [[]]
-        for index, chunk in enumerate(chunked(scenario["streams"])):
-            for action, argument in scenario["events"].get(index, []):
-                if action == "update":
-                    pipe.update(**argument)
-                elif action == "drain":
-                    streams.append([])
-            streams[-1].append(pipe.push(chunk))
-        return [np.concatenate(s) for s in streams]
+        models = tiny_models()
+        return run_scenarios(models.dit, models, list(SCENARIOS))
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(TWO_RANKS, tmp_path_factory.mktemp("two")), one_process(TWO_RANKS)
+    return run_ranks(2, list(SCENARIOS), tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory):
-    return run_ranks(THREE_RANKS, tmp_path_factory.mktemp("three")), one_process(THREE_RANKS)
-
-
-def assert_same_frames(parallel: np.ndarray, single: np.ndarray, chunks_at_least: int) -> None:
-    """The ranks' frames are the one process's, up to where the longer lag cuts them off."""
-    assert len(parallel) >= 5 + 4 * (chunks_at_least - 1)
-    np.testing.assert_array_equal(parallel, single[:len(parallel)])
+    return run_ranks(3, list(SCENARIOS), tmp_path_factory.mktemp("three"))
 
 
 # -- the same frames as one process -----------------------------------------------------------
 
-def test_two_ranks_give_one_process_frames_through_a_prompt_change_and_a_reload(two_ranks):
-    reports, single = two_ranks
-    first_stream, second_stream = reports[0]["frames"]
-    assert_same_frames(first_stream, single[0], chunks_at_least=7)
-    assert_same_frames(second_stream, single[1], chunks_at_least=5)  # steps=1 after the reload
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_n_ranks_give_one_process_frames(name, world, one_rank, two_ranks, three_ranks):
+    reports = two_ranks if world == 2 else three_ranks
+    ranks, single = reports[0]["results"][name], one_rank[name]
+    assert ranks["lags"] == [lag * world for lag in single["lags"]]
+    for index, (parallel, alone, lag) in enumerate(zip(ranks["frames"], single["frames"], single["lags"])):
+        # The ranks' frames are the one process's, up to where their longer lag cuts them off.
+        assert len(parallel) == len(alone) - lag * (world - 1) > 0, f"stream {index}"
+        np.testing.assert_array_equal(parallel, alone[:len(parallel)], err_msg=f"{name}, stream {index}")
 
 
-def test_three_ranks_give_one_process_frames_while_blocks_move(three_ranks):
-    reports, single = three_ranks
-    assert reports[0]["moves"] >= 2  # at least one move each way
-    assert_same_frames(reports[0]["frames"][0], single[0], chunks_at_least=8)
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_forward_has_one_process_timesteps_and_noise(world, one_rank, two_ranks, three_ranks):
+    # The drift this replaced: a second pipeline for N ranks that timed the first chunk differently.
+    reports = two_ranks if world == 2 else three_ranks
+    for name, single in one_rank.items():
+        ranks = reports[0]["results"][name]["forwards"]
+        assert ranks == single["forwards"][:len(ranks)], name
+        assert len(single["forwards"]) - len(ranks) <= world, name  # only the ticks no push came after
 
 
-def test_a_prompt_change_applies_from_the_same_tick_on_every_rank(two_ranks, three_ranks):
-    # version 1 is the changed prompt; a tick is a push (and its chunk) on rank 0
-    for reports, scenario, push in ((two_ranks[0], TWO_RANKS, 6), (three_ranks[0], THREE_RANKS, 5)):
-        assert [r["context_since"].get(1) for r in reports] == [push] * scenario["world"]
+def test_blocks_moved_while_streaming(three_ranks):
+    assert three_ranks[0]["moves"] >= 2  # at least one move each way
+    assert three_ranks[0]["split"] == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("strength", [0.1, 0.15, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_first_chunk_is_conditioned_on_the_step_lists_first_timestep(strength, steps):
+    models = tiny_models(1)
+    recorded = Recorded(models.dit)
+    pipe = StreamPipeline(recorded, models.vae, models.text_encoder,
+                          StreamSettings(prompt="a cat", steps=steps, strength=strength, **SIZE))
+    for chunk in stream(5, 2):
+        pipe.push(chunk)
+    first_chunk = [timesteps[0] for timesteps, _ in recorded.forwards[:steps]]
+    assert first_chunk == denoising_steps(steps)  # 700 first, whatever the strength (published)
+    assert all(t >= 0 for timesteps, _ in recorded.forwards for t in timesteps)
 
 
 # -- each rank holds only its part ------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario_name", ["two_ranks", "three_ranks"])
-def test_each_rank_holds_only_its_blocks_and_their_caches(scenario_name, request):
-    reports = request.getfixturevalue(scenario_name)[0]
-    scenario = TWO_RANKS if scenario_name == "two_ranks" else THREE_RANKS
-    whole = tiny_models(scenario["layers"]).dit
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_holds_only_its_blocks(world, two_ranks, three_ranks):
+    reports = two_ranks if world == 2 else three_ranks
+    whole = tiny_models().dit
     block = sum(p.numel() for p in whole.blocks[0].parameters())
     embeddings = sum(sum(p.numel() for p in m.parameters()) for m in
                      (whole.patch_embedding, whole.text_embedding, whole.time_embedding, whole.time_projection))
     head = sum(p.numel() for p in whole.head.parameters())
-    config = whole.config
-    frame_tokens = (SIZE["height"] // 16) * (SIZE["width"] // 16)
     split = reports[0]["split"]
-    world = scenario["world"]
     for rank, report in enumerate(reports):
         layers = list(range(split[rank], split[rank + 1]))
-        assert report["split"] == split and report["layers"] == layers and report["cache_layers"] == layers
+        assert report["split"] == split and report["layers"] == layers
         assert report["params"] == len(layers) * block + (embeddings if rank == 0 else 0) + (
             head if rank == world - 1 else 0)
-        layer_bytes = 2 * report["cache_batch"] * config.num_kv_cache * frame_tokens * config.dim * 4
-        assert report["cache_bytes"] == len(layers) * layer_bytes
-        assert (report["vae"], report["text_encoder"], report["decoder"]) == (rank == 0, rank == 0, rank == world - 1)
+    assert all(report["mirrors"] == 0 for report in reports[1:])  # every cache rank 0 let go of was dropped
 
 
 def test_a_stage_reads_only_its_blocks_from_a_checkpoint(tmp_path):

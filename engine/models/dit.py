@@ -268,15 +268,16 @@ class CausalWanDiT(nn.Module):
             else:
                 frame_numbers += part.cache.frame_numbers(frames)
                 plan = part.cache.begin_write(frames)
-                streams.append(StreamRows(rows, part.cache, plan, self._cached_context_kv(part)))
+                streams.append(StreamRows(rows, part.cache, plan, self.cached_context_kv(part)))
         with lora_rows(self, [(stream.rows, part.adapters) for stream, part in zip(streams, inputs)]):
             x, time_mod, time_emb = self.embed(latents, timesteps)
             freqs = self.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
             x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
             return self.finish(x, time_emb, grid_h, grid_w)
 
-    def _cached_context_kv(self, part: StreamInput):
-        """Cross-attention K/V, taken from the cache while the same context tensor and adapters are passed."""
+    def cached_context_kv(self, part: StreamInput):
+        """Cross-attention K/V of a cached stream's context, kept in its cache while the same
+        context tensor and adapters are passed."""
         cache, context = part.cache, part.context
         if (cache.context is not context or cache.context_version != context._version
                 or cache.context_adapters is not part.adapters):

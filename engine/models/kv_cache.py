@@ -28,12 +28,14 @@ follows the decision made where that layer is (:meth:`KVCache.follow_sink_replac
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 EMPTY = -1  # slot value of a slot that holds nothing yet
+_numbers = itertools.count()  # every cache's own number (a pipeline stage mirrors caches by it)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class KVCache:
 
     def __init__(self, config, batch: int, frame_tokens: int, *, layers=None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
+        self.uid = next(_numbers)
         self.num_frames = config.num_kv_cache
         self.num_sink = config.num_sink
         self.adapt_sink_threshold = config.adapt_sink_threshold
@@ -108,7 +111,7 @@ class KVCache:
         (how each stream-batch slot inherits the first chunk's cache)."""
         copy = object.__new__(KVCache)
         copy.__dict__.update(self.__dict__)
-        copy.batch = batch
+        copy.uid, copy.batch = next(_numbers), batch
         copy.keys = [None if k is None else k[:1].repeat(batch, 1, 1, 1) for k in self.keys]
         copy.values = [None if v is None else v[:1].repeat(batch, 1, 1, 1) for v in self.values]
         copy.slot_frame = [list(self.slot_frame[0]) for _ in range(batch)]

@@ -39,7 +39,7 @@ TORCH_VERSION = "2.13.0"
 # PyPI's Windows torch is CPU-only; the CUDA build comes from PyTorch's own index. CUDA 12.8
 # needs an NVIDIA driver 570 or newer; the index must carry TORCH_VERSION.
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
-EXTRAS = "engine,wan,video,virtualcam,dev"  # what the tests and the demo need
+EXTRAS = "engine,wan,video,virtualcam,ndi,dev"  # what the tests and the demo need
 
 # What each command runs with .venv's Python, from the repository root (None: no set-up).
 COMMANDS = {

@@ -44,7 +44,7 @@ import numpy as np
 
 from .client import EngineClient, FrameCounters, Output, describe_scheduler
 from .params import PARAMS
-from .protocol import ErrorCode, ProtocolError
+from .protocol import ENGINE_SIDE_TRANSPORTS, ErrorCode, ProtocolError
 from .zmq_io import AuthenticationError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class BackgroundClient:
     def _send(self, client: EngineClient, frame: tuple[Any, int]) -> bool:
         """Send a frame; False when it needs a session of its own size."""
         pixels, t_capture_ns = frame
-        if client.transport == "spout":
+        if client.transport in ENGINE_SIDE_TRANSPORTS:
             with self._lock:
                 self._unsent += 1  # its frames travel by Spout (offered while the host switched transports)
             return True

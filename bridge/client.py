@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from .protocol import (
+    ENGINE_SIDE_TRANSPORTS,
     FORMATS,
     Bye,
     ErrorCode,
@@ -81,7 +82,7 @@ from .zmq_io import (DEFAULT_ADDRESS, AuthenticationError, ClientKeys, HostSocke
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("shm", "zmq", "spout")
+TRANSPORTS = ("shm", "zmq", "spout", "ndi", "syphon")
 KEEPALIVE_S = 0.5  # how often the client asks for stats (and so shows the engine it is alive)
 ENGINE_TIMEOUT_S = 3.0  # no answer for this long: the engine is gone
 POLL_S = 0.001  # receive's wait between looks at the output ring
@@ -212,9 +213,9 @@ class EngineClient:
         session takes no frames from here: it raises RuntimeError.
         """
         self._check_open()
-        if self.transport == "spout":
-            raise RuntimeError("a spout session's frames come from the Spout sender named by spout_input, "
-                               "not from send()")
+        if self.transport in ENGINE_SIDE_TRANSPORTS:
+            raise RuntimeError(f"a {self.transport} session's frames come from the {self.transport} source named "
+                               f"by {self.transport}_input, not from send()")
         if not isinstance(frame, np.ndarray):
             raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}")
         format = format or ("rgb8" if frame.shape[-1:] == (3,) else "rgba8")
@@ -419,7 +420,7 @@ class EngineClient:
         return ring
 
     def _take_output(self, wait_s: float) -> Output | None:
-        no_frames_here = self.transport == "spout" or (self.transport == "shm" and self._output_ring is None)
+        no_frames_here = self.transport in ENGINE_SIDE_TRANSPORTS or (self.transport == "shm" and self._output_ring is None)
         if self.session is None or no_frames_here:
             time.sleep(wait_s)
             return None

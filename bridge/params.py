@@ -49,6 +49,7 @@ KINDS = ("bool", "int", "float", "str", *PAIR_KINDS)
 MAX_SEED = 2**31 - 1  # what a 32-bit integer control (OBS, TouchDesigner) can hold
 MAX_MODEL_SIZE = 2048  # the protocol's bound; an engine may take less (serve --max-model-size)
 MAX_SPOUT_NAME_CHARS = 255  # Spout keeps sender names in 256-byte buffers
+MAX_ENDPOINT_NAME_CHARS = 255  # NDI source and Syphon server names, bounded as Spout's
 DEFAULT_MODEL = "wan2.1-1.3b"  # the model `serve`, TouchDesigner and OBS use unless told otherwise
 
 
@@ -135,6 +136,17 @@ _TABLE = (
           "The Spout sender the engine reads; empty for Spout's active sender.", 0, MAX_SPOUT_NAME_CHARS),
     Param("spout_output", "str", "StreamDiffusion", OPEN, "Spout", "Spout Output Sender",
           "The Spout sender the engine publishes the stylised frames as.", 1, MAX_SPOUT_NAME_CHARS),
+    # -- NDI sessions (any platform, over the network), fixed when the session opens
+    Param("ndi_input", "str", "", OPEN, "NDI", "NDI Input Source",
+          "The NDI source the engine reads, as NDI lists it (MACHINE (NAME)) or just NAME; empty for the first "
+          "found.", 0, MAX_ENDPOINT_NAME_CHARS),
+    Param("ndi_output", "str", "StreamDiffusion", OPEN, "NDI", "NDI Output Source",
+          "The NDI source the engine publishes the stylised frames as.", 1, MAX_ENDPOINT_NAME_CHARS),
+    # -- Syphon sessions (macOS), fixed when the session opens
+    Param("syphon_input", "str", "", OPEN, "Syphon", "Syphon Input Server",
+          "The Syphon server the engine reads; empty for the first found.", 0, MAX_ENDPOINT_NAME_CHARS),
+    Param("syphon_output", "str", "StreamDiffusion", OPEN, "Syphon", "Syphon Output Server",
+          "The Syphon server the engine publishes the stylised frames as.", 1, MAX_ENDPOINT_NAME_CHARS),
 )
 
 PARAMS: dict[str, Param] = {param.name: param for param in _TABLE}

@@ -54,7 +54,9 @@ MAX_INT = 2**63 - 1  # ids, sequence numbers, timestamps and seeds fit in int64
 
 FORMATS: Mapping[str, int] = {"rgba8": 4, "rgb8": 3, "bgra8": 4}  # bytes per pixel
 MAX_FRAME_BYTES = MAX_WIDTH * MAX_HEIGHT * max(FORMATS.values())
-TRANSPORTS = ("shm", "zmq", "spout")
+TRANSPORTS = ("shm", "zmq", "spout", "ndi", "syphon")
+# Transports whose frames the engine itself reads and publishes (engine/endpoints.py): no frames pass the host.
+ENGINE_SIDE_TRANSPORTS = ("spout", "ndi", "syphon")
 
 
 class ErrorCode(str, enum.Enum):

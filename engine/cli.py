@@ -75,27 +75,59 @@ def write_video(path: str, frames: list[np.ndarray], fps: float) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import os
-    device, dtype = _device_and_dtype(args.device)  # one this torch cannot use fails here, on every rank too
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: the DiT's blocks over the ranks
-        from .parallel import run_cli
-        return run_cli(args)
-
-    from .models.weights import build_models
+    """Stream a clip (or the test pattern) through the model and report the speed. Started by
+    torchrun with N ranks, the DiT's blocks are spread over them (engine/parallel/): rank 0
+    streams as one process does, the other ranks run their blocks."""
     from .pipeline import StreamPipeline, StreamSettings
 
+    device, dtype = _device_and_dtype(args.device)  # one this torch cannot use fails here, on every rank too
     height, width = model_size(args.model, args.size)
+    settings = StreamSettings(height=height, width=width, stream_batch=not args.no_stream_batch,
+                              **session_flag_values(args, RUN_FLAGS))
+    if ranks() == 1:
+        from .models.weights import build_models
+
+        print(f"loading {args.model} on {device} ...", flush=True)
+        models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        _stream_clip(args, StreamPipeline(models.dit, models.vae, models.text_encoder, settings,
+                                          decoder=models.decoder), height, width)
+        return
+
+    import torch.distributed as dist
+
+    from .parallel import BlockBalancer, init_ranks, model_source, rank_device, start_ranks
+
+    device = rank_device(args.device)
+    init_ranks(device)
+    try:
+        if dist.get_rank() == 0:
+            print(f"loading {args.model} over {dist.get_world_size()} ranks ({device.type}) ...", flush=True)
+        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        stage, models = start_ranks(source, settings, balancer=BlockBalancer())
+        if models is None:
+            stage.serve()
+            return
+        print(f"split of the blocks over the ranks: {stage.split}", flush=True)
+        _stream_clip(args, StreamPipeline(stage, models.vae, models.text_encoder, settings, decoder=models.decoder),
+                     height, width)
+        print(f"final split {stage.split} after {stage.moves} moves")
+        stage.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def ranks() -> int:
+    """How many ranks torchrun started (1 without torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _stream_clip(args: argparse.Namespace, pipe, height: int, width: int) -> None:
     if args.source == "testpattern":
         video, fps = test_pattern(args.frames, height, width), args.fps
     else:
         video, fps = read_video(args.source, args.frames)
-
-    print(f"loading {args.model} on {device} ...", flush=True)
-    models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
-    settings = StreamSettings(height=height, width=width, stream_batch=not args.no_stream_batch,
-                              **session_flag_values(args, RUN_FLAGS))
-    pipe = StreamPipeline(models.dit, models.vae, models.text_encoder, settings, decoder=models.decoder)
-
     outputs, chunk_times = [], []
     first = pipe.first_chunk_frames
     chunks = [video[:first]] + [video[i:i + 4] for i in range(first, len(video) - 3, 4)]
@@ -110,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
         outputs.append(out)
         done = sum(len(o) for o in outputs)
         print(f"\rchunk {index}/{len(chunks)}  frames out {done}", end="", file=sys.stderr, flush=True)
+    outputs.append(pipe.drain())  # what is still in flight on other ranks
     elapsed = time.perf_counter() - started
     print(file=sys.stderr)
     produced = sum(len(o) for o in outputs)
@@ -125,13 +158,13 @@ def run(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     import zmq
 
-    from bridge.spout import SpoutUnavailable
     from bridge.zmq_io import ServerKeys
 
     from .config import get_preset
     from .models.lora import LoraLibrary
     from .models.weights import build_models
-    from .server import EngineServer, EngineSpoutSession, Limits, check_bind
+    from .endpoints import EndpointUnavailable
+    from .server import EngineServer, EngineVideoSession, Limits, check_bind
 
     check_address(args.bind, "--bind")
     auth = ServerKeys.from_dir(args.keys) if args.keys else None
@@ -151,13 +184,20 @@ def serve(args: argparse.Namespace) -> None:
         session_defaults["loras"] = tuple(args.lora)
     loras = LoraLibrary(args.lora_dir, get_preset(args.model), device=device, dtype=dtype)
     spout = None
-    if args.spout_in is not None or args.spout_out is not None:
+    asked = [kind for kind in ("spout", "ndi", "syphon")
+             if getattr(args, f"{kind}_in") is not None or getattr(args, f"{kind}_out") is not None]
+    if len(asked) > 1:
+        raise SystemExit(f"error: the engine opens one session of its own: choose one of "
+                         f"{', '.join(f'--{kind}-in/--{kind}-out' for kind in asked)}")
+    if asked:
+        kind = asked[0]
+        given_size = getattr(args, f"{kind}_size")
         # Frames at the model's size unless told otherwise (size is height, width).
-        width, height = parse_size("--spout-size", args.spout_size) if args.spout_size else size[::-1]
+        width, height = parse_size(f"--{kind}-size", given_size) if given_size else size[::-1]
         try:
-            spout = EngineSpoutSession(input=args.spout_in or "",
-                                       output=args.spout_out or table.PARAMS["spout_output"].default,
-                                       width=width, height=height)
+            spout = EngineVideoSession(input=getattr(args, f"{kind}_in") or "",
+                                       output=getattr(args, f"{kind}_out") or table.PARAMS[f"{kind}_output"].default,
+                                       width=width, height=height, transport=kind)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
@@ -173,8 +213,8 @@ def serve(args: argparse.Namespace) -> None:
     except zmq.ZMQError as error:
         raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
                          "Choose another port with --bind") from None
-    except SpoutUnavailable as error:
-        raise SystemExit(f"error: --spout-in/--spout-out: {error}") from None
+    except EndpointUnavailable as error:
+        raise SystemExit(f"error: --{spout.transport}-in/--{spout.transport}-out: {error}") from None
     except ValueError as error:  # --spout-size over --max-frame-size, a --lora that cannot be used
         raise SystemExit(f"error: {error}") from None
     osc = _start_osc(args, server) if args.osc is not None else None
@@ -182,8 +222,10 @@ def serve(args: argparse.Namespace) -> None:
     print(f"engine {args.model} on {device}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",
           flush=True)
     if spout is not None:
-        print(f"Spout: reading sender {spout.input or '(the active one)'!r}, publishing {spout.output!r} at "
-              f"{spout.width}x{spout.height}; no host needed", flush=True)
+        title, thing = {"spout": ("Spout", "sender"), "ndi": ("NDI", "source"),
+                        "syphon": ("Syphon", "server")}[spout.transport]
+        print(f"{title}: reading {thing} {spout.input or '(the first/active one)'!r}, publishing {spout.output!r} at "
+              f"{spout.width}x{spout.height}; no host needed (session id {spout.transport!r})", flush=True)
     if args.ready_file:
         _write_ready_file(Path(args.ready_file), server.address)
     server.serve_forever(parent_pid=args.parent_pid)
@@ -486,6 +528,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--spout-size", metavar="WxH",
                               help="size WIDTHxHEIGHT of the --spout-in/--spout-out session's frames; other sizes are "
                                    "fitted to it (default: the model size)")
+    for kind, title, thing, note in (("ndi", "NDI", "source", "as NDI lists it, MACHINE (NAME), or NAME; '' for the "
+                                                              "first found"),
+                                     ("syphon", "Syphon", "server", "'' for the first found; macOS")):
+        serve_parser.add_argument(f"--{kind}-in", metavar="NAME",
+                                  help=f"open a {title} session in the engine, with no host: read this {title} {thing} "
+                                       f"({note})")
+        serve_parser.add_argument(f"--{kind}-out", metavar="NAME",
+                                  help=f"... and publish its output as this {title} {thing} "
+                                       f"(default {table.PARAMS[f'{kind}_output'].default})")
+        serve_parser.add_argument(f"--{kind}-size", metavar="WxH",
+                                  help=f"size WIDTHxHEIGHT of the --{kind}-in/--{kind}-out session's frames; other "
+                                       "sizes are fitted to it (default: the model size)")
     serve_parser.add_argument("--osc", type=int, metavar="PORT",
                               help="also take parameter changes as OSC over UDP at PORT: /sd/<param> VALUE for every "
                                    "session, /sd/<session>/<param> VALUE for one (engine/osc.py)")

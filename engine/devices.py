@@ -1,6 +1,6 @@
 """`python -m engine devices`: the video paths and styles this machine offers, and why each does or does not work.
 
-Lists Spout senders (Windows), Syphon servers (macOS), virtual-camera backends and the
+Lists Spout senders (Windows), Syphon servers (macOS), NDI sources, virtual-camera backends and the
 LoRA adapters in the LoRA folder (`--lora-dir`, as `serve` takes it), one row each, with
 whether the engine can use it and, when it cannot, the reason and the fix. Needs neither
 torch nor a GPU, so it runs on any machine a user is setting up.
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.ndi import NdiUnavailable, list_sources as list_ndi_sources
 from bridge.spout import SpoutUnavailable, list_senders
 from bridge.syphon import SyphonUnavailable, list_servers
 from bridge.virtualcam import VirtualCameraUnavailable, backends_for_this_platform, open_virtual_camera
@@ -34,7 +35,7 @@ PROBE_WIDTH, PROBE_HEIGHT, PROBE_FPS = 640, 480, 30
 class Device:
     """One video path: a Spout sender, a Syphon server or a virtual-camera backend."""
 
-    kind: str  # "spout", "syphon", "virtual camera" or "lora"
+    kind: str  # "spout", "syphon", "ndi", "virtual camera" or "lora"
     name: str  # the sender, server, backend or adapter (its name in a session's loras); "-" when there is none
     usable: bool
     why: str
@@ -44,7 +45,7 @@ class Device:
 def find_devices(lora_dir: str | Path = DEFAULT_LORA_DIR) -> list[Device]:
     """Every Spout sender, Syphon server and virtual-camera backend on this machine, and the
     LoRA adapters in lora_dir."""
-    return [*spout_devices(), *syphon_devices(), *virtual_camera_devices(), *lora_devices(lora_dir)]
+    return [*spout_devices(), *syphon_devices(), *ndi_devices(), *virtual_camera_devices(), *lora_devices(lora_dir)]
 
 
 def spout_devices() -> list[Device]:
@@ -71,6 +72,23 @@ def syphon_devices() -> list[Device]:
         devices.append(Device("syphon", server.name or "(unnamed)", True, f"server of {server.app_name}"))
     if not servers:
         devices.append(Device("syphon", "(input)", False, "no application is sharing over Syphon right now"))
+    return devices
+
+
+def ndi_devices(timeout_s: float = 1.0) -> list[Device]:
+    """NDI sources found within timeout_s (NDI's discovery answers within a second on a network)."""
+    try:
+        sources = list_ndi_sources(timeout_s)
+    except NdiUnavailable as error:
+        return [Device("ndi", "-", False, error.reason, error.fix)]
+    devices = [Device("ndi", "(output)", True, "cyndilib and its NDI runtime work: the engine can publish an NDI "
+                                               "source")]
+    for name in sources:
+        devices.append(Device("ndi", name, True, "source (serve --ndi-in takes this name)"))
+    if not sources:
+        devices.append(Device("ndi", "(input)", False, "no NDI source was found within a second",
+                              "start one; on Linux NDI finds sources through avahi-daemon (apt install "
+                              "avahi-daemon), which must be running"))
     return devices
 
 

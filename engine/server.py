@@ -37,7 +37,10 @@ What a host sees (messages as in bridge/protocol.py):
 - Transport "spout" (Windows): the host sends and receives no frames. The engine reads
   the Spout sender named by the parameter spout_input ("" for the active sender) and
   publishes the outputs, at the hello's size, as the sender spout_output (default
-  "StreamDiffusion"). Both are fixed when the session opens.
+  "StreamDiffusion"). Both are fixed when the session opens. Transports "ndi" and "syphon"
+  are the same with ndi_input/ndi_output (an NDI source, as NDI lists it or by its name;
+  the output carries each frame's capture time as NDI metadata) and syphon_input/
+  syphon_output (macOS); engine/endpoints.py has the one interface they share.
 - params changes parameters between steps; the payload says which applied live and
   whether the stream restarts. stats returns the session's state, parameters and
   counters. bye closes the session. shutdown stops the engine as SIGTERM does (bridge/launcher.py
@@ -59,8 +62,9 @@ What a host sees (messages as in bridge/protocol.py):
 - A host not heard from for session_timeout_s (no request, ping or frame over ZeroMQ)
   loses its session; hosts streaming over shared memory or Spout keep it with a ping
   or stats.
-- `serve --spout-in NAME --spout-out NAME` opens a Spout session in the engine itself,
-  with no host: its id is "spout", no timeout closes it, and any host may change its
+- `serve --spout-in NAME --spout-out NAME` (or --ndi-in/--ndi-out, --syphon-in/--syphon-out)
+  opens such a session in the engine itself, with no host: its id is its transport
+  ("spout", "ndi", "syphon"), no timeout closes it, and any host may change its
   parameters (params) or read its stats, though none may close it. The engine stops
   if that session fails.
 
@@ -94,7 +98,7 @@ from urllib.parse import urlsplit
 import torch
 
 from bridge import params as table
-from bridge.params import MAX_MODEL_SIZE, MAX_PROMPT_CHARS, MAX_SPOUT_NAME_CHARS, OPEN
+from bridge.params import MAX_ENDPOINT_NAME_CHARS, MAX_MODEL_SIZE, MAX_PROMPT_CHARS, MAX_SPOUT_NAME_CHARS, OPEN
 from bridge.protocol import (
     FORMATS,
     MAX_HEIGHT,
@@ -108,11 +112,11 @@ from bridge.protocol import (
     ProtocolError,
     Shutdown,
     StatsRequest,
+    ENGINE_SIDE_TRANSPORTS,
     ValueSpec,
     check_params,
 )
 from bridge.shm import RingReader, RingWriter, reclaim_abandoned_rings, session_ring_names
-from bridge.spout import SpoutUnavailable, load_spoutgl
 from bridge.zmq_io import DEFAULT_ADDRESS, EngineSocket, ReceivedFrame, Request, ServerKeys
 
 from .models.lora import LoraLibrary
@@ -120,7 +124,7 @@ from .models.lora_files import LoraFileError
 from .models.weights import Models
 from .session import (PARAMS, TARGETS, InputFrame, Session, applies, apply_params, current_params, session_routes,
                       session_settings, to_rgb)
-from .spout_io import SpoutSessionIO
+from .endpoints import EndpointSessionIO, EndpointUnavailable, check_available
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -131,6 +135,7 @@ IDLE_POLL_S = 0.05  # with no session open
 REAP_EVERY_S = 0.25  # how often silent hosts are looked for
 JOIN_TIMEOUT_S = 10.0  # how long close() waits for a step (or a model load) in progress
 ENGINE_SPOUT_SESSION = "spout"  # the id of the session `serve --spout-in/--spout-out` opens
+# (that of `serve --ndi-in/--ndi-out` is "ndi", of `--syphon-in/--syphon-out` "syphon": its transport)
 MAX_QUEUED_PARAM_CHANGES = 1024  # set_params calls waiting for the IO thread
 
 # Told, on the IO thread, that a session did not take a set_params change: its id, and why.
@@ -172,21 +177,34 @@ class Limits:
 
 @dataclass(frozen=True)
 class EngineSpoutSession:
-    """The Spout session the engine opens for itself (`serve --spout-in NAME --spout-out NAME`):
-    no host, so no silent-host timeout; TouchDesigner's or OBS's own Spout operators
-    send and show the frames."""
+    """The session the engine opens for itself over Spout (`serve --spout-in NAME --spout-out
+    NAME`), NDI (`--ndi-in/--ndi-out`) or Syphon (`--syphon-in/--syphon-out`): no host, so no
+    silent-host timeout; TouchDesigner's, OBS's or any tool's own operators send and show the
+    frames. Its id is its transport."""
 
     input: str = table.PARAMS["spout_input"].default  # --spout-in: the sender read; "" for Spout's active sender
     output: str = table.PARAMS["spout_output"].default  # --spout-out: the sender published
     width: int = 512  # --spout-size: the frames' size, published and fitted to
     height: int = 512
+    transport: str = "spout"  # or "ndi", "syphon"
 
     def __post_init__(self) -> None:
+        if self.transport not in ENGINE_SIDE_TRANSPORTS:
+            raise ValueError(f"the engine opens sessions of its own over {', '.join(ENGINE_SIDE_TRANSPORTS)}, "
+                             f"not {self.transport}")
+        longest = MAX_SPOUT_NAME_CHARS if self.transport == "spout" else MAX_ENDPOINT_NAME_CHARS
         if not self.output:
-            raise ValueError("--spout-out needs a sender name")
-        for flag, name in (("--spout-in", self.input), ("--spout-out", self.output)):
-            if len(name) > MAX_SPOUT_NAME_CHARS:
-                raise ValueError(f"{flag} takes a sender name of at most {MAX_SPOUT_NAME_CHARS} characters")
+            raise ValueError(f"--{self.transport}-out needs a name")
+        for flag, name in ((f"--{self.transport}-in", self.input), (f"--{self.transport}-out", self.output)):
+            if len(name) > longest:
+                raise ValueError(f"{flag} takes a name of at most {longest} characters")
+
+    @property
+    def params(self) -> dict[str, str]:
+        return {f"{self.transport}_input": self.input, f"{self.transport}_output": self.output}
+
+
+EngineVideoSession = EngineSpoutSession  # the name that says what it is now
 
 
 def process_alive(pid: int) -> bool:
@@ -263,8 +281,8 @@ class EngineServer:
         session_defaults: parameter values (bridge/params.py) a new session has unless its
         hello says otherwise, in place of the table's defaults (targets given here count as
         stated by the session, engine/slo.py says why that matters); model_size sets the model's.
-        spout: the Spout session to open in the engine itself; raises SpoutUnavailable
-        (saying why, and the fix) where Spout cannot work. loras: where the LoRA adapters
+        spout: the Spout, NDI or Syphon session to open in the engine itself; raises
+        EndpointUnavailable (saying why, and the fix) where its runtime is missing. loras: where the LoRA adapters
         sessions name are read (None: sessions can name none); a default adapter that cannot
         be used raises LoraFileError."""
         check_bind(address, auth is not None)
@@ -284,12 +302,12 @@ class EngineServer:
         self._session_timeout_s = session_timeout_s
         self.limits = limits
         if spout is not None:
-            load_spoutgl()
+            check_available(spout.transport)
             if spout.width > limits.max_frame_width or spout.height > limits.max_frame_height:
-                raise ValueError(f"--spout-size {spout.width}x{spout.height} is over --max-frame-size "
+                raise ValueError(f"--{spout.transport}-size {spout.width}x{spout.height} is over --max-frame-size "
                                  f"{limits.max_frame_width}x{limits.max_frame_height}")
         self._engine_spout = spout
-        self._spout_io: dict[str, SpoutSessionIO] = {}  # the IO thread's, by session id
+        self._spout_io: dict[str, EndpointSessionIO] = {}  # the IO thread's, by session id: Spout, NDI, Syphon
         self._sessions: dict[str, Session] = {}  # changed by the IO thread only
         self._sessions_lock = threading.Lock()  # the worker reads the table from its thread
         # Parameter changes from other threads (OSC), for the IO thread's next turn; past the
@@ -414,7 +432,7 @@ class EngineServer:
                     self._close_session(session, "it failed")
                     self._tell_owner(session, ProtocolError(ErrorCode.SESSION_FAILED, None, session.failure))
                     continue
-                if session.transport == "spout":
+                if session.transport in ENGINE_SIDE_TRANSPORTS:
                     continue  # its own thread moves its frames
                 try:
                     if session.transport == "shm":
@@ -461,19 +479,19 @@ class EngineServer:
                                 "fix that and restart the engine")
         self._check_limits(hello)
         self._refuse_unusable_loras(hello.params)
-        if hello.transport == "spout":
+        if hello.transport in ENGINE_SIDE_TRANSPORTS:
             try:
-                load_spoutgl()
-            except SpoutUnavailable as error:
+                check_available(hello.transport)
+            except EndpointUnavailable as error:
+                title = {"spout": "Spout", "ndi": "NDI", "syphon": "Syphon"}[hello.transport]
                 raise ProtocolError(ErrorCode.BAD_VALUE, "transport",
-                                    f"this engine cannot take Spout sessions: {error.reason}; {error.fix}") from None
+                                    f"this engine cannot take {title} sessions: {error.reason}; {error.fix}") from None
         return self._open_session(secrets.token_hex(8), request.sender, hello.transport, hello.width, hello.height,
                                   hello.prompt, hello.params)
 
     def _open_engine_spout_session(self, spout: EngineSpoutSession) -> None:
-        params = {"spout_input": spout.input, "spout_output": spout.output}
-        self._open_session(ENGINE_SPOUT_SESSION, None, "spout", spout.width, spout.height,
-                           self._session_defaults["prompt"], params)
+        self._open_session(spout.transport, None, spout.transport, spout.width, spout.height,
+                           self._session_defaults["prompt"], spout.params)
 
     def _open_session(self, session_id: str, owner: bytes | None, transport: str, width: int, height: int,
                       prompt: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -504,8 +522,8 @@ class EngineServer:
         with self._sessions_lock:
             self._sessions[session_id] = session
         try:
-            if transport == "spout":
-                self._spout_io[session_id] = SpoutSessionIO(session, self._worker.wake)
+            if transport in ENGINE_SIDE_TRANSPORTS:
+                self._spout_io[session_id] = EndpointSessionIO(session, self._worker.wake)
                 self._spout_io[session_id].start()
             self._worker.wake()
             log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, transport, width, height,
@@ -713,10 +731,11 @@ class EngineServer:
         session.close()
         spout_io = self._spout_io.pop(session.id, None)
         if spout_io is not None:
-            spout_io.stop()  # its thread closes the Spout receiver and sender
+            spout_io.stop()  # its thread closes its source and sinks
         session.camera.close()
         if session.owner is None and not self._stopping.is_set():
-            log.error("the engine stops: its own Spout session closed because %s", session.failure or reason)
+            log.error("the engine stops: its own %s session closed because %s", session.transport,
+                      session.failure or reason)
             self.failed = True
             self.stop()
         if session.input_ring is not None:

@@ -62,8 +62,11 @@ MAX_FRAME_SPACING_NS = 1_000_000_000
 TARGETS = ("target_fps", "latency_ms")
 # ... and routes, where frames come from and go besides the host. The Spout ones are a
 # Spout session's only, and are fixed when it opens (engine/spout_io.py says why).
-ROUTES = ("virtualcam", "spout_input", "spout_output")
-SPOUT_ROUTES = ("spout_input", "spout_output")
+# NDI's and Syphon's likewise (engine/endpoints.py).
+ENDPOINT_ROUTES = {"spout": ("spout_input", "spout_output"), "ndi": ("ndi_input", "ndi_output"),
+                   "syphon": ("syphon_input", "syphon_output")}
+ROUTES = ("virtualcam", *(name for names in ENDPOINT_ROUTES.values() for name in names))
+SPOUT_ROUTES = ENDPOINT_ROUTES["spout"]
 PARAMS: Mapping[str, ValueSpec] = PARAM_SPECS
 LATENCY_SAMPLES = 1000  # latest outputs whose latency the percentiles in stats cover
 OUTPUT_FPS_WINDOW_NS = 2_000_000_000  # output frame rate in stats: over the last two seconds ...
@@ -80,7 +83,7 @@ def applies(name: str) -> str:
 
 def session_routes(transport: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The routes a new session of this transport has, at the engine's defaults."""
-    names = ROUTES if transport == "spout" else tuple(name for name in ROUTES if name not in SPOUT_ROUTES)
+    names = ("virtualcam", *ENDPOINT_ROUTES.get(transport, ()))
     return {name: defaults[name] for name in names}
 
 
@@ -107,7 +110,7 @@ def apply_params(
         if name in ROUTES:
             if name not in routes:
                 raise ProtocolError(ErrorCode.BAD_VALUE, f"params.{name}",
-                                    f"{name} is for sessions with transport spout only")
+                                    f"{name} is for sessions with transport {name.split('_')[0]} only")
             routes[name] = value
             continue
         try:

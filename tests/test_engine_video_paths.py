@@ -142,7 +142,7 @@ def test_closing_a_spout_session_whose_driver_hangs_holds_up_the_io_thread_a_bou
                                                                                             caplog):
     """The IO thread closes sessions, every host's frames wait meanwhile: a stuck Spout call
     costs them at most JOIN_TIMEOUT_S, and the session's thread closes Spout once it returns."""
-    import engine.spout_io
+    import engine.endpoints
 
     spout = FakeSpoutMachine(tmp_path)
     monkeypatch.setitem(sys.modules, "SpoutGL", spout.module())
@@ -155,7 +155,7 @@ def test_closing_a_spout_session_whose_driver_hangs_holds_up_the_io_thread_a_bou
         return receive_image(receiver, *args)
 
     monkeypatch.setattr(FakeReceiver, "receiveImage", hanging_receive_image)
-    monkeypatch.setattr(engine.spout_io, "JOIN_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(engine.endpoints, "JOIN_TIMEOUT_S", 0.05)
     routes = {**session_routes("spout", table.defaults()), "spout_input": "TD out", "spout_output": "engine out"}
     session = Session("s1", None, "spout", SIZE, SIZE, StreamSettings(height=32, width=32), {}, routes, "ready")
     spout_io = SpoutSessionIO(session, lambda: None)

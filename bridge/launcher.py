@@ -98,8 +98,10 @@ class EngineProcess:
     def start(cls, *, model: str, python: str = sys.executable, bind: str = DEFAULT_ADDRESS,
               args: Sequence[str] = (), cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
               log_file: str | Path | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
-              auth: ClientKeys | None = None, module: str = "engine") -> EngineProcess:
+              auth: ClientKeys | None = None, module: str = "engine", ranks: int = 1) -> EngineProcess:
         """Start `python -m MODULE serve --model MODEL --bind BIND ARGS...`; returns at once.
+        With ranks over 1, torchrun starts it over that many ranks (one GPU each: the DiT's
+        blocks spread over them, engine/parallel/).
 
         env adds variables to this process's environment; auth are the keys to ping and stop an
         engine started with --keys; module is one whose command line is the engine's (tests start
@@ -112,7 +114,10 @@ class EngineProcess:
             log_file.replace(log_file.with_name(log_file.stem + ".previous" + log_file.suffix))
         ready_file = log_file.with_suffix(".address")
         ready_file.unlink(missing_ok=True)  # a stale one would point at an engine long gone
-        command = [str(python), "-m", module, "serve", "--model", model, "--bind", bind,
+        if ranks < 1:
+            raise ValueError(f"ranks must be at least 1, got {ranks}")
+        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+        command = [str(python), *torchrun, "-m", module, "serve", "--model", model, "--bind", bind,
                    "--ready-file", str(ready_file), "--parent-pid", str(os.getpid()), *args]
         # PYTHONUNBUFFERED: its log arrives line by line. PYTHONHOME and PYTHONPATH of a host
         # application (TouchDesigner, OBS) would point the engine's Python at the host's library.

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> None:
         from .models.weights import build_models
 
         print(f"loading {args.model} on {device} ...", flush=True)
-        models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
+                              **autoencoder_flags(args))
         _stream_clip(args, StreamPipeline(models.dit, models.vae, models.text_encoder, settings,
                                           decoder=models.decoder), height, width)
         return
@@ -155,6 +156,38 @@ def _stream_clip(args: argparse.Namespace, pipe, height: int, width: int) -> Non
         print(f"wrote {args.output}")
 
 
+_TITLES = {"spout": ("Spout", "sender"), "ndi": ("NDI", "source"), "syphon": ("Syphon", "server")}
+
+
+def _engine_video_session(args: argparse.Namespace, size: tuple[int, int]):
+    """The session `serve --KIND-in/--KIND-out` asks the engine to open for itself, or None.
+
+    One kind is its source: the one given --KIND-in, or the only kind named. Every other
+    kind given --KIND-out is an extra sink beside it (`--spout-in A --spout-out B --ndi-out C`:
+    read Spout, publish over Spout and as an NDI source)."""
+    from .server import EngineVideoSession
+
+    asked = [kind for kind in _TITLES
+             if getattr(args, f"{kind}_in") is not None or getattr(args, f"{kind}_out") is not None]
+    if not asked:
+        return None
+    reading = [kind for kind in asked if getattr(args, f"{kind}_in") is not None]
+    if len(reading) > 1 or (not reading and len(asked) > 1):
+        raise SystemExit(f"error: the engine's own session reads one source: give --KIND-in for exactly one of "
+                         f"{', '.join(asked)} (the others' --KIND-out publish its output too)")
+    kind = (reading or asked)[0]
+    given_size = getattr(args, f"{kind}_size")
+    # Frames at the model's size unless told otherwise (size is height, width).
+    width, height = parse_size(f"--{kind}-size", given_size) if given_size else size[::-1]
+    extra = tuple((other, getattr(args, f"{other}_out")) for other in asked if other != kind)
+    try:
+        return EngineVideoSession(input=getattr(args, f"{kind}_in") or "",
+                                  output=getattr(args, f"{kind}_out") or table.PARAMS[f"{kind}_output"].default,
+                                  width=width, height=height, transport=kind, extra_outputs=extra)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def serve(args: argparse.Namespace) -> None:
     import zmq
 
@@ -164,7 +197,7 @@ def serve(args: argparse.Namespace) -> None:
     from .models.lora import LoraLibrary
     from .models.weights import build_models
     from .endpoints import EndpointUnavailable
-    from .server import EngineServer, EngineVideoSession, Limits, check_bind
+    from .server import EngineServer, Limits, check_bind
 
     check_address(args.bind, "--bind")
     auth = ServerKeys.from_dir(args.keys) if args.keys else None
@@ -182,34 +215,44 @@ def serve(args: argparse.Namespace) -> None:
         if len(args.lora) > table.MAX_LORAS:
             raise SystemExit(f"error: --lora: a session mixes at most {table.MAX_LORAS} adapters")
         session_defaults["loras"] = tuple(args.lora)
+    world = ranks()
+    if world > 1:  # started by torchrun: rank 0 serves, every rank runs its blocks of the DiT
+        import torch.distributed as dist
+
+        from .parallel import init_ranks, rank_device
+
+        if args.lora:
+            raise SystemExit("error: --lora: LoRA adapters run on one rank; serve without torchrun to use them")
+        device = rank_device(args.device)
+        init_ranks(device)
+        if dist.get_rank() != 0:
+            return _serve_blocks(args, device, dtype, _split_settings(size, session_defaults))
     loras = LoraLibrary(args.lora_dir, get_preset(args.model), device=device, dtype=dtype)
-    spout = None
-    asked = [kind for kind in ("spout", "ndi", "syphon")
-             if getattr(args, f"{kind}_in") is not None or getattr(args, f"{kind}_out") is not None]
-    if len(asked) > 1:
-        raise SystemExit(f"error: the engine opens one session of its own: choose one of "
-                         f"{', '.join(f'--{kind}-in/--{kind}-out' for kind in asked)}")
-    if asked:
-        kind = asked[0]
-        given_size = getattr(args, f"{kind}_size")
-        # Frames at the model's size unless told otherwise (size is height, width).
-        width, height = parse_size(f"--{kind}-size", given_size) if given_size else size[::-1]
-        try:
-            spout = EngineVideoSession(input=getattr(args, f"{kind}_in") or "",
-                                       output=getattr(args, f"{kind}_out") or table.PARAMS[f"{kind}_output"].default,
-                                       width=width, height=height, transport=kind)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+    spout = _engine_video_session(args, size)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
 
+    stages = []  # rank 0's stage executor, once the models are loaded over the ranks
+
     def load_models():
-        logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
-        return build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        if world == 1:
+            logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
+            return build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
+                                **autoencoder_flags(args))
+        from dataclasses import replace
+
+        from .parallel import BlockBalancer, model_source, start_ranks
+
+        logging.getLogger(__name__).info("loading %s over %d ranks (%s) ...", args.model, world, device.type)
+        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        stage, models = start_ranks(source, _split_settings(size, session_defaults), balancer=BlockBalancer())
+        logging.getLogger(__name__).info("split of the blocks over the ranks: %s", stage.split)
+        stages.append(stage)
+        return replace(models, executor=stage)
 
     try:
         server = EngineServer(load_models, model=args.model, address=args.bind, model_size=size,
                               session_timeout_s=args.session_timeout, limits=limits, auth=auth,
-                              session_defaults=session_defaults, spout=spout, loras=loras)
+                              session_defaults=session_defaults, spout=spout, loras=loras, ranks=world)
     except zmq.ZMQError as error:
         raise SystemExit(f"error: cannot listen at {args.bind} ({error}); is another engine running there? "
                          "Choose another port with --bind") from None
@@ -219,23 +262,66 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {error}") from None
     osc = _start_osc(args, server) if args.osc is not None else None
     keys_note = "hosts need keys from " + args.keys if auth else "no keys needed on loopback"
-    print(f"engine {args.model} on {device}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",
+    where = f"{device}" if world == 1 else f"{world} ranks ({device.type})"
+    print(f"engine {args.model} on {where}: listening at {server.address} ({keys_note}; Ctrl-C stops it)",
           flush=True)
     if spout is not None:
-        title, thing = {"spout": ("Spout", "sender"), "ndi": ("NDI", "source"),
-                        "syphon": ("Syphon", "server")}[spout.transport]
+        title, thing = _TITLES[spout.transport]
+        extra = "".join(f", and as {' '.join(_TITLES[kind])} {name!r}" for kind, name in spout.extra_outputs)
         print(f"{title}: reading {thing} {spout.input or '(the first/active one)'!r}, publishing {spout.output!r} at "
-              f"{spout.width}x{spout.height}; no host needed (session id {spout.transport!r})", flush=True)
+              f"{spout.width}x{spout.height}{extra}; no host needed (session id {spout.transport!r})", flush=True)
     if args.ready_file:
         _write_ready_file(Path(args.ready_file), server.address)
     server.serve_forever(parent_pid=args.parent_pid)
     if osc is not None:
         osc.close()
+    if world > 1:
+        _close_ranks(stages)
     if server.load_error is not None:
         raise SystemExit(f"error: the engine stopped: {args.model} failed to load: {server.load_error}")
     print("engine stopped", flush=True)
     if server.failed:
         raise SystemExit(1)
+
+
+def _split_settings(size: tuple[int, int], session_defaults: dict):
+    """The stream every rank measures its costs at, to split the blocks (the sessions' default)."""
+    from .pipeline import StreamSettings
+
+    return StreamSettings(height=size[0], width=size[1],
+                          steps=session_defaults.get("steps", table.PARAMS["steps"].default))
+
+
+def _serve_blocks(args: argparse.Namespace, device, dtype, settings) -> None:
+    """Rank 1..N-1 of `torchrun ... -m engine serve`: its blocks for every forward, until rank 0 stops."""
+    import signal
+
+    import torch.distributed as dist
+
+    from .parallel import model_source, start_ranks
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 stops them all
+    try:
+        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        stage, _ = start_ranks(source, settings)
+        stage.serve()
+    finally:
+        dist.destroy_process_group()
+
+
+def _close_ranks(stages: list) -> None:
+    """Stop the other ranks (rank 0, once its server has stopped)."""
+    import torch.distributed as dist
+
+    from .parallel import LinkFailed
+
+    try:
+        for stage in stages:
+            stage.close()
+    except (LinkFailed, RuntimeError) as error:  # a rank is gone already: torchrun stops the rest
+        logging.getLogger(__name__).warning("%s", error)
+    finally:
+        dist.destroy_process_group()
 
 
 def _start_osc(args: argparse.Namespace, server):
@@ -402,6 +488,23 @@ def lora_flag(text: str) -> tuple[str, float]:
     return checked
 
 
+def add_autoencoder_flags(parser: argparse.ArgumentParser) -> None:
+    """--encoder, --decoder and --preset: the speed and quality trades of build_models."""
+    parser.add_argument("--encoder", choices=("wan", "taehv"), default="wan",
+                        help="encode frames with the Wan VAE or the TAEHV tiny autoencoder (faster, rougher)")
+    parser.add_argument("--decoder", choices=("wan", "taehv"), default=None,
+                        help="decode with the Wan VAE or TAEHV (default: wan, or taehv with --taehv); "
+                             "--decoder taehv is StreamDiffusionV2's fast mode")
+    parser.add_argument("--preset", choices=("default", "fast"), default="default",
+                        help="KV-cache preset: default 6 frames with 3 sinks and adaptive sinks; fast "
+                             "5 frames with 2 sinks, adaptive sinks off (StreamDiffusionV2's fast config)")
+
+
+def autoencoder_flags(args: argparse.Namespace) -> dict:
+    """build_models' arguments from add_autoencoder_flags' flags."""
+    return dict(encoder=args.encoder, decoder=args.decoder, cache=args.preset)
+
+
 def session_flag_values(args: argparse.Namespace, names: tuple[str, ...], *, only_given: bool = False) -> dict:
     """The session parameters of add_session_flags by their protocol names: those given, and
     the table's defaults for the others unless only_given."""
@@ -484,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "512x512)")
     run_parser.add_argument("--no-stream-batch", action="store_true", help="run the steps one after another")
     run_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    add_autoencoder_flags(run_parser)
     run_parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda where torch finds a GPU, else cpu)")
     run_parser.add_argument("--output", metavar="FILE",
                             help="write the frames that come out to this video (.mp4); without it nothing is written")
@@ -502,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`download` fills; tiny needs none)")
     serve_parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda where torch finds a GPU, else cpu)")
     serve_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    add_autoencoder_flags(serve_parser)
     serve_parser.add_argument("--size", metavar="WxH",
                               help="sessions' model size WIDTHxHEIGHT, multiples of 16, unless a session sets "
                                    "model_width and model_height (default 64x64 for tiny, else 512x512)")
@@ -536,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"({note})")
         serve_parser.add_argument(f"--{kind}-out", metavar="NAME",
                                   help=f"... and publish its output as this {title} {thing} "
-                                       f"(default {table.PARAMS[f'{kind}_output'].default})")
+                                       f"(default {table.PARAMS[f'{kind}_output'].default}); beside another "
+                                       "kind's --KIND-in, an extra output of that session")
         serve_parser.add_argument(f"--{kind}-size", metavar="WxH",
                                   help=f"size WIDTHxHEIGHT of the --{kind}-in/--{kind}-out session's frames; other "
                                        "sizes are fitted to it (default: the model size)")

@@ -54,6 +54,7 @@ from .models.dit import CausalWanDiT, StreamInput
 from .models.lora import LoraLibrary, LoraMix
 from .models.text import PromptCache, TextEncoder, blend_embeddings
 from .motion import MotionNoiseController, MotionSettings
+from .slo import stream_lag_frames
 
 FRAMES_PER_LATENT = 4
 MAX_CHUNK_LATENTS = 2  # latent frames a chunk after the first may hold (without stream batching)
@@ -83,6 +84,7 @@ class StreamSettings:
     fit: str = PARAMS["fit"].default
     mode: str = "v2v"  # or "t2v": no input frames
     clean_cache_pass: bool = False  # re-run each finished latent at t=0 (no-batch mode only)
+    ranks: int = 1  # pipeline ranks the forwards go round (engine/parallel/): each adds to the lag
     motion: MotionSettings = field(default_factory=MotionSettings)
 
     def __post_init__(self) -> None:
@@ -111,14 +113,16 @@ class StreamSettings:
         if not isinstance(self.transition_frames, int) or not low <= self.transition_frames <= high:
             raise ValueError(f"transition_frames must be an integer from {low:g} to {high:g}, "
                              f"got {self.transition_frames!r}")
+        if not isinstance(self.ranks, int) or self.ranks < 1:
+            raise ValueError(f"ranks must be a positive integer, got {self.ranks!r}")
         if self.clean_cache_pass and self.stream_batch:
             raise ValueError("clean_cache_pass needs stream_batch=False: in a stream batch each slot's "
                              "cache holds its own noise level by design")
 
     @property
     def lag_frames(self) -> int:
-        """Input frames an output trails by (the stream batch's fill)."""
-        return FRAMES_PER_LATENT * (self.steps - 1) if self.stream_batch else 0
+        """Input frames an output trails by: the stream batch's fill, on every rank."""
+        return stream_lag_frames(self.steps, self.stream_batch, self.ranks)
 
     @property
     def first_chunk_frames(self) -> int:
@@ -211,7 +215,7 @@ class StreamPipeline:
         self.offload_text_encoder = offload_text_encoder
         param = next(self.dit.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.settings = settings
+        self.settings = replace(settings, ranks=self.executor.depth)
         self.pending: deque[_Work] = deque()  # stream-batch ticks in flight on the executor, oldest first
         self.finished: deque[np.ndarray] = deque()  # finished frames not yet returned
         self.reset()
@@ -243,9 +247,10 @@ class StreamPipeline:
         return False
 
     def reset(self) -> None:
-        """Start a new stream: empty caches. Ticks still in flight finish first; their frames
-        come with the next push (``drain`` takes them at once)."""
-        self._finish_pending()
+        """Start a new stream: empty caches, nothing in flight (``drain`` first to keep the
+        frames of the ticks in flight on other ranks)."""
+        self.fail()
+        self.finished.clear()
         s = self.settings
         self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
         self.motion = MotionNoiseController(motion_settings(s))
@@ -270,7 +275,7 @@ class StreamPipeline:
     @property
     def lag_frames(self) -> int:
         """Input frames an output trails by: the stream batch's fill, on every rank of the executor."""
-        return self.settings.lag_frames * self.executor.depth
+        return self.settings.lag_frames
 
     @property
     def settled_frames(self) -> int:
@@ -596,13 +601,8 @@ def push_streams(pipelines: list[StreamPipeline], chunks: list) -> list[np.ndarr
         results[index] = error
         pipelines[index].fail()
 
-    # Room for the new chunk: at most depth - 1 ticks of a stream stay in flight.
-    for index, pipeline in enumerate(pipelines):
-        overlaps = pipeline.started and pipeline.settings.stream_batch
-        try:
-            pipeline._finish_pending(keep=pipeline.executor.depth - 1 if overlaps else 0)
-        except Exception as error:  # noqa: BLE001 - this pipeline's failure
-            results[index] = error
+    # Room for the new chunk: the tick whose stream batch it takes (depth ticks ago) is finished.
+    _finish_oldest(pipelines, results, all_but_newest=True)
 
     works: dict[int, _Work] = {}
     for index, pipeline in enumerate(pipelines):
@@ -632,10 +632,26 @@ def push_streams(pipelines: list[StreamPipeline], chunks: list) -> list[np.ndarr
             if outcome is not None:
                 _finished_or_failed(index, outcome, pipelines, results, fail)
                 del works[index]
+    # While the new ticks went out, the others' flows came back: at most depth - 1 ticks stay in flight.
+    _finish_oldest(pipelines, results, all_but_newest=False)
     for index, pipeline in enumerate(pipelines):
         if results[index] is None:
             results[index] = pipeline._take_finished()
     return results
+
+
+def _finish_oldest(pipelines: list[StreamPipeline], results: list, *, all_but_newest: bool) -> None:
+    """Finish each pipeline's oldest ticks until depth - 1 are in flight (before a push that
+    takes a stream-batch tick: depth - 1 older than it; before any other chunk: none)."""
+    for index, pipeline in enumerate(pipelines):
+        if results[index] is not None:
+            continue
+        overlaps = pipeline.started and pipeline.settings.stream_batch
+        keep = pipeline.executor.depth - 1 if overlaps or not all_but_newest else 0
+        try:
+            pipeline._finish_pending(keep=keep)
+        except Exception as error:  # noqa: BLE001 - this pipeline's failure
+            results[index] = error
 
 
 def _finished_or_failed(index, outcome, pipelines, results, fail) -> None:

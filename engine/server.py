@@ -13,8 +13,8 @@ Two threads, each with one job:
     worker      runs on the device: loads the models, builds pipelines, runs steps
                 (engine/worker.py).
 
-A Spout session has a third thread of its own, which reads its input sender and
-publishes its output sender (engine/spout_io.py says why there). OSC control
+An engine-side session (Spout, NDI, Syphon) has a third thread of its own, which reads
+its source and publishes to its sinks (engine/endpoints.py says why there). OSC control
 (`serve --osc PORT`, engine/osc.py) has one too, which touches no session: it hands
 parameter changes to the IO thread through set_params. The main thread starts them
 and waits for a stop (Ctrl-C, SIGTERM, or stop()); closing unlinks every
@@ -63,7 +63,8 @@ What a host sees (messages as in bridge/protocol.py):
   loses its session; hosts streaming over shared memory or Spout keep it with a ping
   or stats.
 - `serve --spout-in NAME --spout-out NAME` (or --ndi-in/--ndi-out, --syphon-in/--syphon-out)
-  opens such a session in the engine itself, with no host: its id is its transport
+  opens such a session in the engine itself, with no host (another kind's --KIND-out
+  beside it adds a sink: it publishes there too): its id is its transport
   ("spout", "ndi", "syphon"), no timeout closes it, and any host may change its
   parameters (params) or read its stats, though none may close it. The engine stops
   if that session fails.
@@ -187,6 +188,9 @@ class EngineSpoutSession:
     width: int = 512  # --spout-size: the frames' size, published and fitted to
     height: int = 512
     transport: str = "spout"  # or "ndi", "syphon"
+    # More sinks beside its own, as (kind, name): `--ndi-out NAME` beside `--spout-in/--spout-out`
+    # also publishes the session as an NDI source.
+    extra_outputs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.transport not in ENGINE_SIDE_TRANSPORTS:
@@ -198,6 +202,9 @@ class EngineSpoutSession:
         for flag, name in ((f"--{self.transport}-in", self.input), (f"--{self.transport}-out", self.output)):
             if len(name) > longest:
                 raise ValueError(f"{flag} takes a name of at most {longest} characters")
+        for kind, name in self.extra_outputs:
+            if kind not in ENGINE_SIDE_TRANSPORTS or not name or len(name) > MAX_ENDPOINT_NAME_CHARS:
+                raise ValueError(f"--{kind}-out takes a name of 1 to {MAX_ENDPOINT_NAME_CHARS} characters")
 
     @property
     def params(self) -> dict[str, str]:
@@ -276,6 +283,7 @@ class EngineServer:
         session_defaults: Mapping[str, Any] = {},
         spout: EngineSpoutSession | None = None,
         loras: LoraLibrary | None = None,
+        ranks: int = 1,
     ):
         """auth: the keys hosts must authenticate with; required unless address is loopback.
         session_defaults: parameter values (bridge/params.py) a new session has unless its
@@ -284,7 +292,8 @@ class EngineServer:
         spout: the Spout, NDI or Syphon session to open in the engine itself; raises
         EndpointUnavailable (saying why, and the fix) where its runtime is missing. loras: where the LoRA adapters
         sessions name are read (None: sessions can name none); a default adapter that cannot
-        be used raises LoraFileError."""
+        be used raises LoraFileError. ranks: how many pipeline ranks load_models' models run
+        the DiT over (engine/parallel/); each adds a stream batch's lag, which hosts are told."""
         check_bind(address, auth is not None)
         self.model = model
         height, width = model_size
@@ -298,11 +307,13 @@ class EngineServer:
         self._loras = loras
         self._check_loras(self._session_defaults)
         self._stated_targets = {name: value for name, value in session_defaults.items() if name in TARGETS}
-        default_settings = session_settings(self._session_defaults)  # validates the size
+        self._ranks = ranks
+        default_settings = replace(session_settings(self._session_defaults), ranks=ranks)  # validates the size
         self._session_timeout_s = session_timeout_s
         self.limits = limits
         if spout is not None:
-            check_available(spout.transport)
+            for kind in dict.fromkeys([spout.transport, *(kind for kind, _ in spout.extra_outputs)]):
+                check_available(kind)
             if spout.width > limits.max_frame_width or spout.height > limits.max_frame_height:
                 raise ValueError(f"--{spout.transport}-size {spout.width}x{spout.height} is over --max-frame-size "
                                  f"{limits.max_frame_width}x{limits.max_frame_height}")
@@ -491,12 +502,14 @@ class EngineServer:
 
     def _open_engine_spout_session(self, spout: EngineSpoutSession) -> None:
         self._open_session(spout.transport, None, spout.transport, spout.width, spout.height,
-                           self._session_defaults["prompt"], spout.params)
+                           self._session_defaults["prompt"], spout.params, spout.extra_outputs)
 
     def _open_session(self, session_id: str, owner: bytes | None, transport: str, width: int, height: int,
-                      prompt: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Open a session and start moving its frames; returns what hello answers."""
-        settings = session_settings({**self._session_defaults, "prompt": prompt})
+                      prompt: str, params: dict[str, Any],
+                      extra_outputs: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+        """Open a session and start moving its frames; returns what hello answers. extra_outputs:
+        (kind, name) sinks beside an engine-side session's own (engine/endpoints.py)."""
+        settings = replace(session_settings({**self._session_defaults, "prompt": prompt}), ranks=self._ranks)
         settings, targets, routes = apply_params(settings, self._stated_targets,
                                                  session_routes(transport, self._session_defaults), params)
         state = "starting" if self._worker.state == "ready" else "loading"
@@ -523,7 +536,8 @@ class EngineServer:
             self._sessions[session_id] = session
         try:
             if transport in ENGINE_SIDE_TRANSPORTS:
-                self._spout_io[session_id] = EndpointSessionIO(session, self._worker.wake)
+                self._spout_io[session_id] = EndpointSessionIO(session, self._worker.wake,
+                                                               extra_outputs=extra_outputs)
                 self._spout_io[session_id].start()
             self._worker.wake()
             log.info("session %s opened: %s, %dx%d frames, model at %dx%d", session_id, transport, width, height,

@@ -437,7 +437,8 @@ class Session:
             dropping, self._dropped_stale = self._dropped_stale, False
             return SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
                                "latency_ms" in self.targets, self._had_output, ready, oldest, self._input_rate.fps,
-                               self._waits.longest, dropping, latents, self.settings.first_chunk_frames)
+                               self._waits.longest, dropping, latents, self.settings.first_chunk_frames,
+                               self.settings.ranks)
 
     def set_choice(self, choice: Choice) -> None:
         """The scheduler's decision for this session: its frame-rate cap and inbox room (an

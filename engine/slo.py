@@ -362,6 +362,7 @@ class SessionLoad:
     dropping: bool  # lost stale frames since the last plan
     latents: int = 1  # latent frames in its chunks after the first (2 only without stream batching)
     first_chunk_frames: int = 1 + FRAMES_PER_CHUNK  # frames of its first chunk: 1 for a low-latency start
+    ranks: int = 1  # pipeline ranks its forwards go round: each adds a stream batch's lag
 
 
 @dataclass(frozen=True)
@@ -631,7 +632,17 @@ def _frames_waited(session: SessionLoad, batched: bool | None, latents: int) -> 
 
 
 def _lag_frames(session: SessionLoad, batched: bool | None) -> int:
-    return FRAMES_PER_CHUNK * (session.steps - 1) if batched is not False else 0
+    return stream_lag_frames(session.steps, batched is not False, session.ranks)
+
+
+def stream_lag_frames(steps: int, stream_batch: bool, ranks: int = 1) -> int:
+    """Input frames a stream's outputs trail by. With stream batching a chunk is finished
+    steps - 1 forwards after it went in; over N pipeline ranks each slot's next forward is
+    N forwards later, and the flow of a forward comes back N - 1 pushes after it went out.
+    Without stream batching a chunk's steps follow one another within its push: no lag."""
+    if not stream_batch:
+        return 0
+    return FRAMES_PER_CHUNK * ((steps - 1) * ranks + ranks - 1)
 
 
 def percentile(values: list[float], percent: int) -> float | None:

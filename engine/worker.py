@@ -120,7 +120,7 @@ class Worker:
         started = time.perf_counter()
         try:
             for stream_batch in (True, False):
-                pipeline = StreamPipeline(self._models.dit, self._models.vae, self._prompts,
+                pipeline = StreamPipeline(self._models.runs_dit, self._models.vae, self._prompts,
                                           replace(settings, stream_batch=stream_batch), decoder=self._models.decoder,
                                           loras=self._loras)
                 pipeline.push(np.zeros((pipeline.next_chunk_frames, settings.height, settings.width, 3), np.uint8))
@@ -210,7 +210,7 @@ class Worker:
         if stream is None:
             session.take_pending()  # the pipeline starts from the session's current settings
             session.set_stream_batch(choice.stream_batched)
-            pipeline = StreamPipeline(self._models.dit, self._models.vae, self._prompts, session.settings,
+            pipeline = StreamPipeline(self._models.runs_dit, self._models.vae, self._prompts, session.settings,
                                       decoder=self._models.decoder, loras=self._loras)
             self._streams[session.id] = _Stream(pipeline)
             session.expect_frames(pipeline.next_chunk_frames)

@@ -7,14 +7,17 @@ import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bridge.client import EngineClient
 from bridge.launcher import EngineProcess, EngineStartError
 from bridge.zmq_io import ClientKeys
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PATIENCE_S = 60.0  # generous: the machine running the tests may be busy
+FRAMES_PER_CHUNK = 4  # frames of a chunk after the first
 
 # A host that streams black frames over shared memory until it is killed; it prints its
 # session id, then "streaming" once outputs come back. argv[1] is the engine's address.
@@ -59,13 +62,13 @@ class ServedEngine:
 
     def __init__(self, log_dir: Path, *flags: str, address: str = "tcp://127.0.0.1:*", model_size: str = "32x32",
                  env: dict | None = None, expect_listening: bool = True, auth: ClientKeys | None = None,
-                 module: str = "engine"):
+                 module: str = "engine", ranks: int = 1):
         ServedEngine.started.append(self)
         if module != "engine":
             env = {"PYTHONPATH": str(TESTS), **(env or {})}
         self.launched = EngineProcess.start(model="tiny", bind=address, args=["--size", model_size, *flags], cwd=REPO,
                                             env=env, log_file=log_dir / f"engine-{time.monotonic_ns()}.log",
-                                            ready_timeout_s=PATIENCE_S, auth=auth, module=module)
+                                            ready_timeout_s=PATIENCE_S, auth=auth, module=module, ranks=ranks)
         self.process = self.launched.process
         try:
             self.address = self.launched.wait_until_ready()
@@ -97,3 +100,54 @@ class ServedEngine:
             self.process.kill()
             self.process.wait()
         return self.process.returncode
+
+
+class Host:
+    """Streams frames through an EngineClient one at a time and records what comes back.
+
+    send_without_drops waits, before each frame, until the engine has taken in every
+    earlier frame and the chunk being collected has room: frames are then never
+    dropped as stale, so every input is processed and the outputs are predictable.
+    """
+
+    def __init__(self, client: EngineClient):
+        self.client = client
+        self.sent: dict[int, int] = {}  # seq -> t_capture_ns
+        self.outputs = []  # (Output, the newest seq sent when it arrived)
+
+    def collect(self, timeout: float = 0.0) -> None:
+        output = self.client.receive(timeout)
+        if output is not None:
+            self.outputs.append((output, max(self.sent, default=-1)))
+
+    def send_without_drops(self, frame: np.ndarray) -> None:
+        deadline = time.monotonic() + PATIENCE_S
+        while True:
+            stats = self.client.stats()
+            waiting = len(self.sent) - stats["frames_processed"]
+            if stats["frames_in"] == len(self.sent) and waiting < stats["next_chunk_frames"]:
+                break
+            assert time.monotonic() < deadline, f"the engine stopped taking frames: {stats}"
+            self.collect(0.002)
+        t_capture_ns = time.monotonic_ns()
+        self.sent[self.client.send(frame, t_capture_ns)] = t_capture_ns
+        self.collect()
+
+    def wait_for_output(self, seq: int) -> None:
+        deadline = time.monotonic() + PATIENCE_S
+        while not self.outputs or self.outputs[-1][0].seq < seq:
+            assert time.monotonic() < deadline, (
+                f"output {seq} never came; got {self.seqs()[-5:]}, engine says {self.client.stats()}")
+            self.collect(0.05)
+
+    def seqs(self) -> list[int]:
+        return [output.seq for output, _ in self.outputs]
+
+    def frame(self, seq: int) -> np.ndarray:
+        return next(output.pixels for output, _ in self.outputs if output.seq == seq)
+
+
+def last_finished_seq(frames_sent: int, first_chunk: int, lag: int) -> int:
+    """The newest input whose output can be out once frames_sent frames went in: the last
+    complete chunk, less the lag."""
+    return first_chunk + FRAMES_PER_CHUNK * ((frames_sent - first_chunk) // FRAMES_PER_CHUNK) - 1 - lag

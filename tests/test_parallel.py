@@ -128,11 +128,11 @@ def run_scenarios(executor, models: Models, names: list[str]) -> dict[str, dict]
                         executor.rebalance(argument)
                 else:
                     streams[-1].append(pipe.drain())
-                    lags.append(pipe.lag_frames)
+                    lags.append((pipe.lag_frames, pipe.settings.steps, pipe.settings.stream_batch))
                     streams.append([])
             streams[-1].append(pipe.push(chunk))
         streams[-1].append(pipe.drain())
-        lags.append(pipe.lag_frames)
+        lags.append((pipe.lag_frames, pipe.settings.steps, pipe.settings.stream_batch))
         results[name] = dict(frames=[np.concatenate(s) for s in streams], forwards=recorded.forwards, lags=lags)
     return results
 
@@ -188,8 +188,10 @@ def three_ranks(tmp_path_factory):
 def test_n_ranks_give_one_process_frames(name, world, one_rank, two_ranks, three_ranks):
     reports = two_ranks if world == 2 else three_ranks
     ranks, single = reports[0]["results"][name], one_rank[name]
-    assert ranks["lags"] == [lag * world for lag in single["lags"]]
-    for index, (parallel, alone, lag) in enumerate(zip(ranks["frames"], single["frames"], single["lags"])):
+    # A stream batch per rank, and the flows of the last world - 1 forwards still on their way back
+    assert [lag for lag, _, _ in ranks["lags"]] == [4 * ((steps - 1) * world + world - 1) if batched else 0
+                                                   for _, steps, batched in single["lags"]]
+    for index, (parallel, alone, (lag, _, _)) in enumerate(zip(ranks["frames"], single["frames"], single["lags"])):
         # The ranks' frames are the one process's, up to where their longer lag cuts them off.
         assert len(parallel) == len(alone) - lag * (world - 1) > 0, f"stream {index}"
         np.testing.assert_array_equal(parallel, alone[:len(parallel)], err_msg=f"{name}, stream {index}")

@@ -23,7 +23,7 @@ import pytest
 import torch
 import zmq
 
-from processes import HOST_PROCESS, PATIENCE_S, REPO, ServedEngine as Engine, child_pids
+from processes import HOST_PROCESS, PATIENCE_S, REPO, Host, ServedEngine as Engine, child_pids, last_finished_seq
 from bridge.client import EngineClient, RemoteError
 from bridge.protocol import FORMATS, PROTOCOL_VERSION, ErrorReply, Ok, decode_message
 from bridge.shm import RingReader, RingWriter, session_ring_names
@@ -42,57 +42,6 @@ FRAMES_PER_CHUNK = 4
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-class Host:
-    """Streams frames through an EngineClient one at a time and records what comes back.
-
-    send_without_drops waits, before each frame, until the engine has taken in every
-    earlier frame and the chunk being collected has room: frames are then never
-    dropped as stale, so every input is processed and the outputs are predictable.
-    """
-
-    def __init__(self, client: EngineClient):
-        self.client = client
-        self.sent: dict[int, int] = {}  # seq -> t_capture_ns
-        self.outputs = []  # (Output, the newest seq sent when it arrived)
-
-    def collect(self, timeout: float = 0.0) -> None:
-        output = self.client.receive(timeout)
-        if output is not None:
-            self.outputs.append((output, max(self.sent, default=-1)))
-
-    def send_without_drops(self, frame: np.ndarray) -> None:
-        deadline = time.monotonic() + PATIENCE_S
-        while True:
-            stats = self.client.stats()
-            waiting = len(self.sent) - stats["frames_processed"]
-            if stats["frames_in"] == len(self.sent) and waiting < stats["next_chunk_frames"]:
-                break
-            assert time.monotonic() < deadline, f"the engine stopped taking frames: {stats}"
-            self.collect(0.002)
-        t_capture_ns = time.monotonic_ns()
-        self.sent[self.client.send(frame, t_capture_ns)] = t_capture_ns
-        self.collect()
-
-    def wait_for_output(self, seq: int) -> None:
-        deadline = time.monotonic() + PATIENCE_S
-        while not self.outputs or self.outputs[-1][0].seq < seq:
-            assert time.monotonic() < deadline, (
-                f"output {seq} never came; got {self.seqs()[-5:]}, engine says {self.client.stats()}")
-            self.collect(0.05)
-
-    def seqs(self) -> list[int]:
-        return [output.seq for output, _ in self.outputs]
-
-    def frame(self, seq: int) -> np.ndarray:
-        return next(output.pixels for output, _ in self.outputs if output.seq == seq)
-
-
-def last_finished_seq(frames_sent: int, first_chunk: int, lag: int) -> int:
-    """The newest input whose output can be out once frames_sent frames went in: the last
-    complete chunk, less the lag."""
-    return first_chunk + FRAMES_PER_CHUNK * ((frames_sent - first_chunk) // FRAMES_PER_CHUNK) - 1 - lag
 
 
 def client(engine: Engine, transport: str = "shm", **params) -> EngineClient:

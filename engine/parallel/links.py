@@ -25,13 +25,16 @@ class Link:
         self.peer, self.device = peer, device
         self.control_group, self.data_group = control_group, data_group
         self.max_in_flight = max_in_flight
+        # gloo moves CPU tensors only: ranks that share a GPU over gloo send through host memory.
+        self.via_host = device.type == "cuda" and dist.get_backend(data_group) == "gloo"
         self.sending: deque[tuple[list, list[torch.Tensor]]] = deque()
         self.size = torch.zeros(1, dtype=torch.int64)
-        self.size_receive = None  # a posted receive of the next header's size (see ready)
 
     def send(self, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         tensors = {name: t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
                    for name, t in (tensors or {}).items()}
+        if self.via_host:
+            tensors = {name: t.cpu() for name, t in tensors.items()}
         described = {**header, "tensors": [(name, list(t.shape), str(t.dtype).removeprefix("torch."))
                                            for name, t in tensors.items()]}
         body = torch.frombuffer(bytearray(json.dumps(described).encode()), dtype=torch.uint8)
@@ -44,25 +47,16 @@ class Link:
             for work in self.sending.popleft()[0]:
                 work.wait()
 
-    def ready(self) -> bool:
-        """Whether the next message has begun to arrive (call only when one is due)."""
-        if self.size_receive is None:
-            self.size_receive = dist.irecv(self.size, self.peer, group=self.control_group)
-        return self.size_receive.is_completed()
-
     def recv(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        if self.size_receive is None:
-            self.size_receive = dist.irecv(self.size, self.peer, group=self.control_group)
-        self.size_receive.wait()
-        self.size_receive = None
+        dist.recv(self.size, self.peer, group=self.control_group)
         body = torch.empty(int(self.size), dtype=torch.uint8)
         dist.recv(body, self.peer, group=self.control_group)
         header = json.loads(body.numpy().tobytes())
         tensors = {}
         for name, shape, dtype in header.pop("tensors"):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device="cpu" if self.via_host else self.device)
             dist.recv(tensor, self.peer, group=self.data_group)
-            tensors[name] = tensor
+            tensors[name] = tensor.to(self.device, non_blocking=True) if self.via_host else tensor
         return header, tensors
 
     def flush(self) -> None:

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from processes import PATIENCE_S, REPO, Host, ServedEngine, child_pids, last_finished_seq
+from processes import PATIENCE_S, Host, ServedEngine, child_pids, last_finished_seq
 from bridge.client import EngineClient
 from engine import cli
 

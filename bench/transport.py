@@ -13,27 +13,38 @@ For each frame size (RGBA), a frame goes out and comes back through:
         read that is four copies of the frame, each read into a reused buffer.
   zmq   a HostSocket to an echo process serving an EngineSocket on loopback TCP,
         which sends each frame straight back.
+  ndi   the real NDI runtime (cyndilib's libndi) over loopback: this process sends the
+        frame as an NDI source, an echo process receives it and sends it back as another,
+        which this process receives (bridge/ndi.py both ways, the frame's seq carried as
+        NDI metadata). It runs inside a private NDI network (tests/ndi_network.py: its own
+        D-Bus and avahi-daemon, NDI allowed 127.0.0.1 only), which needs root and the
+        avahi-daemon and dbus-daemon programs; without them the row says why. NDI
+        compresses each frame (SpeedHQ) both ways, and both ends poll every 0.5 ms.
 
 The targets are as set: a shm round trip within 3x one copy of the frame (one numpy
 copy into a reused buffer, in this process), and a zmq round trip under 5 ms at
-512x512. Four copies are more than three, so the shm target cannot be met by any
-ring that copies in and out at each end; the table says by how much it is missed and
-how much of the time is not copying. Times are medians over many round trips after a
-warm-up. This is a measurement, never a pass/fail test.
+512x512; NDI has none, and its time is set beside zmq's ("/ zmq"). Four copies are
+more than three, so the shm target cannot be met by any ring that copies in and out
+at each end; the table says by how much it is missed and how much of the time is not
+copying. Times are medians over many round trips after a warm-up. This is a measurement, never a pass/fail test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for the private NDI network
 
 from bridge.protocol import Bye, FrameHeader  # noqa: E402
 from bridge.shm import RingReader, RingWriter  # noqa: E402
@@ -46,44 +57,59 @@ SHM_COPIES = 4  # copies of the frame in one shm round trip
 SHM_TARGET_RATIO = 3.0  # the target: a shm round trip within 3x one copy of the frame
 ZMQ_TARGET_MS_512 = 5.0  # the target: a zmq round trip under 5 ms at 512x512
 TIMEOUT_S = 60.0  # generous: a busy machine answers late, and a late answer is no failure here
+NDI_ROUND_TRIPS = {(512, 512): 100, (1920, 1080): 30}  # NDI's round trips are slower: fewer of them
+NDI_POLL_S = 0.0005
+NDI_RESEND_S = 1.0  # a frame NDI has not brought back by then is sent again (counted in the table)
+NDI_OUT, NDI_BACK = "sdbridge-bench-out", "sdbridge-bench-back"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--echo", choices=["shm", "zmq"], help=argparse.SUPPRESS)  # the echo process's role
+    parser.add_argument("--echo", choices=["shm", "zmq", "ndi"], help=argparse.SUPPRESS)  # the echo process's role
     parser.add_argument("--ring", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo == "shm":
         echo_shm(args.ring)
     elif args.echo == "zmq":
         echo_zmq()
+    elif args.echo == "ndi":
+        echo_ndi()
     else:
         run_benchmark()
 
 
 def run_benchmark() -> None:
     rows = []
-    for width, height in SIZES:
-        frame = np.random.default_rng(0).integers(0, 256, (height, width, 4), dtype=np.uint8)
-        count = ROUND_TRIPS[(width, height)]
-        floor = copy_floor(frame, count)
-        rows.append((width, height, floor, shm_round_trip(frame, count), zmq_round_trip(frame, count)))
+    with ndi_echo() as ndi:  # an echo process in a private NDI network, or why there is none
+        for width, height in SIZES:
+            frame = np.random.default_rng(0).integers(0, 256, (height, width, 4), dtype=np.uint8)
+            count = ROUND_TRIPS[(width, height)]
+            floor = copy_floor(frame, count)
+            ndi_row = ndi(frame, NDI_ROUND_TRIPS[(width, height)]) if callable(ndi) else None
+            rows.append((width, height, floor, shm_round_trip(frame, count), zmq_round_trip(frame, count), ndi_row))
 
     print(f"Round trip of one RGBA frame to an echo process and back: median of "
-          f"{' / '.join(map(str, ROUND_TRIPS.values()))} trips.")
+          f"{' / '.join(map(str, ROUND_TRIPS.values()))} trips "
+          f"(NDI: {' / '.join(map(str, NDI_ROUND_TRIPS.values()))}).")
     print(f"one copy: numpy copying the frame into a reused buffer. A shm round trip makes {SHM_COPIES} copies; "
           "'not copying' is the rest of its time.")
     print()
     print(f"{'frame':>10} {'MB':>6} {'one copy':>9} {'shm rt':>9} {'/ copy':>7} {'target':>7} {'':<7}"
-          f" {'not copying':>11} {'zmq rt':>9} {'target':>7}")
-    for width, height, floor, shm, zmq in rows:
+          f" {'not copying':>11} {'zmq rt':>9} {'target':>7} {'':<7} {'ndi rt':>9} {'/ zmq':>7}")
+    for width, height, floor, shm, zmq, ndi_row in rows:
         ratio = shm / floor
         zmq_target, zmq_verdict = "-", ""  # set at 512x512 only
         if (width, height) == (512, 512):
             zmq_target, zmq_verdict = f"{ZMQ_TARGET_MS_512:g} ms", verdict(zmq * 1e3 < ZMQ_TARGET_MS_512)
+        ndi_cells = "-"
+        if ndi_row is not None:
+            ndi_rt, resent = ndi_row
+            ndi_cells = f"{ms(ndi_rt):>9} {ndi_rt / zmq:6.1f}x" + (f" ({resent} resent)" if resent else "")
         print(f"{f'{width}x{height}':>10} {width * height * 4 / 1e6:6.2f} {ms(floor):>9} {ms(shm):>9} "
               f"{ratio:6.1f}x {f'{SHM_TARGET_RATIO:g}x':>7} {verdict(ratio <= SHM_TARGET_RATIO):<7} "
-              f"{ms(shm - SHM_COPIES * floor):>11} {ms(zmq):>9} {zmq_target:>7} {zmq_verdict}")
+              f"{ms(shm - SHM_COPIES * floor):>11} {ms(zmq):>9} {zmq_target:>7} {zmq_verdict:<7} {ndi_cells}")
+    if not callable(ndi):
+        print(f"\nndi: not measured: {ndi}")
 
 
 def ms(seconds: float) -> str:
@@ -170,6 +196,75 @@ def echo_zmq() -> None:
             if isinstance(request.message, Bye):
                 engine.close(linger_s=TIMEOUT_S)  # the reply goes out first
                 return
+
+
+def ndi_unavailable() -> str | None:
+    """Why NDI cannot be measured here, or None."""
+    try:
+        import cyndilib  # noqa: F401
+    except ImportError as error:
+        return f"cyndilib is not installed ({error}); pip install .[ndi]"
+    import ndi_network
+
+    return ndi_network.missing()
+
+
+@contextlib.contextmanager
+def ndi_echo():
+    """Yields a function timing NDI round trips (frame, count) -> (median seconds, frames resent),
+    or, where NDI cannot run here, the reason."""
+    why = ndi_unavailable()
+    if why is not None:
+        yield why
+        return
+    import ndi_network
+
+    with tempfile.TemporaryDirectory() as folder, ndi_network.NdiNetwork.start(Path(folder)) as network:
+        os.environ.update(network.environment())  # for this process's NDI and the echo's
+        echo = start_echo("ndi")
+        try:
+            wait_for_line(echo)
+            from bridge.ndi import NdiReceiver, NdiSender
+
+            with NdiSender(NDI_OUT, fps=60) as sender, NdiReceiver(NDI_BACK, format="rgba8") as receiver:
+                yield lambda frame, count: ndi_round_trip(sender, receiver, frame, count)
+        finally:
+            echo.terminate()
+            finish(echo)
+
+
+def ndi_round_trip(sender, receiver, frame: np.ndarray, count: int) -> tuple[float, int]:
+    times, resent = [], 0
+    seq = 1_000_000 * frame.shape[1]  # each size its own numbers: nothing of the last size is taken for this one
+    for trip in range(-1, WARMUP + count):  # trip -1: until the echo and both connections are up
+        seq += 1
+        start = time.perf_counter()
+        sender.send(frame, "rgba8", seq=seq)
+        last_sent = start
+        while (got := receiver.receive()) is None or got.seq != seq:
+            now = time.perf_counter()
+            if now - last_sent > NDI_RESEND_S:
+                sender.send(frame, "rgba8", seq=seq)
+                last_sent, resent = now, resent + (trip >= WARMUP)
+            check_deadline(start)
+            time.sleep(NDI_POLL_S)
+        if trip >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), resent
+
+
+def echo_ndi() -> None:
+    """Echo process: receive NDI_OUT's frames and send each back, seq and all, as NDI_BACK (until killed)."""
+    from bridge.ndi import NdiReceiver, NdiSender
+
+    with NdiReceiver(NDI_OUT, format="rgba8") as receiver, NdiSender(NDI_BACK, fps=60) as sender:
+        print("ready", flush=True)
+        while True:
+            got = receiver.receive()
+            if got is None:
+                time.sleep(NDI_POLL_S)
+                continue
+            sender.send(got.pixels, "rgba8", t_capture_ns=got.t_capture_ns, seq=got.seq)
 
 
 def start_echo(*args: str) -> subprocess.Popen:

@@ -32,8 +32,13 @@ it was submitted; Spout and Syphon: when it was read), on time.monotonic_ns as e
 session's latencies are; a sink that can carry it (NDI) sends the output's capture time
 back out, so a host downstream measures glass to glass.
 
-The virtual camera (engine/camera.py) is a sink too, VirtualCameraSink, which any session
-(of any transport) turns on and off live with its `virtualcam` parameter.
+A session has one source and any number of sinks: its transport's own, any extra ones
+(`serve --spout-in A --spout-out B --ndi-out C` also publishes the Spout session as an NDI
+source), and the virtual camera, VirtualCameraSink, which any session (of any transport)
+turns on and off live with its `virtualcam` parameter (engine/camera.py). The camera is
+not owned by the session's thread: it is opened and closed by the IO thread, as its
+parameter changes, and its send() only hands the frame to bridge.virtualcam's own pacing
+thread, so whichever thread sends a session's outputs sends them to it.
 """
 
 from __future__ import annotations
@@ -274,14 +279,16 @@ class NdiSink(Sink):
 
 
 class VirtualCameraSink(Sink):
-    """The virtual camera as a sink: paced by bridge.virtualcam's own thread at `fps`."""
+    """The virtual camera as a sink. send() never waits: bridge.virtualcam's own thread
+    paces the frames out at `fps`. A frame of another size reopens the camera at that size.
+    Any session's camera is one of these (engine/camera.py), turned on and off live."""
 
     kind = "virtualcam"
 
     def __init__(self, width: int, height: int, fps: float, **options):
         self.width, self.height, self.fps, self._options = width, height, fps, options
         self.name = options.get("backend") or "virtual camera"
-        self.camera = None
+        self.camera = None  # bridge.virtualcam.VirtualCamera, while open
 
     def open(self) -> None:
         from bridge.virtualcam import VirtualCameraUnavailable, open_virtual_camera
@@ -298,8 +305,15 @@ class VirtualCameraSink(Sink):
 
     def send(self, output: OutputFrame) -> None:
         camera = self.camera  # one read: another thread may close it meanwhile, and then submit refuses
-        if camera is not None:
-            camera.submit(output.pixels, output.format)
+        if camera is None:
+            return
+        height, width = output.rgb.shape[:2]
+        if (width, height) != (self.width, self.height):  # a camera has one size: open it again at the new one
+            self.close()
+            self.width, self.height = width, height
+            self.open()
+            camera = self.camera
+        camera.submit(output.pixels, output.format)
 
     def close(self) -> None:
         camera, self.camera = self.camera, None
@@ -310,15 +324,24 @@ class VirtualCameraSink(Sink):
 # ------------------------------------------------------------------------------ a session's endpoints
 
 
-def endpoints_for(transport: str, routes: dict, target_fps: float) -> tuple[Source, list[Sink]]:
-    """The source and sinks a session of this transport has, by its routes."""
-    if transport == "spout":
-        return SpoutSource(routes["spout_input"]), [SpoutSink(routes["spout_output"])]
-    if transport == "ndi":
-        return NdiSource(routes["ndi_input"]), [NdiSink(routes["ndi_output"], target_fps)]
-    if transport == "syphon":
-        return SyphonSource(routes["syphon_input"]), [SyphonSink(routes["syphon_output"])]
-    raise ValueError(f"transport {transport!r} has no engine-side endpoints")
+def sink_for(kind: str, name: str, fps: float) -> Sink:
+    """The sink that publishes a session's frames as `name` over `kind` (spout, ndi, syphon)."""
+    sinks = {"spout": lambda: SpoutSink(name), "ndi": lambda: NdiSink(name, fps), "syphon": lambda: SyphonSink(name)}
+    if kind not in sinks:
+        raise ValueError(f"{kind!r} has no engine-side sink")
+    return sinks[kind]()
+
+
+def endpoints_for(transport: str, routes: dict, target_fps: float,
+                  extra_outputs: Sequence[tuple[str, str]] = ()) -> tuple[Source, list[Sink]]:
+    """The source and sinks a session of this transport has, by its routes; extra_outputs,
+    (kind, name) pairs, add sinks beside its own (its frames also out as an NDI source, say)."""
+    sources = {"spout": SpoutSource, "ndi": NdiSource, "syphon": SyphonSource}
+    if transport not in sources:
+        raise ValueError(f"transport {transport!r} has no engine-side endpoints")
+    source = sources[transport](routes[f"{transport}_input"])
+    own = sink_for(transport, routes[f"{transport}_output"], target_fps)
+    return source, [own, *(sink_for(kind, name, target_fps) for kind, name in extra_outputs)]
 
 
 def check_available(transport: str) -> None:
@@ -342,11 +365,12 @@ class EndpointSessionIO:
     closes it). Sinks beyond the first are extra outputs (another NDI source, say)."""
 
     def __init__(self, session: Session, frames_ready: Callable[[], None], source: Source | None = None,
-                 sinks: Sequence[Sink] | None = None):
+                 sinks: Sequence[Sink] | None = None, extra_outputs: Sequence[tuple[str, str]] = ()):
         """frames_ready: called when the session's next chunk is complete (the worker's wake).
-        source and sinks: by default those of the session's transport and routes."""
+        source and sinks: by default those of the session's transport and routes, and a sink
+        for each of extra_outputs' (kind, name) pairs."""
         if source is None or sinks is None:
-            source, sinks = endpoints_for(session.transport, session.routes, session.target_fps)
+            source, sinks = endpoints_for(session.transport, session.routes, session.target_fps, extra_outputs)
         self._session = session
         self._frames_ready = frames_ready
         self.source, self.sinks = source, list(sinks)

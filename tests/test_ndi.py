@@ -3,7 +3,8 @@
 
 A test sender (tests/ndi_peer.py) sends a generated pattern as an NDI source; `serve
 --ndi-in --ndi-out` (tiny model) receives it and publishes its output; a test receiver gets
-the stylised frames. Each peer is a process of its own, as NDI applications are.
+the stylised frames. Each peer is a process of its own, as NDI applications are. A host
+opens an `ndi` session through EngineClient as well, and sets its parameters.
 """
 
 import json
@@ -13,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ndi_network
+from bridge.client import EngineClient, RemoteError
 from processes import PATIENCE_S, ServedEngine
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -118,3 +121,44 @@ def test_serve_ndi_in_and_out_follows_a_sender_that_vanishes_returns_and_changes
     listing = peer(network, "list", "2", stdout=subprocess.PIPE)
     names, _ = listing.communicate(timeout=PATIENCE_S)
     assert not any(name.endswith("(stylised)") for name in names.splitlines()), names
+
+
+def test_a_host_opens_an_ndi_session_through_the_client_and_sets_its_parameters(network, tmp_path):
+    sender = peer(network, "send", "host camera", "30", "64x48", stdout=subprocess.DEVNULL)
+    engine = ServedEngine(tmp_path, env=network.environment())
+    out = tmp_path / "received.json"
+    receiver = None
+    try:
+        with EngineClient(engine.address, transport="ndi", width=48, height=40, timeout_s=PATIENCE_S, prompt="ink",
+                          ndi_input="host camera", ndi_output="host stylised") as host:
+            session = host.session
+            assert host.info["schema"]["ndi_input"]["applies"] == "open"
+            assert host.info["params"]["ndi_input"] == "host camera"
+            assert host.info["params"]["ndi_output"] == "host stylised"
+            receiver = peer(network, "receive", "host stylised", "60", str(out))
+            wait_until(lambda: len(received(out)) >= 4, "stylised frames from the host's session", engine)
+            assert {(frame["width"], frame["height"]) for frame in received(out)} == {(48, 40)}
+
+            # Its parameters, live; its endpoints, fixed when it opened.
+            changed = host.set(prompt="chalk", strength=0.6)
+            assert changed["params"]["prompt"] == "chalk" and changed["params"]["strength"] == 0.6
+            with pytest.raises(RemoteError) as refused:
+                host.set(ndi_output="another")
+            assert (refused.value.code, refused.value.field) == ("bad_value", "params.ndi_output")
+            before = len(received(out))
+            wait_until(lambda: len(received(out)) >= before + 4, "frames after the change", engine)
+            stats = host.stats()
+            assert stats["transport"] == "ndi" and stats["state"] == "streaming" and stats["frames_out"] > 0
+            assert stats["params"]["prompt"] == "chalk"
+
+            # No frames through the bridge: they come and go over NDI.
+            assert host.receive(0.05) is None
+            with pytest.raises(RuntimeError, match="ndi_input"):
+                host.send(np.zeros((40, 48, 4), np.uint8))
+        assert f"session {session} closed: the host said bye" in engine.log()
+    finally:
+        for process in (sender, receiver):
+            if process is not None:
+                process.kill()
+                process.wait()
+        assert engine.stop() == 0, engine.log()

@@ -1,144 +1,30 @@
-"""Syphon in and out against a fake syphon-python that follows its documented API.
+"""Syphon in and out against a fake syphon-python that follows its documented API
+(tests/fake_syphon.py lists the calls it follows, and from where)."""
 
-syphon-python (cansik/syphon-python, DOCUMENTATION.md and its modules):
-- SyphonServerDirectory().servers -> [SyphonServerDescription(uuid, name, app_name, icon, raw)],
-  running the run loop for `run_loop_interval` seconds first; update_run_loop().
-- SyphonMetalClient(description): is_valid, has_new_frame (a frame was published since
-  the last new_frame_image), new_frame_image (an MTLTexture: width(), height(),
-  pixelFormat()), stop().
-- SyphonMetalServer(name): device, publish_frame_texture(texture, region=None, size=None,
-  is_flipped=False), stop().
-- syphon.utils.raw.create_mtl_texture(device, width, height, pixel_format=RGBA8Unorm);
-  syphon.utils.numpy.copy_image_to_mtl_texture(image (h, w, 4), texture) and
-  copy_mtl_texture_to_image(texture) -> (h, w, 4) uint8, 8-bit RGBA/BGRA textures only.
-"""
-
-import itertools
+import os
+import platform
 import sys
-import types
+import time
 
 import numpy as np
 import pytest
 
-from bridge.protocol import ProtocolError
+from bridge.client import EngineClient, RemoteError
+from bridge.protocol import Bye, ParamsUpdate, ProtocolError, StatsRequest
 from bridge.syphon import MTL_BGRA8, MTL_RGBA8, SyphonReceiver, SyphonSender, SyphonUnavailable, list_servers
+from bridge.zmq_io import HostSocket
+from engine import cli
+from fake_spoutgl import DXGI_ORDER, FOLDER_ENV as SPOUT_FOLDER_ENV, FakeSpoutMachine, convert
+from fake_syphon import FOLDER_ENV, MTL_RGBA16_FLOAT, FakeSyphonMachine
+from processes import PATIENCE_S, TESTS, ServedEngine
 
-pytestmark = pytest.mark.timeout(30)
-
-MTL_RGBA16_FLOAT = 115
-
-
-class Texture:
-    def __init__(self, pixels: np.ndarray, pixel_format: int):
-        self.pixels, self.pixel_format = pixels, pixel_format
-
-    def width(self) -> int:
-        return self.pixels.shape[1]
-
-    def height(self) -> int:
-        return self.pixels.shape[0]
-
-    def pixelFormat(self) -> int:
-        return self.pixel_format
-
-
-class FakeSyphonMachine:
-    """The Syphon servers of one Mac: what other applications share, and what ours publish."""
-
-    def __init__(self):
-        self.shared: dict[str, tuple[str, Texture, int]] = {}  # name -> (uuid, texture, frame number)
-        self.published: dict[str, list[tuple[np.ndarray, bool]]] = {}  # our servers: (pixels, is_flipped)
-        self._uuids = itertools.count()
-
-    def share(self, name: str, pixels: np.ndarray, pixel_format: int = MTL_BGRA8) -> None:
-        uuid, _, number = self.shared.get(name, (f"uuid-{next(self._uuids)}", None, 0))
-        self.shared[name] = (uuid, Texture(pixels, pixel_format), number + 1)
-
-    def retire(self, name: str) -> None:
-        del self.shared[name]
-
-    def modules(self) -> dict[str, types.ModuleType]:
-        machine = self
-        syphon = types.ModuleType("syphon")
-
-        class SyphonServerDirectory:
-            def __init__(self):
-                self.run_loop_interval = 1.0
-
-            @property
-            def servers(self):
-                self.update_run_loop()
-                return [
-                    types.SimpleNamespace(uuid=uuid, name=name, app_name="TouchDesigner", icon=None, raw=name)
-                    for name, (uuid, _, _) in machine.shared.items()
-                ]
-
-            def update_run_loop(self):
-                assert self.run_loop_interval == 0.0, "a receive would block for run_loop_interval"
-
-        class SyphonMetalClient:
-            def __init__(self, description):
-                self._name, self._uuid, self._seen = description.raw, description.uuid, 0
-
-            @property
-            def is_valid(self):
-                return self._name in machine.shared and machine.shared[self._name][0] == self._uuid
-
-            @property
-            def has_new_frame(self):
-                return self.is_valid and machine.shared[self._name][2] != self._seen
-
-            @property
-            def new_frame_image(self):
-                _, texture, self._seen = machine.shared[self._name]
-                return texture
-
-            def stop(self):
-                pass
-
-        class SyphonMetalServer:
-            def __init__(self, name):
-                self.name, self.device = name, object()
-                machine.published[name] = []
-
-            def publish_frame_texture(self, texture, region=None, size=None, is_flipped=False):
-                machine.published[self.name].append((texture.pixels.copy(), is_flipped))
-
-            def stop(self):
-                del machine.published[self.name]
-
-        def create_mtl_texture(device, width, height, pixel_format=MTL_RGBA8):
-            return Texture(np.zeros((height, width, 4), np.uint8), pixel_format)
-
-        def copy_image_to_mtl_texture(image, texture):
-            assert image.shape == texture.pixels.shape and image.shape[2] == 4
-            texture.pixels[...] = image
-
-        def copy_mtl_texture_to_image(texture):
-            if texture.pixelFormat() not in (MTL_RGBA8, MTL_BGRA8):
-                raise Exception("Not correct pixel format")
-            return texture.pixels.copy()
-
-        syphon.SyphonServerDirectory = SyphonServerDirectory
-        syphon.SyphonMetalClient = SyphonMetalClient
-        syphon.SyphonMetalServer = SyphonMetalServer
-        utils = types.ModuleType("syphon.utils")
-        numpy_utils = types.ModuleType("syphon.utils.numpy")
-        numpy_utils.copy_image_to_mtl_texture = copy_image_to_mtl_texture
-        numpy_utils.copy_mtl_texture_to_image = copy_mtl_texture_to_image
-        raw_utils = types.ModuleType("syphon.utils.raw")
-        raw_utils.create_mtl_texture = create_mtl_texture
-        syphon.utils, utils.numpy, utils.raw = utils, numpy_utils, raw_utils
-        return {
-            "syphon": syphon, "syphon.utils": utils, "syphon.utils.numpy": numpy_utils, "syphon.utils.raw": raw_utils
-        }
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def mac(monkeypatch) -> FakeSyphonMachine:
-    machine = FakeSyphonMachine()
-    for name, module in machine.modules().items():
-        monkeypatch.setitem(sys.modules, name, module)
+def mac(monkeypatch, tmp_path) -> FakeSyphonMachine:
+    machine = FakeSyphonMachine(tmp_path)
+    machine.install(monkeypatch)
     return machine
 
 
@@ -207,3 +93,76 @@ def test_without_syphon_off_macos_the_error_says_syphon_is_macos_only(monkeypatc
     with pytest.raises(SyphonUnavailable) as caught:
         SyphonSender("engine")
     assert "macOS-only" in caught.value.reason and "Linux" in caught.value.reason
+
+
+# ------------------------------------------------------------------- the engine's Syphon sessions
+
+
+def test_serve_with_syphon_flags_streams_with_no_host_and_publishes_an_extra_spout_output(tmp_path):
+    """`serve --syphon-in --syphon-out` (tiny model) in an engine process that imports the fake
+    (tests/syphon-python/syphon.py), with `--spout-out` beside it: one session, two sinks."""
+    mac, spout = FakeSyphonMachine(tmp_path / "syphon"), FakeSpoutMachine(tmp_path / "spout")
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS / "syphon-python"), str(TESTS / "spoutgl"), str(TESTS)]),
+           FOLDER_ENV: str(mac.folder), SPOUT_FOLDER_ENV: str(spout.folder)}
+    engine = ServedEngine(tmp_path, "--syphon-in", "camera", "--syphon-out", "stylised", "--syphon-size", "48x40",
+                          "--spout-out", "stylised too", "--prompt", "ink", "--session-timeout", "1", env=env)
+    frames = cli.test_pattern(16, 40, 48)
+    drawn = 0
+
+    def frames_out() -> int:
+        latest = mac.latest("stylised")
+        return 0 if latest is None else latest[2]
+
+    def draw_until(condition, what: str) -> None:
+        nonlocal drawn
+        deadline = time.monotonic() + PATIENCE_S
+        while not condition():
+            assert time.monotonic() < deadline, f"gave up waiting for {what}:\n{engine.log()}"
+            mac.share("camera", np.concatenate([frames[drawn % len(frames)], np.full((40, 48, 1), 255, np.uint8)],
+                                                axis=2), MTL_RGBA8)
+            drawn += 1
+            time.sleep(0.03)
+
+    try:
+        assert ("Syphon: reading server 'camera', publishing 'stylised' at 48x40, and as Spout sender "
+                "'stylised too'") in engine.log()
+        draw_until(lambda: frames_out() >= 4, "the first outputs")
+        pixels, flipped, _ = mac.latest("stylised")
+        assert pixels.shape == (40, 48, 4) and flipped
+        time.sleep(1.5)  # longer than --session-timeout: no host, yet nothing closes the session
+        streamed = frames_out()
+        draw_until(lambda: frames_out() >= streamed + 8, "more outputs")
+        # The extra sink got the same frames, in Spout's own format.
+        also = spout.senders["stylised too"]
+        assert (also.width, also.height) == (48, 40) and also.frame_count >= streamed
+        assert convert(also.pixels, DXGI_ORDER[also.dxgi_format], "RGB").std() > 0  # a picture, not nothing
+
+        with HostSocket(engine.address) as host:  # any host may look and change parameters ...
+            stats = host.request(StatsRequest(session="syphon"), PATIENCE_S)
+            assert (stats["state"], stats["transport"]) == ("streaming", "syphon")
+            assert stats["params"]["syphon_input"] == "camera" and stats["params"]["syphon_output"] == "stylised"
+            assert host.request(ParamsUpdate(session="syphon", params={"prompt": "chalk"}), PATIENCE_S)[
+                "params"]["prompt"] == "chalk"
+            with pytest.raises(RemoteError) as refused:  # ... but not close it
+                host.request(Bye(session="syphon"), PATIENCE_S)
+            assert refused.value.code == "unknown_session"
+        assert "session syphon closed" not in engine.log()
+    finally:
+        assert engine.stop() == 0, engine.log()
+    assert mac.latest("stylised") is None and spout.senders.get("stylised too") is None  # gone with the engine
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="describes a machine without Syphon")
+def test_a_hosts_syphon_session_is_refused_where_syphon_is_missing_with_the_reason_and_the_fix(tmp_path):
+    engine = ServedEngine(tmp_path)
+    try:
+        with pytest.raises(RemoteError) as refused:
+            EngineClient(engine.address, transport="syphon", width=64, height=64, timeout_s=PATIENCE_S,
+                         syphon_input="camera").open()
+        assert (refused.value.code, refused.value.field) == ("bad_value", "transport")
+        assert "Syphon is macOS-only" in refused.value.message and "shm or zmq" in refused.value.message
+    finally:
+        assert engine.stop() == 0, engine.log()
+    no_syphon = ServedEngine(tmp_path, "--syphon-in", "camera", expect_listening=False)
+    assert no_syphon.stop() == 1
+    assert "--syphon-in/--syphon-out: Syphon is macOS-only" in no_syphon.log()

@@ -131,8 +131,9 @@ def test_without_pyvirtualcam_the_caller_is_told_to_install_it(monkeypatch):
 
 
 def fake_pyvirtualcam(opened: list) -> types.ModuleType:
-    """A pyvirtualcam module whose only backend is "fake"."""
+    """A pyvirtualcam module whose only backend is "fake"; module.cameras are those it opened."""
     module = types.ModuleType("pyvirtualcam")
+    module.cameras = []
 
     class PixelFormat(enum.Enum):
         RGB = "raw "
@@ -142,7 +143,8 @@ def fake_pyvirtualcam(opened: list) -> types.ModuleType:
     def camera(width, height, fps, *, fmt=PixelFormat.RGB, device=None, backend=None, print_fps=False):
         {"fake": None}[backend or "fake"]  # an unknown backend name is a KeyError, as in pyvirtualcam
         opened.append({"fmt": fmt, "backend": backend, "device": device})
-        return FakeCamera(width, height, fps, device=device or "/dev/video9")
+        module.cameras.append(FakeCamera(width, height, fps, device=device or "/dev/video9"))
+        return module.cameras[-1]
 
     module.PixelFormat, module.Camera = PixelFormat, camera
     return module

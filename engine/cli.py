@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         if dist.get_rank() == 0:
             print(f"loading {args.model} over {dist.get_world_size()} ranks ({device.type}) ...", flush=True)
-        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
+                              **autoencoder_flags(args))
         stage, models = start_ranks(source, settings, balancer=BlockBalancer())
         if models is None:
             stage.serve()
@@ -243,7 +244,8 @@ def serve(args: argparse.Namespace) -> None:
         from .parallel import BlockBalancer, model_source, start_ranks
 
         logging.getLogger(__name__).info("loading %s over %d ranks (%s) ...", args.model, world, device.type)
-        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
+                              **autoencoder_flags(args))
         stage, models = start_ranks(source, _split_settings(size, session_defaults), balancer=BlockBalancer())
         logging.getLogger(__name__).info("split of the blocks over the ranks: %s", stage.split)
         stages.append(stage)
@@ -302,7 +304,8 @@ def _serve_blocks(args: argparse.Namespace, device, dtype, settings) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 stops them all
     try:
-        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv)
+        source = model_source(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
+                              **autoencoder_flags(args))
         stage, _ = start_ranks(source, settings)
         stage.serve()
     finally:

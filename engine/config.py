@@ -2,6 +2,12 @@
 
 Field names follow Wan2.1's ``config.json`` so a preset reads like the published
 one; the cache fields are StreamDiffusionV2's (``configs/wan_causal_dmd_v2v.yaml``).
+
+Cache presets (``CACHE_PRESETS``) set the rolling KV cache as StreamDiffusionV2's
+configs do: ``default`` as ``wan_causal_dmd_v2v.yaml`` (6 frames, 3 sinks, adaptive
+sink at 0.2), ``fast`` as ``wan_causal_dmd_v2v_fast.yaml`` (5 frames, 2 sinks,
+adaptive sink off), the cache the published ``--fast`` mode runs with (which also
+decodes with TAEHV: ``build_models(..., decoder="taehv")``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,12 @@ class ModelConfig:
         return replace(self, **changes)
 
 
+# name -> the ModelConfig cache fields it sets
+CACHE_PRESETS: dict[str, dict] = {
+    "default": dict(num_kv_cache=6, num_sink=3, adapt_sink_threshold=0.2),
+    "fast": dict(num_kv_cache=5, num_sink=2, adapt_sink_threshold=-1.0),
+}
+
 PRESETS: dict[str, ModelConfig] = {
     # A few layers and a small width: a forward takes milliseconds on a CPU.
     "tiny": ModelConfig(name="tiny", dim=64, ffn_dim=128, num_heads=2, num_layers=2,
@@ -60,8 +72,37 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def get_preset(name: str) -> ModelConfig:
+def get_preset(name: str, cache: str = "default") -> ModelConfig:
+    """The model preset ``name`` with the KV cache of the cache preset ``cache``."""
     try:
-        return PRESETS[name]
+        config = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    if cache not in CACHE_PRESETS:
+        raise ValueError(f"unknown cache preset {cache!r}; choose one of {sorted(CACHE_PRESETS)}")
+    return config.with_cache(**CACHE_PRESETS[cache])
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Speed settings that leave the result the same up to float rounding. Off by
+    default: each is for CUDA, where the GPU benchmark (bench/pipeline.py) measures
+    it against eager before it may become a default.
+
+    - ``vae_channels_last``: the Wan VAE's weights and activations in channels-last
+      memory (NDHWC), the layout cuDNN's fastest 3-D convolutions use; valid (and
+      equal to rounding) on the CPU too.
+    - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark``: cuDNN times its
+      algorithms for each new input shape and keeps the fastest (a process-wide
+      switch; the first chunk of each shape pays for the timing). CUDA only.
+    """
+
+    vae_channels_last: bool = False
+    cudnn_benchmark: bool = False
+
+    def apply_globals(self, device) -> None:
+        """Set the process-wide switches these options name, for ``device``."""
+        import torch
+
+        if self.cudnn_benchmark and torch.device(device).type == "cuda":
+            torch.backends.cudnn.benchmark = True

@@ -233,3 +233,211 @@ def test_bad_state_and_config_raise_value_error_naming_them(tiny):
         TAEHVConfig(decoder_widths=(8, 8, 4))
     with pytest.raises(ValueError, match="decoder_time_grow"):
         TAEHVConfig(decoder_time_grow=(True, True))
+
+
+# ---------------------------------------------------------------- the encoder
+
+# The published encoder, layer by layer (madebyollin/taehv taehv.py, TAEHV.encoder for
+# Wan 2.1): (kind, index in the Sequential, stride). Written out here, apart from the
+# model's own layer builder, so that the reference below checks the layout too.
+# float32 rounding over some 40 layers of output ~1 (the float64 test below is exact to 1e-10)
+FLOAT32 = dict(rtol=1e-4, atol=2e-5)
+
+PUBLISHED_ENCODER = [("conv", 0, 1), ("relu", 1, 1),
+                     ("pool", 2, 2), ("conv", 3, 2), ("mem", 4, 1), ("mem", 5, 1), ("mem", 6, 1),
+                     ("pool", 7, 2), ("conv", 8, 2), ("mem", 9, 1), ("mem", 10, 1), ("mem", 11, 1),
+                     ("pool", 12, 1), ("conv", 13, 2), ("mem", 14, 1), ("mem", 15, 1), ("mem", 16, 1),
+                     ("conv", 17, 1)]
+
+
+@pytest.fixture(scope="module")
+def lively() -> TAEHV:
+    """The tiny config with He-initialised convs: torch's default init shrinks the signal
+    at each of the ~40 layers until the latents no longer depend on the frames, which
+    would let a wrong encoder pass. Here every frame leaves its mark."""
+    torch.manual_seed(0)
+    model = TAEHV(TINY_TAEHV).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 4:
+                parameter.normal_(0, math.sqrt(2 / parameter[0].numel()))
+            else:
+                parameter.uniform_(-0.05, 0.05)
+    return model
+
+
+def published_encode_video(state: dict, video: torch.Tensor) -> torch.Tensor:
+    """A reference of the published ``encode_video``, straight from a state dict, one
+    frame at a time: video [N, T, 3, H, W] in [0, 1] -> latents [N, ceil(T / 4), C, h, w].
+
+    As published: the clip is padded at its end to a multiple of 4 frames with copies
+    of its last frame; a time pool of stride s stacks s consecutive frames on channels
+    (earliest first) under a 1x1 conv; a MemBlock sees [frame, the previous frame's
+    input] (zeros before the first) and adds its input back before a ReLU."""
+    def weight(index, name="weight"):
+        return state.get(f"encoder.{index}.{name}")
+
+    frames = list(video.unbind(1))
+    frames += [frames[-1]] * (-len(frames) % 4)
+    for kind, index, stride in PUBLISHED_ENCODER:
+        if kind == "conv":
+            frames = [torch.nn.functional.conv2d(f, weight(index), weight(index, "bias"), stride=stride, padding=1)
+                      for f in frames]
+        elif kind == "relu":
+            frames = [torch.relu(f) for f in frames]
+        elif kind == "pool":
+            frames = [torch.nn.functional.conv2d(torch.cat(frames[i:i + stride], dim=1), weight(index, "conv.weight"))
+                      for i in range(0, len(frames), stride)]
+        else:
+            outputs, past = [], torch.zeros_like(frames[0])
+            for f in frames:
+                h = torch.cat([f, past], dim=1)
+                for layer in (0, 2, 4):
+                    h = torch.nn.functional.conv2d(h, weight(index, f"conv.{layer}.weight"),
+                                                   weight(index, f"conv.{layer}.bias"), padding=1)
+                    h = torch.relu(h) if layer < 4 else h
+                outputs.append(torch.relu(h + f))
+                past = f
+            frames = outputs
+    return torch.stack(frames, dim=1)
+
+
+def random_clip(frames: int, batch: int = 1, size: int = 16, seed: int = 4) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, size, size, generator=generator) * 2 - 1
+
+
+def held_first_frame(clip: torch.Tensor) -> torch.Tensor:
+    """The clip as the published encoder sees it here: [0, 1], NTCHW, frame 0 repeated 3 times in front."""
+    video = ((clip + 1) / 2).transpose(1, 2)
+    return torch.cat([video[:, :1].expand(-1, 3, -1, -1, -1), video], dim=1)
+
+
+def test_encode_equals_the_published_encoder_on_the_whole_clip(lively):
+    clip = random_clip(9, batch=2)
+    ours = lively.encode(clip, native=True)
+    assert ours.shape == (2, 16, 3, 2, 2)
+    reference = published_encode_video(lively.state_dict(), held_first_frame(clip)).transpose(1, 2)
+    torch.testing.assert_close(ours, reference, **FLOAT32)
+
+
+def test_published_size_encoder_equals_the_reference_in_float64():
+    torch.manual_seed(5)
+    model = TAEHV(TAEW2_1).double().eval()
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            if parameter.ndim == 4:
+                parameter.normal_(0, math.sqrt(2 / parameter[0].numel()))
+    clip = random_clip(5, size=16).double()
+    reference = published_encode_video(model.state_dict(), held_first_frame(clip)).transpose(1, 2)
+    torch.testing.assert_close(model.encode(clip, native=True), reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunks", [[1, 4, 4, 4, 4], [5, 4, 4, 4], [1, 8, 8], [9, 8], [17]],
+                         ids=lambda c: "+".join(map(str, c)))
+def test_stream_encode_in_chunks_equals_the_whole_clip(lively, chunks):
+    clip = random_clip(17)
+    state = lively.new_stream()
+    parts = [lively.stream_encode(part, state, native=True) for part in clip.split(chunks, dim=2)]
+    assert [p.shape[2] for p in parts] == [1 + (chunks[0] - 1) // 4] + [c // 4 for c in chunks[1:]]
+    torch.testing.assert_close(torch.cat(parts, dim=2), lively.encode(clip, native=True), **FLOAT32)
+    reference = published_encode_video(lively.state_dict(), held_first_frame(clip)).transpose(1, 2)
+    torch.testing.assert_close(torch.cat(parts, dim=2), reference, **FLOAT32)
+
+
+def test_the_first_latent_is_the_first_frame_held_and_later_ones_see_the_past(lively):
+    clip = random_clip(5)
+    held = clip[:, :, :1].expand(-1, -1, 4, -1, -1)
+    # Latent 0 is frame 0 alone, whatever follows it (the Wan VAE's chunking).
+    torch.testing.assert_close(lively.encode(clip, native=True)[:, :, :1], lively.encode(clip[:, :, :1], native=True))
+    reference = published_encode_video(lively.state_dict(), ((held + 1) / 2).transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(lively.encode(clip[:, :, :1], native=True), reference, **FLOAT32)
+    # Latent 1 depends on frame 0 through the MemBlocks' memory, and on its own frames.
+    other_start = torch.cat([-clip[:, :, :1], clip[:, :, 1:]], dim=2)
+    latents = lively.encode(clip, native=True)
+    assert (latents[:, :, 1] - lively.encode(other_start, native=True)[:, :, 1]).abs().max() > 0.1
+    assert (latents - lively.encode(-clip, native=True)).abs().amin(dim=(0, 1, 3, 4)).min() > 0
+
+
+def test_encode_gives_the_wan_vae_encoders_latent_space(lively):
+    from engine.models.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
+
+    clip = random_clip(5)
+    native = lively.encode(clip, native=True)
+    mean = torch.tensor(WAN21_LATENT_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN21_LATENT_STD).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(lively.encode(clip), native * std + mean)
+    state = lively.new_stream()
+    streamed = torch.cat([lively.stream_encode(clip[:, :, :1], state), lively.stream_encode(clip[:, :, 1:], state)], 2)
+    torch.testing.assert_close(streamed, lively.encode(clip))
+
+
+def test_encoder_state_stays_bounded_and_streams_are_separate(lively):
+    state, other = lively.new_stream(), lively.new_stream()
+    clip = random_clip(1 + 4 * 12, seed=6)
+    lively.stream_encode(clip[:, :, :1], state)
+    size = state.nbytes()
+    for i in range(12):
+        assert lively.stream_encode(clip[:, :, 1 + 4 * i:5 + 4 * i], state).shape[2] == 1
+        lively.stream_encode(random_clip(5 if i == 0 else 4, seed=7 + i), other)
+    assert state.nbytes() == size > 0
+    assert sum(t is not None for t in state.encoder_memory) == 9
+    assert all(t is None for t in state.memory)  # the decoder's memory is untouched
+    fresh = lively.new_stream()
+    whole = torch.cat([lively.stream_encode(clip[:, :, :1], fresh), lively.stream_encode(clip[:, :, 1:], fresh)], 2)
+    state = lively.new_stream()
+    parts = [lively.stream_encode(clip[:, :, :1], state)] + [lively.stream_encode(clip[:, :, 1 + 4 * i:5 + 4 * i], state)
+                                                          for i in range(12)]
+    torch.testing.assert_close(torch.cat(parts, 2), whole, **FLOAT32)
+
+
+def test_one_state_encodes_and_decodes_a_stream(lively):
+    """TAEHV both ways shares one stream state, as a pipeline whose encoder decodes too."""
+    clip = random_clip(5)
+    state = lively.new_stream()
+    latents = lively.stream_encode(clip, state, native=True)
+    frames = lively.stream_decode(latents, state)
+    assert frames.shape == (1, 3, 5, 16, 16)
+    torch.testing.assert_close(frames, lively.decode(latents))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_encoder_loads_from_a_checkpoint_in_the_published_layout(lively, tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"taew2_1{suffix}"
+    state = {k: v.contiguous() for k, v in lively.state_dict().items()}
+    assert sum(k.startswith("encoder.") for k in state) == 64  # every encoder tensor, as published
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    loaded = load_taehv(path, TINY_TAEHV)
+    clip = random_clip(9)
+    torch.testing.assert_close(loaded.encode(clip), lively.encode(clip))
+    reference = published_encode_video(state, held_first_frame(clip)).transpose(1, 2)
+    torch.testing.assert_close(loaded.encode(clip, native=True), reference, **FLOAT32)
+
+
+@pytest.mark.parametrize("bad", [
+    torch.zeros(1, 3, 1, 16),             # 4-D
+    torch.zeros(1, 4, 1, 16, 16),         # not RGB
+    torch.zeros(1, 3, 1, 12, 16),         # height not a multiple of 8
+    torch.zeros(1, 3, 0, 16, 16),         # no frames
+    torch.zeros(1, 3, 4, 16, 16),         # a first chunk is 1 + 4k frames
+    [[0.0]],                              # not a tensor
+])
+def test_bad_frames_raise_value_error_naming_frames(lively, bad):
+    with pytest.raises(ValueError, match="frames"):
+        lively.stream_encode(bad, lively.new_stream())
+
+
+def test_later_chunks_must_continue_the_stream(lively):
+    state = lively.new_stream()
+    lively.stream_encode(random_clip(5), state)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        lively.stream_encode(random_clip(5), state)
+    with pytest.raises(ValueError, match="frames"):
+        lively.stream_encode(random_clip(4, size=24), state)
+    with pytest.raises(ValueError, match="state"):
+        lively.stream_encode(random_clip(1), state={})

@@ -316,3 +316,39 @@ def test_decode_denormalises_with_the_published_statistics(vae):
     assert not torch.allclose(decoded, without_scaling, **TOLERANCE)  # the scaling matters
     streamed = vae.stream_decode(latents, VAEStreamState())
     torch.testing.assert_close(streamed, by_hand, **TOLERANCE)
+
+
+# ---------------------------------------------------------------- speed options, exact on the CPU
+
+
+def test_latent_statistics_are_made_once_per_device_and_dtype(vae, clip):
+    with torch.no_grad():
+        latents = vae.encode(clip)
+        first = vae.decode(latents)
+        held = vae._latent_statistics(latents)
+        again = vae.decode(latents)
+    assert vae._latent_statistics(latents)[0] is held[0]  # the same tensors, not new copies per call
+    torch.testing.assert_close(held[0].flatten(), torch.tensor(PUBLISHED_MEAN))
+    torch.testing.assert_close(held[1].flatten(), torch.tensor(PUBLISHED_STD))
+    assert torch.equal(first, again)
+    double = vae._latent_statistics(latents.double())
+    assert double[0].dtype == torch.float64 and double[0] is not held[0]
+
+
+def test_channels_last_gives_the_same_latents_and_frames(clip):
+    torch.manual_seed(0)
+    plain = WanVAE(TINY_VAE).eval()
+    fast = WanVAE(TINY_VAE).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.set_channels_last(True)
+    conv = fast.encoder.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    states = plain.new_stream(), fast.new_stream()
+    for chunk in clip.split([5, 4, 4, 4], dim=2):
+        latents = [vae.stream_encode(chunk, state) for vae, state in zip((plain, fast), states)]
+        torch.testing.assert_close(latents[1], latents[0], **TOLERANCE)
+        frames = [vae.stream_decode(latents[0], state) for vae, state in zip((plain, fast), states)]
+        torch.testing.assert_close(frames[1], frames[0], **TOLERANCE)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    fast.set_channels_last(False)
+    assert fast.encoder.conv1.weight.is_contiguous() and not fast.channels_last

@@ -182,3 +182,99 @@ def test_the_cli_reports_missing_weights_instead_of_a_traceback(tmp_path):
                              "--weights", str(tmp_path), "--frames", "5"], capture_output=True, text=True)
     assert result.returncode != 0
     assert "lacks files of wan2.1-1.3b" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- encoder / decoder choice, cache presets
+
+def stream_counts(models, frames: int = 5 + 4 * 8, steps: int = 2, **settings) -> tuple[list[int], list]:
+    import numpy as np
+
+    from engine.pipeline import StreamPipeline, StreamSettings
+
+    pipe = StreamPipeline(models.dit, models.vae, models.text_encoder,
+                          StreamSettings(height=32, width=48, steps=steps, prompt="x", **settings),
+                          decoder=models.decoder)
+    video = np.random.default_rng(0).integers(0, 256, (frames, 40, 60, 3), dtype=np.uint8)
+    chunks = [video[:5]] + [video[i:i + 4] for i in range(5, frames, 4)]
+    outputs = [pipe.push(chunk) for chunk in chunks]
+    return [len(o) for o in outputs], outputs
+
+
+@pytest.mark.parametrize("encoder,decoder", [("wan", "wan"), ("wan", "taehv"), ("taehv", "wan"), ("taehv", "taehv")])
+def test_each_encoder_and_decoder_pair_streams(encoder, decoder):
+    from engine.models.taehv import TAEHV
+    from engine.models.vae import WanVAE
+    from engine.models.weights import build_models
+
+    models = build_models("tiny", encoder=encoder, decoder=decoder)
+    kinds = {"wan": WanVAE, "taehv": TAEHV}
+    assert isinstance(models.vae, kinds[encoder]) and models.autoencoders == (encoder, decoder)
+    if encoder == decoder:
+        assert models.decoder is None  # the encoder decodes, with one stream state
+    else:
+        assert isinstance(models.decoder, kinds[decoder])
+    counts, outputs = stream_counts(models)
+    assert counts == [5, 0] + [4] * 7
+    assert all(o.dtype.name == "uint8" and o.shape[1:] == (40, 60, 3) for o in outputs if len(o))
+
+
+def test_the_choice_keeps_the_other_models_and_the_old_taehv_flag():
+    from engine.models.weights import build_models
+
+    base = build_models("tiny")
+    both = build_models("tiny", encoder="taehv", decoder="taehv")
+    old = build_models("tiny", taehv=True)
+    fast = build_models("tiny", decoder="taehv")
+    for a, b in [(base.dit, both.dit), (base.vae, fast.vae), (old.decoder, both.vae), (old.decoder, fast.decoder)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert old.autoencoders == fast.autoencoders == ("wan", "taehv")
+    assert base.decoder is None and base.autoencoders == ("wan", "wan")
+
+
+@pytest.mark.parametrize("kwargs,problem", [
+    (dict(encoder="vae"), "encoder"), (dict(decoder="tiny"), "decoder"),
+    (dict(taehv=True, decoder="wan"), "taehv"), (dict(cache="faster"), "cache preset"),
+])
+def test_a_bad_choice_is_refused_by_name(kwargs, problem):
+    from engine.models.weights import build_models
+
+    with pytest.raises(ValueError, match=problem):
+        build_models("tiny", **kwargs)
+
+
+def test_the_fast_cache_preset_is_the_published_fast_config():
+    from engine.config import CACHE_PRESETS
+
+    fast, default = get_preset("wan2.1-1.3b", "fast"), get_preset("wan2.1-1.3b")
+    assert (fast.num_kv_cache, fast.num_sink, fast.adapt_sink_threshold) == (5, 2, -1)
+    assert (default.num_kv_cache, default.num_sink, default.adapt_sink_threshold) == (6, 3, 0.2)
+    assert replace(fast, num_kv_cache=6, num_sink=3, adapt_sink_threshold=0.2) == default  # only the cache differs
+    assert sorted(CACHE_PRESETS) == ["default", "fast"]
+
+
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_the_pipeline_streams_with_the_fast_preset(stream_batch):
+    from engine.models.weights import build_models
+
+    models = build_models("tiny", cache="fast", decoder="taehv")
+    assert models.dit.config.num_kv_cache == 5 and models.dit.config.num_sink == 2
+    # Long enough for the 5-frame cache to fill and its ring to turn over several times.
+    counts, _ = stream_counts(models, frames=5 + 4 * 16, steps=3, stream_batch=stream_batch)
+    assert counts == ([5, 0, 0] + [4] * 14 if stream_batch else [5] + [4] * 16)
+    cache_default, _ = stream_counts(build_models("tiny", decoder="taehv"), frames=5 + 4 * 16, steps=3,
+                                     stream_batch=stream_batch)
+    assert cache_default == counts
+
+
+def test_speed_options_leave_the_frames_as_they_were():
+    from engine.config import SpeedOptions
+    from engine.models.weights import build_models
+
+    plain = build_models("tiny")
+    fast = build_models("tiny", speed=SpeedOptions(vae_channels_last=True, cudnn_benchmark=True))
+    assert fast.vae.channels_last and not plain.vae.channels_last
+    assert not torch.backends.cudnn.benchmark  # a CUDA switch: untouched on the CPU
+    _, ours = stream_counts(fast)
+    _, theirs = stream_counts(plain)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and (abs(a.astype(int) - b.astype(int)) <= 1).all()

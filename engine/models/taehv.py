@@ -1,4 +1,4 @@
-"""TAEHV: madebyollin's tiny video autoencoder, used as a fast Wan2.1 decoder.
+"""TAEHV: madebyollin's tiny video autoencoder, a fast Wan2.1 encoder and decoder.
 
 The published ``taew2_1.pth`` is a raw state dict of two ``nn.Sequential``s,
 ``encoder.N...`` and ``decoder.N...``, built from 2-D convs (3x3, padding 1) and
@@ -30,20 +30,45 @@ its decoder; the TAEHV wrapper hands that same x0 to TAEHV unchanged
 (``models/wan/taehv_wrapper.py``). So :meth:`TAEHV.decode` takes the tensor you
 would give the Wan VAE decode, in DiT space, and must not be de-normalised.
 
-Pixels: TAEHV works in [0, 1]; this module returns [-1, 1] like the Wan VAE.
-Layout: latents ``[B, 16, t, h, w]`` in, frames ``[B, 3, T, 8h, 8w]`` out.
-Only the decoder runs here; the encoder's layers exist so that the published
-file loads strictly (StreamDiffusionV2 keeps encoding on the Wan VAE).
+Pixels: TAEHV works in [0, 1]; this module takes and returns [-1, 1] like the Wan VAE.
+Layout: latents ``[B, 16, t, h, w]``, frames ``[B, 3, T, 8h, 8w]``.
+
+Encoding. The published encoder turns every 4 frames into one latent: the first
+TimePool merges frame pairs (2k, 2k+1), the second merges those pairs again, the
+third keeps one frame per latent; its MemBlocks are causal like the decoder's.
+The published ``encode_video`` pads a clip at its END (repeating the last frame)
+to a multiple of 4, so its latent k covers frames 4k..4k+3. That does not line up
+with the Wan VAE, whose latent 0 is frame 0 alone and latent k covers frames
+4k-3..4k, nor with this decoder, which drops 3 frames at the start so that latent
+0 gives one frame. So :meth:`TAEHV.stream_encode` puts 3 copies of a stream's
+first frame in FRONT of it: latent 0 is the published encode of frame 0 held
+for 4 frames (what the published wrapper in daydreamlive/scope computes for a
+1-frame first chunk, padded at the end), and latent k covers frames 4k-3..4k,
+the Wan VAE's chunking exactly: a stream's first call takes 1 + 4k frames (1 + k
+latents), each later call 4k frames (k latents). The encoder's memory is one
+frame per MemBlock; TimePool groups never straddle calls (calls hold whole
+groups of 4), so a stream encoded in any such chunks equals :meth:`TAEHV.encode`
+of the whole clip, which equals the published ``encode_video`` of the clip with
+frame 0 repeated 3 times in front.
+
+Encoded latent space. TAEHV's own latents are normalised Wan latents (what the
+DiT produces; see above). The Wan VAE's ``stream_encode`` instead returns the raw,
+un-normalised encoder mean, which is what the StreamDiffusionV2 DiT is fed. So that
+either encoder can feed the DiT, :meth:`TAEHV.stream_encode` returns the same
+space as the Wan VAE's: TAEHV's latents de-normalised, ``z * std + mean`` with
+the published per-channel statistics (``encode(..., native=True)`` gives TAEHV's
+own latents).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.models.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
 from engine.models.weights import load_strict, read_state_dict
 
 @dataclass(frozen=True)
@@ -58,6 +83,9 @@ class TAEHVConfig:
     encoder_time_pool: tuple[bool, bool, bool] = (True, True, False)
     # Per decoder stage: does its TimeGrow split into 2 frames (else 1)?
     decoder_time_grow: tuple[bool, bool, bool] = (False, True, True)
+    # Statistics of the Wan latent space: encode() maps TAEHV's latents to the Wan VAE encoder's space.
+    latent_mean: tuple[float, ...] = WAN21_LATENT_MEAN
+    latent_std: tuple[float, ...] = WAN21_LATENT_STD
 
     def __post_init__(self) -> None:
         for name in ("latent_channels", "image_channels", "encoder_width"):
@@ -68,11 +96,18 @@ class TAEHVConfig:
         for name in ("encoder_time_pool", "decoder_time_grow"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must have one flag per stage (3), got {getattr(self, name)}")
+        if len(self.latent_mean) != self.latent_channels or len(self.latent_std) != self.latent_channels:
+            raise ValueError(f"latent_mean and latent_std need {self.latent_channels} values each")
 
     @property
     def time_upscale(self) -> int:
         """Frames per latent."""
         return 2 ** sum(self.decoder_time_grow)
+
+    @property
+    def time_downscale(self) -> int:
+        """Frames per latent when encoding."""
+        return 2 ** sum(self.encoder_time_pool)
 
     @property
     def frames_to_trim(self) -> int:
@@ -113,11 +148,18 @@ class MemBlock(nn.Module):
 
 
 class TimePool(nn.Module):
-    """Holds the encoder's frame-merging 1x1 conv (``stride`` frames -> 1)."""
+    """Merges each ``stride`` consecutive frames into one: [N * stride, C, H, W] -> [N, C, H, W].
+
+    The frames of a group are stacked on channels, earliest first, then a 1x1 conv."""
 
     def __init__(self, width: int, stride: int):
         super().__init__()
+        self.stride = stride
         self.conv = nn.Conv2d(width * stride, width, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return self.conv(x.reshape(n // self.stride, self.stride * c, h, w))
 
 
 class TimeGrow(nn.Module):
@@ -155,14 +197,22 @@ def _decoder_layers(config: TAEHVConfig) -> list[nn.Module]:
 
 @dataclass
 class TAEHVStream:
-    """One video stream's decoder state; make it with :meth:`TAEHV.new_stream`.
+    """One video stream's state, for decoding and for encoding; make it with :meth:`TAEHV.new_stream`.
 
     ``memory[i]`` is decoder layer i's last input frame when that layer is a
-    MemBlock (None before the first latent and for every other layer)."""
+    MemBlock (None before the first latent and for every other layer);
+    ``encoder_memory[i]`` the same for encoder layer i."""
 
     memory: list[torch.Tensor | None]
     frames_to_trim: int  # start frames still to drop
     shape: tuple[int, int, int] | None = None  # (B, h, w) fixed by the first latent
+    encoder_memory: list[torch.Tensor | None] = field(default_factory=list)
+    frames_encoded: int = 0
+    frames_shape: tuple[int, int, int] | None = None  # (B, H, W) fixed by the first frames encoded
+
+    def nbytes(self) -> int:
+        """Bytes held by the remembered frames (encoder and decoder)."""
+        return sum(t.numel() * t.element_size() for t in (*self.memory, *self.encoder_memory) if t is not None)
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor, memory: list, index: int) -> torch.Tensor:
@@ -187,9 +237,77 @@ class TAEHV(nn.Module):
         self.config = config
         self.encoder = nn.Sequential(*_encoder_layers(config))
         self.decoder = nn.Sequential(*_decoder_layers(config))
+        # (device, dtype) -> (mean, std) shaped [1, C, 1, 1, 1]: made once per device, not per call
+        self._statistics: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def new_stream(self) -> TAEHVStream:
-        return TAEHVStream(memory=[None] * len(self.decoder), frames_to_trim=self.config.frames_to_trim)
+        return TAEHVStream(memory=[None] * len(self.decoder), frames_to_trim=self.config.frames_to_trim,
+                           encoder_memory=[None] * len(self.encoder))
+
+    # encoding ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, *, native: bool = False) -> torch.Tensor:
+        """Latents of a whole clip: [B, 3, 1 + 4k, H, W] in [-1, 1] -> [B, 16, 1 + k, H/8, W/8].
+
+        In the Wan VAE encoder's space (raw, not normalised) unless ``native``, which
+        gives TAEHV's own latents (normalised Wan latents, as the DiT produces them)."""
+        return self.stream_encode(video, self.new_stream(), native=native)
+
+    @torch.no_grad()
+    def stream_encode(self, frames: torch.Tensor, state: TAEHVStream, *, native: bool = False) -> torch.Tensor:
+        """Latents of the next chunk of a stream, as the Wan VAE's ``stream_encode`` gives them.
+
+        The first call of a stream takes 1 + 4k frames (1 + k latents: 1 -> 1, 5 -> 2),
+        each later call 4k frames (k latents). Equal to :meth:`encode` of the whole clip."""
+        self._check_frames(frames)
+        if not isinstance(state, TAEHVStream) or len(state.encoder_memory) != len(self.encoder):
+            raise ValueError("state must be a TAEHVStream made by this model's new_stream()")
+        batch, _, count, height, width = frames.shape
+        step, first = self.config.time_downscale, state.frames_encoded == 0
+        if first and count % step != 1:
+            raise ValueError(f"frames: the first chunk of a stream takes 1 + {step}k frames "
+                             f"(1, {1 + step}, {1 + 2 * step}, ...), got {count}")
+        if not first and count % step:
+            raise ValueError(f"frames: after the first chunk a stream takes a multiple of {step} "
+                             f"frames ({step}, {2 * step}, ...), got {count}")
+        if first:
+            state.frames_shape = (batch, height, width)
+        elif state.frames_shape != (batch, height, width):
+            raise ValueError(f"frames: batch, height, width {(batch, height, width)} differ from this "
+                             f"stream's {state.frames_shape}; start a new stream for them")
+        x = (frames.to(self.encoder[0].weight.dtype).transpose(1, 2) + 1) / 2  # [B, T, 3, H, W] in [0, 1]
+        if first:  # frame 0 held for a whole latent: latent k then covers frames 4k-3..4k
+            x = torch.cat([x[:, :1].expand(-1, step - 1, -1, -1, -1), x], dim=1)
+        for index, layer in enumerate(self.encoder):
+            x = _run_layer(layer, x, state.encoder_memory, index)
+        state.frames_encoded += count
+        latents = x.transpose(1, 2)
+        if native:
+            return latents
+        mean, std = self._latent_statistics(latents)
+        return latents * std + mean
+
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._statistics:
+            shape = (1, self.config.latent_channels, 1, 1, 1)
+            self._statistics[key] = tuple(
+                torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+                for values in (self.config.latent_mean, self.config.latent_std))
+        return self._statistics[key]
+
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        channels = self.config.image_channels
+        if not isinstance(frames, torch.Tensor) or frames.ndim != 5 or frames.shape[1] != channels:
+            shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise ValueError(f"frames must be a [B, {channels}, T, H, W] tensor in [-1, 1], got {shape}")
+        factor = 2 ** len(self.config.encoder_time_pool)
+        if min(frames.shape) < 1 or frames.shape[3] % factor or frames.shape[4] % factor:
+            raise ValueError(f"frames: height and width must be positive multiples of {factor}, and T at "
+                             f"least 1; got shape {tuple(frames.shape)}")
+
+    # decoding ------------------------------------------------------------------
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -227,7 +345,8 @@ class TAEHV(nn.Module):
 
 
 def load_taehv(path: str | Path, config: TAEHVConfig = TAEW2_1) -> TAEHV:
-    """Build TAEHV from a published checkpoint (e.g. ``taew2_1.pth``), strictly.
+    """Build TAEHV, encoder and decoder, from a published checkpoint (e.g. ``taew2_1.pth``
+    or ``taew2_1.safetensors``), strictly.
 
     Returns a float32 model on the CPU in eval mode; move and cast it as needed
     (StreamDiffusionV2 runs it in fp16)."""

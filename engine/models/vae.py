@@ -401,6 +401,22 @@ class WanVAE(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (CausalConv3d, Downsample)):
                 module.cache_key = name
+        # (device, dtype) -> (mean, std) shaped [1, z, 1, 1, 1]: made once per device, not per call
+        self._statistics: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool = True) -> "WanVAE":
+        """Keep weights and activations in channels-last memory (NDHWC; NHWC for the
+        per-frame 2-D layers), the layout cuDNN's fastest convolutions use. The same
+        arithmetic in another memory order: equal up to float rounding, on any device."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last_3d if module.weight.ndim == 5 else torch.channels_last
+                if not enabled:
+                    layout = torch.contiguous_format
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        self.channels_last = enabled
+        return self
 
     def new_stream(self) -> VAEStreamState:
         """An empty state for one new stream."""
@@ -488,13 +504,23 @@ class WanVAE(nn.Module):
         return self.conv1(moments)[:, :self.config.z_dim]
 
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.config.latent_mean, dtype=latents.dtype, device=latents.device).view(shape)
-        std = torch.tensor(self.config.latent_std, dtype=latents.dtype, device=latents.device).view(shape)
+        mean, std = self._latent_statistics(latents)
         return latents * std + mean
 
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The published mean and std on ``like``'s device and dtype, made there once
+        (a per-call copy from the host would be a host-device wait on CUDA)."""
+        key = (like.device, like.dtype)
+        if key not in self._statistics:
+            shape = (1, self.config.z_dim, 1, 1, 1)
+            self._statistics[key] = tuple(
+                torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+                for values in (self.config.latent_mean, self.config.latent_std))
+        return self._statistics[key]
+
     def _to_weights(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.conv2.weight.dtype)
+        x = x.to(self.conv2.weight.dtype)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     def _check_frames(self, frames: torch.Tensor, name: str) -> None:
         if frames.ndim != 5:

@@ -354,40 +354,87 @@ def download_weights(preset: str, *, taehv: bool = True) -> WeightFiles:
 
 # -- ready-to-stream models -----------------------------------------------------------
 
+AUTOENCODERS = ("wan", "taehv")  # the choices for encoding and for decoding
+
+
 @dataclass
 class Models:
     dit: nn.Module
-    vae: nn.Module
+    vae: nn.Module  # the encoder: the Wan VAE, or TAEHV (``encoder="taehv"``); it also decodes unless ``decoder``
     text_encoder: object
-    decoder: nn.Module | None = None  # TAEHV when chosen; the VAE decodes otherwise
+    decoder: nn.Module | None = None  # the decoder when it is not ``vae`` (e.g. TAEHV after a Wan encode)
+    autoencoders: tuple[str, str] = ("wan", "wan")  # (encoder, decoder) as chosen
+    executor: object | None = None  # where the DiT runs when not here alone: its blocks over ranks (engine/parallel/)
+
+    @property
+    def runs_dit(self):
+        """What a StreamPipeline takes to run the DiT: the executor, or the DiT itself."""
+        return self.executor or self.dit
+
+
+def autoencoder_choice(encoder: str = "wan", decoder: str | None = None, taehv: bool = False) -> tuple[str, str]:
+    """(encoder, decoder), checked. ``taehv=True`` is the older spelling of ``decoder="taehv"``."""
+    if decoder is None:
+        decoder = "taehv" if taehv else "wan"
+    elif taehv and decoder != "taehv":
+        raise ValueError(f"taehv=True asks for the TAEHV decoder, but decoder={decoder!r}; pass one of them")
+    for name, value in (("encoder", encoder), ("decoder", decoder)):
+        if value not in AUTOENCODERS:
+            raise ValueError(f"{name} must be one of {AUTOENCODERS}, got {value!r}")
+    return encoder, decoder
 
 
 def build_models(preset: str, *, weights: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, taehv: bool = False, seed: int = 0) -> Models:
-    """The DiT, VAE, text encoder (and optional TAEHV decoder) of a preset.
+                 dtype: torch.dtype = torch.float32, taehv: bool = False, encoder: str = "wan",
+                 decoder: str | None = None, cache: str = "default", speed=None, seed: int = 0) -> Models:
+    """The DiT, encoder, text encoder (and decoder, when not the encoder) of a preset.
+
+    ``encoder`` and ``decoder`` choose the autoencoder each way: ``"wan"`` (the Wan2.1
+    VAE) or ``"taehv"`` (the tiny TAEHV, taew2_1): Wan both ways (the default), Wan
+    encode with TAEHV decode (StreamDiffusionV2's fast mode; ``taehv=True`` says the
+    same), or TAEHV both ways. ``cache`` is a cache preset of engine/config.py
+    (``"default"`` or ``"fast"``); ``speed`` an :class:`~engine.config.SpeedOptions`.
 
     ``tiny`` has no published weights: it is built from ``seed`` (the same models on
     every machine), for tests and the CPU demo. The Wan presets load from
     ``weights`` (a folder, see :func:`locate_weights`) or the Hugging Face cache."""
-    from ..config import get_preset
+    from ..config import SpeedOptions, get_preset
     from .dit import CausalWanDiT
     from .taehv import TINY_TAEHV, TAEHV, load_taehv
     from .text import TinyTextEncoder, UMT5TextEncoder
     from .vae import TINY_VAE, WanVAE, load_vae
 
-    config = get_preset(preset)
+    choice = autoencoder_choice(encoder, decoder, taehv)
+    speed = speed if speed is not None else SpeedOptions()
+    config = get_preset(preset, cache)
+    tiny_autoencoder = None
     if preset == "tiny":
         torch.manual_seed(seed)
-        dit, vae = CausalWanDiT(config), WanVAE(TINY_VAE)
-        decoder = TAEHV(TINY_TAEHV).to(device, dtype).eval() if taehv else None
+        dit, wan = CausalWanDiT(config), WanVAE(TINY_VAE)  # built in this order whatever the choice: same weights
+        tiny_autoencoder = TAEHV(TINY_TAEHV) if "taehv" in choice else None
         text = TinyTextEncoder(config.text_len, config.text_dim, seed=seed, device=device)
-        return Models(dit.to(device, dtype).eval(), vae.to(device, dtype).eval(), text, decoder)
-    files = locate_weights(preset, weights, taehv=taehv)
-    if files.dit.is_dir():
-        print(f"note: {files.dit} holds the base Wan2.1 DiT, not the StreamDiffusionV2 one; "
-              "streaming quality needs model.pt", flush=True)
-    dit = load_dit(files.dit, config, device=device, dtype=dtype).eval()
-    vae = load_vae(files.vae).to(device, dtype).eval()
-    text = UMT5TextEncoder.load(files.text_encoder, device=device)
-    decoder = load_taehv(files.taehv).to(device, dtype).eval() if taehv else None
-    return Models(dit, vae, text, decoder)
+    else:
+        files = locate_weights(preset, weights, taehv="taehv" in choice)
+        if files.dit.is_dir():
+            print(f"note: {files.dit} holds the base Wan2.1 DiT, not the StreamDiffusionV2 one; "
+                  "streaming quality needs model.pt", flush=True)
+        dit = load_dit(files.dit, config)
+        wan = load_vae(files.vae) if "wan" in choice else None
+        tiny_autoencoder = load_taehv(files.taehv) if "taehv" in choice else None
+        text = UMT5TextEncoder.load(files.text_encoder, device=device)
+    dit = dit.to(device, dtype).eval()
+    encoding, decoding = ready_autoencoders(choice, wan, tiny_autoencoder, device=device, dtype=dtype, speed=speed)
+    return Models(dit, encoding, text, decoding, choice)
+
+
+def ready_autoencoders(choice: tuple[str, str], wan, tiny_autoencoder, *, device, dtype, speed) -> tuple:
+    """(encoder, decoder or None when the encoder decodes too) of ``choice``, on the device
+    with the speed options applied."""
+    modules = {"wan": wan, "taehv": tiny_autoencoder}
+    for name in set(choice):
+        modules[name] = modules[name].to(device, dtype).eval()
+    if modules["wan"] is not None and speed.vae_channels_last:
+        modules["wan"].set_channels_last(True)
+    speed.apply_globals(device)
+    encoding, decoding = modules[choice[0]], modules[choice[1]]
+    return encoding, (decoding if decoding is not encoding else None)

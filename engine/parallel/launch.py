@@ -49,24 +49,30 @@ class BuiltModels:
 
 
 class PublishedWeights:
-    """A Wan preset's published files; each rank reads only what its stage runs."""
+    """A Wan preset's published files; each rank reads only what its stage runs. ``choice``
+    is build_models' (encoder, decoder, cache, taehv)."""
 
-    def __init__(self, preset: str, folder=None, *, device: torch.device, dtype: torch.dtype, taehv: bool = False):
-        from ..models.weights import locate_weights
+    def __init__(self, preset: str, folder=None, *, device: torch.device, dtype: torch.dtype, encoder: str = "wan",
+                 decoder: str | None = None, cache: str = "default", taehv: bool = False):
+        from ..models.weights import autoencoder_choice, locate_weights
 
-        self.config = get_preset(preset)
-        self.files = locate_weights(preset, folder, taehv=taehv)
-        self.device, self.dtype, self.taehv = device, dtype, taehv
+        self.config = get_preset(preset, cache)
+        self.choice = autoencoder_choice(encoder, decoder, taehv)
+        self.files = locate_weights(preset, folder, taehv="taehv" in self.choice)
+        self.device, self.dtype = device, dtype
 
     def ends(self):
+        from ..config import SpeedOptions
         from ..models.taehv import load_taehv
         from ..models.text import UMT5TextEncoder
         from ..models.vae import load_vae
+        from ..models.weights import ready_autoencoders
 
-        vae = load_vae(self.files.vae).to(self.device, self.dtype).eval()
-        text = UMT5TextEncoder.load(self.files.text_encoder, device=self.device)
-        decoder = load_taehv(self.files.taehv).to(self.device, self.dtype).eval() if self.taehv else None
-        return vae, text, decoder
+        wan = load_vae(self.files.vae) if "wan" in self.choice else None
+        tiny_autoencoder = load_taehv(self.files.taehv) if "taehv" in self.choice else None
+        encoder, decoder = ready_autoencoders(self.choice, wan, tiny_autoencoder, device=self.device,
+                                              dtype=self.dtype, speed=SpeedOptions())
+        return encoder, UMT5TextEncoder.load(self.files.text_encoder, device=self.device), decoder
 
     def dit_part(self, layers: range, *, embeddings: bool, head: bool) -> CausalWanDiT:
         return load_dit_part(self.files.dit, self.config, layers, embeddings=embeddings, head=head,
@@ -87,13 +93,14 @@ def load_dit_part(path, config: ModelConfig, layers: range, *, embeddings: bool,
     return dit.to(device=device, dtype=dtype).eval()
 
 
-def model_source(preset: str, *, weights=None, device: torch.device, dtype: torch.dtype, taehv: bool = False):
-    """Where this rank's models come from: built (tiny) or the published files."""
+def model_source(preset: str, *, weights=None, device: torch.device, dtype: torch.dtype, **choice):
+    """Where this rank's models come from: built (tiny) or the published files. ``choice``:
+    build_models' encoder, decoder, cache and taehv."""
     from ..models.weights import build_models
 
     if preset == "tiny":
-        return BuiltModels(build_models("tiny", device=device, dtype=dtype, taehv=taehv))
-    return PublishedWeights(preset, weights, device=device, dtype=dtype, taehv=taehv)
+        return BuiltModels(build_models("tiny", device=device, dtype=dtype, **choice))
+    return PublishedWeights(preset, weights, device=device, dtype=dtype, **choice)
 
 
 def rank_device(device: str | None) -> torch.device:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from engine.cli import parse_size
 from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
 from engine.models.kv_cache import KVCache
@@ -83,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", help="model preset (repeatable)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--size", default=None, help="frame size HxW in pixels (latents are /8)")
+    parser.add_argument("--size", default=None, help="frame size WIDTHxHEIGHT in pixels (latents are /8)")
     parser.add_argument("--batch", type=int, default=2, help="stream-batch width (denoising steps)")
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
     print(f"{'preset':<12} {'device':<6} {'size':>9} {'batch':>5} {'adapt sink':>10} {'plain ms':>9} "
           f"{'stream ms':>10} {'bookkeeping':>12} {'overhead':>9} {'target':>7}")
     for preset, device, size in runs:
-        height, width = (int(v) for v in size.split("x"))
+        width, height = parse_size("--size", size)
         iters = args.iters or (200 if preset == "tiny" else 30)
         for adapt_sink in (True, False):
             r = measure(preset, device, height, width, args.batch, iters, adapt_sink)

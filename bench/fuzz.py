@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from bridge.client import EngineClient  # noqa: E402
 from bridge.launcher import EngineProcess, EngineStartError  # noqa: E402
 from bridge.params import PARAMS  # noqa: E402
-from bridge.protocol import (FORMATS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ErrorReply, Ok,  # noqa: E402
+from bridge.protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ErrorReply, Ok,  # noqa: E402
                              decode_message)
 from bridge.shm import RING_VERSION, session_ring_names  # noqa: E402
 # The ring's own layout, to forge rings that lie in any field.

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from engine.cli import parse_size
 from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
 from engine.models.lora import LoraLibrary, LoraMix
@@ -88,12 +89,12 @@ def interleaved_medians(runs: dict[str, tuple[Callable[[], object], Callable[[],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--size", default="64x64", help="model HxW")
+    parser.add_argument("--size", default="64x64", help="model size WIDTHxHEIGHT")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, help="only this many blocks: the preset's widths, less memory and time")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    height, width = (int(v) for v in args.size.split("x"))
+    width, height = parse_size("--size", args.size)
     device = "cuda" if torch.cuda.is_available() and args.preset != "tiny" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cli import parse_size
 from engine.config import SpeedOptions, get_preset  # noqa: E402
 from engine.models.dit import CausalWanDiT  # noqa: E402
 from engine.models.taehv import TAEW2_1, TINY_TAEHV, TAEHV  # noqa: E402
@@ -263,7 +264,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=10, help="chunks per pass after the first (at least steps + 5)")
     parser.add_argument("--gpu-only", action="store_true", help="skip the tiny CPU rows")
     parser.add_argument("--steps", default="1,2,3,4", help="denoising steps of the GPU rows (the CPU row runs 2)")
-    parser.add_argument("--sizes", default="512x512,480x832", help="GPU rows' sizes, HEIGHTxWIDTH")
+    parser.add_argument("--sizes", default="512x512,832x480", help="GPU rows' sizes, WIDTHxHEIGHT")
     parser.add_argument("--options", default="all",
                         help=f"option rows beside eager: 'all', 'none' or names from {', '.join(OPTIONS)} "
                              "(GPU: at the first size and step count)")
@@ -280,7 +281,7 @@ def main() -> None:
                      + ([(combined([n for n in names if n in EXACT and n != "cudnn-benchmark"]), 64, 64, 2)]
                         if args.options == "all" else [])))
     if torch.cuda.is_available():
-        sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+        sizes = [parse_size("--sizes", size)[::-1] for size in args.sizes.split(",")]  # (height, width)
         steps = [int(s) for s in args.steps.split(",")]
         rows = [(EAGER, h, w, n) for h, w in sizes for n in steps]
         rows += [(OPTIONS[name], *sizes[0], steps[0]) for name in names]

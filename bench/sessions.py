@@ -20,6 +20,7 @@ import json
 import numpy as np
 import torch
 
+from engine.cli import parse_size
 from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
 from engine.models.text import TinyTextEncoder
@@ -34,12 +35,12 @@ PROMPTS = ("ink", "fog", "glass", "neon", "paper", "oil", "chalk", "clay")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--size", default="64x64", help="model HxW")
+    parser.add_argument("--size", default="64x64", help="model size WIDTHxHEIGHT")
     parser.add_argument("--sessions", default="1,2,4,8")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", metavar="FILE", help="also write the step times here (for bench/slo.py --fit)")
     args = parser.parse_args()
-    height, width = (int(v) for v in args.size.split("x"))
+    width, height = parse_size("--size", args.size)
     device = "cuda" if torch.cuda.is_available() and args.preset != "tiny" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -26,6 +26,11 @@ from .models.dit import CausalWanDiT, StreamInput
 from .models.kv_cache import KVCache
 
 
+class ExecutorFailed(RuntimeError):
+    """The executor itself cannot go on (a rank is gone): no stream can, and the engine stops.
+    Not a stream's failure, so push_streams lets it through."""
+
+
 class Ticket(Protocol):
     def result(self) -> list[torch.Tensor | Exception]:
         """Each call's flow, or the exception that failed it (waits for it where it is not back yet)."""

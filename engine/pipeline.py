@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from bridge.params import LIVE, PARAMS
 from bridge.protocol import PARAM_SPECS, ProtocolError
 
-from .executor import Executor, Ticket, executor_for
+from .executor import Executor, ExecutorFailed, Ticket, executor_for
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
 from .models.dit import CausalWanDiT, StreamInput
 from .models.lora import LoraLibrary, LoraMix
@@ -578,6 +578,8 @@ class _Work:
             return None
         except StopIteration as done:
             return done.value
+        except ExecutorFailed:
+            raise
         except Exception as error:  # noqa: BLE001 - this stream's failure, returned for it alone
             return error
 
@@ -650,6 +652,8 @@ def _finish_oldest(pipelines: list[StreamPipeline], results: list, *, all_but_ne
         keep = pipeline.executor.depth - 1 if overlaps or not all_but_newest else 0
         try:
             pipeline._finish_pending(keep=keep)
+        except ExecutorFailed:
+            raise
         except Exception as error:  # noqa: BLE001 - this pipeline's failure
             results[index] = error
 

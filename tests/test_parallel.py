@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config import get_preset
-from engine.executor import executor_for
+from engine.executor import LocalExecutor, executor_for
 from engine.flow import denoising_steps
 from engine.models.attention import StreamRows
 from engine.models.dit import CausalWanDiT
@@ -30,9 +30,9 @@ from engine.models.kv_cache import KVCache
 from engine.models.text import TinyTextEncoder
 from engine.models.vae import TINY_VAE, WanVAE
 from engine.models.weights import Models
-from engine.parallel import (BlockBalancer, BuiltModels, CostModel, balanced_split, load_dit_part, neighbour_step,
-                             start_ranks)
-from engine.pipeline import StreamPipeline, StreamSettings
+from engine.parallel import (BlockBalancer, BuiltModels, CostModel, LinkFailed, balanced_split, load_dit_part,
+                             neighbour_step, start_ranks)
+from engine.pipeline import StreamPipeline, StreamSettings, push_streams
 
 SIZE = dict(height=32, width=48)
 LAYERS = 4
@@ -224,6 +224,27 @@ def test_the_first_chunk_is_conditioned_on_the_step_lists_first_timestep(strengt
     first_chunk = [timesteps[0] for timesteps, _ in recorded.forwards[:steps]]
     assert first_chunk == denoising_steps(steps)  # 700 first, whatever the strength (published)
     assert all(t >= 0 for timesteps, _ in recorded.forwards for t in timesteps)
+
+
+class GoneRank(LocalExecutor):
+    """An executor whose ring has lost a rank: its forwards' results never come."""
+
+    depth = 2
+
+    def submit(self, calls):
+        return self
+
+    def result(self):
+        raise LinkFailed("rank 1 stopped answering")
+
+
+def test_a_lost_rank_stops_every_stream_instead_of_failing_one():
+    models = tiny_models(1)
+    executor = GoneRank(models.dit)
+    pipes = [StreamPipeline(executor, models.vae, models.text_encoder, StreamSettings(prompt=p, **SIZE))
+             for p in ("a cat", "a dog")]
+    with pytest.raises(LinkFailed):  # through push_streams, which returns a stream's own failure instead
+        push_streams(pipes, [clip(5)] * 2)
 
 
 # -- each rank holds only its part ------------------------------------------------------------

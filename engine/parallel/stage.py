@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ..executor import Done
+from ..executor import Done, ExecutorFailed
 from ..models.attention import StreamRows
 from ..models.dit import CausalWanDiT, StreamInput, WanBlock
 from ..models.kv_cache import KVCache, WritePlan
@@ -35,7 +35,7 @@ from .links import Link
 from .split import BlockBalancer, neighbour_step
 
 
-class LinkFailed(RuntimeError):
+class LinkFailed(ExecutorFailed):
     """A rank stopped answering: the engine cannot go on (every rank stops)."""
 
 
@@ -205,7 +205,10 @@ class StageExecutor(_Blocks):
         ticket = _Ticket(self, self.seq, [call.latents.shape[0] for call in calls])
         self.waiting[self.seq] = ticket
         self.seq += 1
-        self.next.send(header, tensors)
+        try:
+            self.next.send(header, tensors)
+        except RuntimeError as error:  # gloo's word for a peer that is gone
+            raise LinkFailed(f"rank 1 stopped answering ({error}); the engine stops") from error
         return ticket
 
     def collect(self, until: int) -> None:

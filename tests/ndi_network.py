@@ -11,8 +11,11 @@ avahi-daemon on that bus restricted to loopback (allow-interfaces=lo), and an ND
 configuration that lets NDI use 127.0.0.1 only. Every NDI process of the test gets
 `environment()`: DBUS_SYSTEM_BUS_ADDRESS pointing at the private bus (libavahi-client
 reads it), and NDI_CONFIG_DIR at the configuration. Nothing of the machine's own is
-touched, except avahi-daemon's pid file, which it keeps in /run/avahi-daemon (so one
-such network runs at a time on a machine; `start` waits for a stale one to go).
+touched, except avahi-daemon's pid file, which it keeps in /run/avahi-daemon, and mDNS on
+loopback, which every avahi-daemon there hears: so one such network runs at a time on a
+machine. `start` takes a machine-wide lock first (another copy of the suite running beside
+this one waits its turn, which takes longer but does not fail) and waits for a stale daemon
+to go.
 
     with NdiNetwork.start(tmp_path) as network:
         os.environ.update(network.environment())    # before cyndilib is first imported
@@ -25,8 +28,10 @@ Needs the avahi-daemon and dbus-daemon programs (apt install avahi-daemon dbus, 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 import shutil
 import signal
 import subprocess
@@ -35,6 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 START_TIMEOUT_S = 15.0
+# Another copy of the suite holds the machine's one NDI network for its NDI tests: minutes at most.
+LOCK_TIMEOUT_S = 900.0
+LOCK_FILE = Path(tempfile.gettempdir()) / "sdbridge-ndi-network.lock"
 AVAHI_PID_FILE = Path("/run/avahi-daemon/pid")
 
 _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -96,6 +104,7 @@ class NdiNetwork:
     folder: Path
     bus_address: str
     processes: list[subprocess.Popen] = field(default_factory=list)
+    lock: object = None  # the open lock file, held while the network runs
 
     @classmethod
     def start(cls, folder: Path) -> NdiNetwork:
@@ -111,7 +120,7 @@ class NdiNetwork:
                     "networks": {"ips": "", "discovery": ""},
                     "adapters": {"allowed": ["127.0.0.1"]},
                     "multicast": {"recv": {"enable": False}, "send": {"enable": False}}}}))
-        network = cls(folder, f"unix:path={socket}")
+        network = cls(folder, f"unix:path={socket}", lock=_machine_lock())
         try:
             _wait_for_stale_avahi()
             bus = subprocess.Popen([_program("dbus-daemon"), "--nofork", f"--config-file={folder / 'bus.conf'}"],
@@ -145,6 +154,9 @@ class NdiNetwork:
                     process.kill()
                     process.wait()
         self.processes.clear()
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the lock
+            self.lock = None
 
     def __enter__(self) -> NdiNetwork:
         return self
@@ -162,6 +174,22 @@ def _wait_for(condition, what: str, process: subprocess.Popen, log: Path) -> Non
             raise RuntimeError(f"{what} did not start in {START_TIMEOUT_S:g} s: "
                                f"{log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.02)
+
+
+def _machine_lock():
+    """The machine's one NDI network, for this test: waits while another process holds it."""
+    lock = open(LOCK_FILE, "a")
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock.close()
+                raise RuntimeError(f"another process has held the machine's NDI test network ({LOCK_FILE}) for "
+                                   f"{LOCK_TIMEOUT_S:g} s; is a stuck test run still going?") from None
+            time.sleep(0.2)
 
 
 def _wait_for_stale_avahi() -> None:

@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(platform.system() != "Linux", reason="describes a Linux machine")
 
 
+@pytest.fixture(autouse=True)
+def no_ndi_runtime_in_this_process(monkeypatch):
+    """The NDI runtime keeps the network it first met for the life of the process, so a
+    listing here would leave the NDI tests later in this process without their private
+    network. The NDI rows are tested in a devices process of their own (test_ndi.py)."""
+    monkeypatch.setattr("engine.devices.ndi_devices", lambda *args, **kwargs: [])
+
+
 def rows(kind: str) -> list[Device]:
     return [device for device in find_devices() if device.kind == kind]
 

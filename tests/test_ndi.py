@@ -73,6 +73,23 @@ def wait_until(condition, what: str, engine) -> None:
         time.sleep(0.1)
 
 
+def test_the_devices_command_lists_an_ndi_source_by_the_name_serve_takes(network):
+    sender = peer(network, "send", "camera", str(PATIENCE_S), "64x48", stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + PATIENCE_S
+        while True:  # NDI announces a new source within a second or two
+            listed = subprocess.run([sys.executable, "-m", "engine", "devices"], capture_output=True, text=True,
+                                    env={**os.environ, **network.environment()}, timeout=PATIENCE_S).stdout
+            rows = [line for line in listed.splitlines() if line.startswith("ndi")]
+            if any("(camera)" in row for row in rows) or time.monotonic() > deadline:
+                break
+        assert any("(output)" in row and " yes " in row for row in rows), listed
+        assert any("(camera)" in row and "serve --ndi-in takes this name" in row for row in rows), listed
+    finally:
+        sender.terminate()
+        sender.communicate(timeout=PATIENCE_S)
+
+
 def test_serve_ndi_in_and_out_follows_a_sender_that_vanishes_returns_and_changes_size(network, tmp_path):
     first = peer(network, "send", "camera", "6", "64x48", stdout=subprocess.PIPE)
     engine = ServedEngine(tmp_path, "--ndi-in", "camera", "--ndi-out", "stylised", "--ndi-size", "48x40",

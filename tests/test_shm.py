@@ -15,7 +15,7 @@ import pytest
 
 from processes import PATIENCE_S
 from bridge.protocol import MAX_INT, ErrorCode, ProtocolError
-from bridge.shm import MAX_NAME_CHARS, RingReader, RingWriter, reclaim_abandoned_rings, session_ring_names
+from bridge.shm import MAX_NAME_CHARS, RingReader, RingWriter, list_rings, reclaim_abandoned_rings, session_ring_names
 
 pytestmark = pytest.mark.timeout(3 * PATIENCE_S)  # room for a test's waits to time out and say what never came
 
@@ -25,7 +25,21 @@ linux_only = pytest.mark.skipif(not DEV_SHM.is_dir(), reason="needs /dev/shm (Li
 
 
 def ring_segments() -> set[str]:
-    return {p.name for p in DEV_SHM.glob("sdb_*")} if DEV_SHM.is_dir() else set()
+    """The segments of the rings this test run could have left: written by this process or one
+    of its children, or by a process that is gone. (Another copy of the suite running beside
+    this one has live rings of its own, which are not this run's to count.)"""
+    return {segment for ring in list_rings() if _ours_or_gone(ring.owner_pid) for segment in ring.segments}
+
+
+def _ours_or_gone(pid: int) -> bool:
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+        except (OSError, ValueError, IndexError):
+            return True  # gone
+    return False
 
 
 @pytest.fixture(autouse=True)

@@ -119,10 +119,11 @@ def test_serve_ndi_in_and_out_follows_a_sender_that_vanishes_returns_and_changes
         stamps = [frame["t_capture_ns"] for frame in stamped]
         sent = set(first_stamps) | set(second_stamps)
         # Each echoes a stamp sent; a frame whose stamp NDI delivered too late to pair carries
-        # its NDI submission time instead, within a millisecond or so of its stamp.
+        # its NDI submission time instead, near its stamp: a millisecond or so, tens of them
+        # when the machine is busy (two copies of the suite at once took 5 ms and more).
         unpaired = [stamp for stamp in stamps if stamp not in sent]
         assert len(unpaired) <= max(1, len(stamps) // 20), unpaired
-        assert all(min(abs(stamp - other) for other in sent) < 5_000_000 for stamp in unpaired)
+        assert all(min(abs(stamp - other) for other in sent) < 100_000_000 for stamp in unpaired)
         assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
         assert any(stamp in first_stamps for stamp in stamps) and any(stamp in second_stamps for stamp in stamps)
         latencies_ms = [(frame["received_ns"] - frame["t_capture_ns"]) / 1e6 for frame in frames]

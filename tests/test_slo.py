@@ -15,6 +15,7 @@ import pytest
 from processes import PATIENCE_S
 from bridge.client import EngineClient
 from engine import cli
+from engine.models.dit import CausalWanDiT
 from engine.models.weights import build_models
 from engine.server import EngineServer
 from engine.slo import (RETRY_STEPS, CostModel, FrameRateGate, SessionLoad, SloPolicy, StepShape, excused_wait_start,
@@ -439,9 +440,18 @@ def test_the_engine_warms_up_before_its_first_session_so_the_first_plan_predicts
     assert not server.failed
 
 
-def test_sessions_of_one_size_step_together_in_the_engine():
-    """Three hosts sending in step: their chunks complete together and share forwards, at least
-    while the policy measures what that costs (on a CPU it saves little, so it may go on in turn)."""
+def test_sessions_of_one_size_step_together_in_the_engine(monkeypatch):
+    """Three hosts sending in step on a device where a forward costs mostly the same whatever
+    its rows (as a GPU reading the weights: here 60 ms added to each forward): the policy
+    learns that sharing pays, and their chunks share forwards. (On this CPU alone a forward's
+    time grows with its rows, and the policy rightly steps them in turn.)"""
+    forward_streams = CausalWanDiT.forward_streams
+
+    def memory_bound_forward(dit, inputs):
+        time.sleep(0.06)
+        return forward_streams(dit, inputs)
+
+    monkeypatch.setattr(CausalWanDiT, "forward_streams", memory_bound_forward)
     server = EngineServer(lambda: build_models("tiny"), model="tiny", address="tcp://127.0.0.1:*",
                           model_size=(32, 32))
     server.start()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from device import bench_device  # bench/device.py
 from engine.cli import parse_size
 from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
@@ -95,9 +96,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     width, height = parse_size("--size", args.size)
-    device = "cuda" if torch.cuda.is_available() and args.preset != "tiny" else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    device, dtype, sync = bench_device(args.preset)
     config = get_preset(args.preset)
     if args.layers:
         config = replace(config, num_layers=args.layers)

@@ -20,6 +20,7 @@ import json
 import numpy as np
 import torch
 
+from device import bench_device  # bench/device.py
 from engine.cli import parse_size
 from engine.config import get_preset
 from engine.models.dit import CausalWanDiT
@@ -41,9 +42,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the step times here (for bench/slo.py --fit)")
     args = parser.parse_args()
     width, height = parse_size("--size", args.size)
-    device = "cuda" if torch.cuda.is_available() and args.preset != "tiny" else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    device, dtype, sync = bench_device(args.preset)
     config = get_preset(args.preset)
     torch.manual_seed(0)
     with torch.device(device):

@@ -38,17 +38,17 @@ with EngineClient(sys.argv[1], transport="shm", width=64, height=64, prompt="abo
 """
 
 
-def child_pids() -> set[int]:
-    """This process's children, less the resource tracker Python keeps for shared memory."""
+def child_pids(parent: int | None = None) -> set[int]:
+    """The children of parent (this process's, less the resource tracker Python keeps for shared memory)."""
     children = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # gone meanwhile
-        if int(fields[1]) == os.getpid():
+        if int(fields[1]) == (os.getpid() if parent is None else parent):
             children.add(int(stat.parent.name))
-    return children - {resource_tracker._resource_tracker._pid}
+    return children - {resource_tracker._resource_tracker._pid} if parent is None else children
 
 
 class ServedEngine:

@@ -30,24 +30,12 @@ def two_rank_engine(log_dir: Path) -> ServedEngine:
 def rank_pids(engine: ServedEngine) -> dict[int, int]:
     """pid of each rank's process (torchrun's children)."""
     pids = {}
-    for pid in child_pids_of(engine.process.pid):
+    for pid in child_pids(engine.process.pid):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK=")), None)
         if rank is not None:
             pids[rank] = pid
     return pids
-
-
-def child_pids_of(parent: int) -> set[int]:
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == parent:
-            children.add(int(stat.parent.name))
-    return children
 
 
 def stream_two_hosts(address: str) -> tuple[dict[str, dict[int, np.ndarray]], int]:

@@ -142,7 +142,7 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
         assert report["properties"]["refresh_returned"] is True
 
         # 1. the pattern goes through the engine and comes back into the output source
-        engine = ServedEngine(tmp_path, address=address, env={"OMP_NUM_THREADS": "1"})  # a core left to OBS's renderer
+        engine = ServedEngine(tmp_path, address=address)
         report = wait_for(report_path, harness, "engine frames in the output source", lambda r: (
             r["status"]["Engine"].startswith("streaming")
             and len({json.dumps(b["quarters"]) for b in r["read_back"] if matches_a_pushed_frame(b, r)}) >= 2
@@ -173,7 +173,7 @@ def test_the_script_streams_through_the_engine_in_obs_and_rides_out_an_engine_re
               f"{report['status']['Capture timer']}")
 
         # 3. an engine at the same address again: the stream resumes by itself
-        engine = ServedEngine(tmp_path, address=address, env={"OMP_NUM_THREADS": "1"})  # a core left to OBS's renderer
+        engine = ServedEngine(tmp_path, address=address)
         report = wait_for(report_path, harness, "the stream resume", lambda r: (
             r["status"]["Engine"].startswith("streaming") and r["pushed"][-1]["t"] > pushed_then
             and any(b["t"] > pushed_then and matches_a_pushed_frame(b, r) for b in r["read_back"])))

@@ -24,7 +24,7 @@ PROMPTS = {"shm": "a watercolour fox", "zmq": "an ink drawing of a city"}
 
 def two_rank_engine(log_dir: Path) -> ServedEngine:
     """The engine over two ranks, started as a host application starts it (bridge/launcher.py: torchrun)."""
-    return ServedEngine(log_dir, model_size=MODEL_SIZE, ranks=2, env={"OMP_NUM_THREADS": "1"})
+    return ServedEngine(log_dir, model_size=MODEL_SIZE, ranks=2)
 
 
 def rank_pids(engine: ServedEngine) -> dict[int, int]:

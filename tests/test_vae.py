@@ -21,16 +21,6 @@ PUBLISHED_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 TOLERANCE = dict(rtol=1e-4, atol=2e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: extra threads only add synchronisation, and on a
-    busy 2-core machine it made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae() -> WanVAE:
     torch.manual_seed(0)

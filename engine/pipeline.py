@@ -146,6 +146,14 @@ def _weighted_prompts(prompts) -> tuple[tuple[str, float], ...]:
 # Settings that change between steps (the table's live parameters); any other change rebuilds the stream.
 LIVE_SETTINGS = tuple(name for name, param in PARAMS.items()
                       if param.applies == LIVE and name in StreamSettings.__dataclass_fields__)
+
+
+def restarts_stream(settings: StreamSettings, changes) -> bool:
+    """Whether applying ``changes`` to a stream running with ``settings`` rebuilds it: a setting
+    that is not live changes value."""
+    return any(getattr(settings, name) != value for name, value in changes.items() if name not in LIVE_SETTINGS)
+
+
 # Settings that make the text context: a change to one of them starts a prompt transition.
 PROMPT_SETTINGS = ("prompt", "prompts", "blend")
 
@@ -230,7 +238,7 @@ class StreamPipeline:
         that transition stood) over ``transition_frames`` output frames; the length of
         a running transition stays as it began."""
         new = replace(self.settings, **changes)  # validates
-        rebuild = any(getattr(new, k) != getattr(self.settings, k) for k in changes if k not in LIVE_SETTINGS)
+        rebuild = restarts_stream(self.settings, changes)
         # Encoded and read before anything changes, so that a prompt or an adapter that fails changes nothing.
         target = self._encode_prompt(new) if not rebuild and any(k in changes for k in PROMPT_SETTINGS) else None
         adapters = self._lora_mix(new) if not rebuild and "loras" in changes else self.adapters

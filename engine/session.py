@@ -1,11 +1,12 @@
 """A session: one host's stream inside the engine, and the parameters it takes.
 
-The IO thread (engine/server.py) and the worker (engine/worker.py) meet here. The IO
-thread puts received frames into the session's inbox and sends what the worker leaves
-in its outbox; the worker takes a chunk of frames from the inbox, runs it through the
-session's pipeline, and leaves the finished frames in the outbox, each with the `seq`
-and `t_capture_ns` of the input frame it came from. Everything the two threads share
-is guarded by the session's lock; the pipeline itself belongs to the worker alone.
+The IO thread (engine/server.py) and the worker's thread meet here. The IO thread puts
+received frames into the session's inbox and sends what is left in its outbox; on the
+worker's thread the scheduler (engine/scheduler.py) takes a chunk of frames from the
+inbox for a step (``claim``), the worker runs it through the session's pipeline, and the
+scheduler leaves the finished frames in the outbox (``record``), each with the `seq` and
+`t_capture_ns` of the input frame it came from. Everything the two threads share is
+guarded by the session's lock; the pipeline belongs to the worker alone.
 
 Both boxes are bounded and latest wins. The inbox holds the frames the next chunk
 needs and the start of the one after, and as many more (at most 8) as can still make
@@ -33,7 +34,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping, Sequence
 
@@ -191,6 +192,20 @@ def paced_outputs(inputs: list[InputFrame], rgb: np.ndarray, now_ns: int) -> lis
     return outputs
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What the scheduler takes from a session for a step (engine/scheduler.py)."""
+
+    choice: Choice | None = None  # the policy's: frame-rate cap and inbox room, and for stats
+    changes: Mapping[str, Any] = field(default_factory=dict)  # the parameter changes it applies now
+    stream_batch: bool | None = None  # the mode the stream runs in from this step
+    returned: Sequence[InputFrame] = ()  # frames in flight in a stream that restarts: back to the inbox's front
+    frames_needed: int | None = None  # frames the next chunk takes (None: as before)
+    take_chunk: bool = False  # take that chunk now, if it is complete
+    frames_after: int | None = None  # frames the chunk after it takes (None: as many)
+    stale_before_ns: int | None = None  # frames captured before are dropped first, while a full chunk stays
+
+
 # ---------------------------------------------------------------------- session
 
 
@@ -280,11 +295,11 @@ class Session:
         the stream restarts for them (a reload parameter changed)."""
         with self.lock:
             changed = {
-                field: getattr(settings, field)
-                for field in StreamSettings.__dataclass_fields__
-                if getattr(settings, field) != getattr(self.settings, field)
+                name: getattr(settings, name)
+                for name in StreamSettings.__dataclass_fields__
+                if getattr(settings, name) != getattr(self.settings, name)
             }
-            restarts = any(field not in LIVE_SETTINGS for field in changed)
+            restarts = any(name not in LIVE_SETTINGS for name in changed)
             self._pending.update(changed)
             self.settings, self.targets, self.routes = settings, dict(targets), dict(routes)
             return restarts
@@ -372,81 +387,52 @@ class Session:
         self._frames_dropped += 1
         self._dropped_stale = True
 
-    # -- worker --------------------------------------------------------------------
+    # -- scheduler -------------------------------------------------------------------
     def is_active(self) -> bool:
         """Neither closed nor failed."""
         with self.lock:
             return not self.closed and self.failure is None
 
-    def has_work(self) -> bool:
-        """Parameters to apply, or a complete chunk."""
+    def load(self, stream_batched: bool | None, in_flight_capture_ns: int | None, latents: int = 1
+             ) -> tuple[SessionLoad, dict[str, Any]] | None:
+        """What the SLO policy needs of this session, and the parameter changes not applied yet;
+        None once closed or failed. The scheduler adds what it knows of the stream: its mode
+        (None until it is built), the capture time of its oldest frame in flight, the latent
+        frames of its chunks."""
         with self.lock:
-            active = not self.closed and self.failure is None
-            return active and (bool(self._pending) or len(self._inbox) >= self._frames_needed)
-
-    def take_pending(self) -> dict[str, Any]:
-        with self.lock:
-            pending, self._pending = self._pending, {}
-            return pending
-
-    def expect_frames(self, frames_needed: int, returned: Sequence[InputFrame] = ()) -> None:
-        """Set how many frames the next chunk takes (the pipeline says, after each step
-        and restart); frames beyond that, the oldest, are dropped. ``returned``: frames
-        that were in flight in a stream that restarted, back to the front of the inbox."""
-        with self.lock:
-            self._inbox.extendleft(reversed(returned))
-            self._frames_processed -= len(returned)
-            self._frames_needed = frames_needed
-            while len(self._inbox) > inbox_limit(frames_needed, self._spare_frames):
-                self._drop_oldest()
-            self._ready_since_ns = time.monotonic_ns() if len(self._inbox) >= frames_needed else None
-
-    @property
-    def frames_needed(self) -> int:
-        with self.lock:
-            return self._frames_needed
-
-    def take_chunk(self, frames_after: int, stale_before_ns: int | None = None) -> list[InputFrame] | None:
-        """The next chunk's frames, the oldest, or None until enough have come. Frames
-        captured before stale_before_ns are dropped first while a full chunk stays.
-        frames_after is how many the chunk after it takes, set now so that frames
-        arriving during the step are kept for it."""
-        with self.lock:
-            if len(self._inbox) < self._frames_needed:
+            if self.closed or self.failure is not None:
                 return None
-            while (stale_before_ns is not None and len(self._inbox) > self._frames_needed
-                   and self._inbox[0].t_capture_ns < stale_before_ns):
-                self._drop_oldest()
-            now_ns = time.monotonic_ns()
-            self._waits.add((now_ns - self._ready_since_ns) / 1e9 if self._ready_since_ns is not None else 0.0)
-            chunk = [self._inbox.popleft() for _ in range(self._frames_needed)]
-            self._frames_processed += len(chunk)
-            self._frames_needed = frames_after
-            self._ready_since_ns = now_ns if len(self._inbox) >= frames_after else None
-            return chunk
-
-    def slo_load(self, stream_batched: bool | None, ready: bool, in_flight_capture_ns: int | None,
-                 latents: int = 1) -> SessionLoad:
-        """What the SLO policy needs of this session; the worker adds what its pipeline knows
-        (its mode, whether it has a step to run, the capture time of the oldest frame in
-        flight, the latent frames of its chunks)."""
-        with self.lock:
+            # A step to run: a stream to build, parameters to apply, or a complete chunk.
+            ready = stream_batched is None or bool(self._pending) or len(self._inbox) >= self._frames_needed
             oldest = in_flight_capture_ns
             if oldest is None and self._inbox:
                 oldest = self._inbox[0].t_capture_ns
             dropping, self._dropped_stale = self._dropped_stale, False
-            return SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
+            load = SessionLoad(self.id, self.target_fps, self.latency_ms / 1000, self.settings.steps, stream_batched,
                                "latency_ms" in self.targets, self._had_output, ready, oldest, self._input_rate.fps,
                                self._waits.longest, dropping, latents, self.settings.first_chunk_frames,
                                self.settings.ranks)
+            return load, dict(self._pending)
 
-    def set_choice(self, choice: Choice) -> None:
-        """The scheduler's decision for this session: its frame-rate cap and inbox room (an
-        inbox over a smaller room loses its oldest frames as the next one comes), and for stats."""
+    def claim(self, claim: Claim) -> list[InputFrame] | None:
+        """Take the scheduler's choice and, when the session steps, its work: the changes the
+        scheduler planned with (any made since wait for the next step), the mode, the frames a
+        restarted stream had in flight, and the next chunk, if complete. Returns that chunk."""
         with self.lock:
-            self._choice = choice
-            self._spare_frames = choice.spare_frames
-            self._rate_gate.set_cap(choice.frame_rate_cap)
+            if claim.choice is not None:
+                self._choice = claim.choice
+                self._spare_frames = claim.choice.spare_frames
+                self._rate_gate.set_cap(claim.choice.frame_rate_cap)
+            for name, value in claim.changes.items():
+                if name in self._pending and self._pending[name] is value:
+                    del self._pending[name]
+            if claim.stream_batch is not None:  # lag_frames follows the mode
+                self.settings = replace(self.settings, stream_batch=claim.stream_batch)
+            if claim.returned or claim.frames_needed not in (None, self._frames_needed):
+                self._expect_frames(claim.frames_needed or self._frames_needed, claim.returned)
+            if not claim.take_chunk:
+                return None
+            return self._take_chunk(claim.frames_after or self._frames_needed, claim.stale_before_ns)
 
     def excuse_wait(self, start_ns: int, end_ns: int) -> None:
         """Leave the device's time from start_ns to end_ns (first chunks) out of the wait of the
@@ -454,21 +440,17 @@ class Session:
         with self.lock:
             self._ready_since_ns = excused_wait_start(self._ready_since_ns, start_ns, end_ns)
 
-    def set_stream_batch(self, stream_batched: bool) -> None:
-        """Record the mode the scheduler runs the session's pipeline in (lag_frames follows it)."""
+    def record(self, *, built: bool = False, outputs: Sequence[OutputFrame] = (), step_seconds: float = 0.0,
+               shared: bool = False) -> None:
+        """A step's outcome: the stream built (the session is ready), or a chunk's step (shared:
+        with other sessions) and the frames it finished, if any. Those follow the frames still
+        waiting in the outbox, up to as many as they are, which are due at once; any older ones
+        are dropped."""
         with self.lock:
-            self.settings = replace(self.settings, stream_batch=stream_batched)
-
-    def set_state(self, state: str) -> None:
-        with self.lock:
-            if self.state != "error":
-                self.state = state
-
-    def add_outputs(self, outputs: list[OutputFrame], step_seconds: float, shared: bool = False) -> None:
-        """Record a step (shared: with other sessions). Its finished frames (if any) follow
-        the frames still waiting, up to as many as it brings, which are due at once; any
-        older ones are dropped."""
-        with self.lock:
+            if built:
+                if self.state != "error":
+                    self.state = "ready"
+                return
             self._steps += 1
             self._steps_shared += shared
             self._step_seconds += step_seconds
@@ -483,6 +465,34 @@ class Session:
                 self._outbox.extend(waiting)
                 self._outbox.extend(outputs)
                 self.state = "streaming"
+
+    def _expect_frames(self, frames_needed: int, returned: Sequence[InputFrame]) -> None:
+        """How many frames the next chunk takes; frames beyond that, the oldest, are dropped.
+        ``returned`` go back to the front of the inbox first."""
+        self._inbox.extendleft(reversed(returned))
+        self._frames_processed -= len(returned)
+        self._frames_needed = frames_needed
+        while len(self._inbox) > inbox_limit(frames_needed, self._spare_frames):
+            self._drop_oldest()
+        self._ready_since_ns = time.monotonic_ns() if len(self._inbox) >= frames_needed else None
+
+    def _take_chunk(self, frames_after: int, stale_before_ns: int | None) -> list[InputFrame] | None:
+        """The next chunk's frames, the oldest, or None until enough have come. Frames captured
+        before stale_before_ns are dropped first while a full chunk stays. frames_after is how
+        many the chunk after it takes, set now so that frames arriving during the step are kept
+        for it."""
+        if len(self._inbox) < self._frames_needed:
+            return None
+        while (stale_before_ns is not None and len(self._inbox) > self._frames_needed
+               and self._inbox[0].t_capture_ns < stale_before_ns):
+            self._drop_oldest()
+        now_ns = time.monotonic_ns()
+        self._waits.add((now_ns - self._ready_since_ns) / 1e9 if self._ready_since_ns is not None else 0.0)
+        chunk = [self._inbox.popleft() for _ in range(self._frames_needed)]
+        self._frames_processed += len(chunk)
+        self._frames_needed = frames_after
+        self._ready_since_ns = now_ns if len(self._inbox) >= frames_after else None
+        return chunk
 
     def fail(self, message: str) -> None:
         with self.lock:

@@ -33,7 +33,7 @@ from engine import cli
 from engine.models.weights import build_models
 from engine.pipeline import StreamSettings
 from engine.server import EngineServer
-from engine.session import Session, paced_outputs, session_routes
+from engine.session import Claim, Session, paced_outputs, session_routes
 from engine.spout_io import SpoutSessionIO
 
 pytestmark = pytest.mark.timeout(240)
@@ -114,12 +114,12 @@ def test_a_spout_sessions_thread_reads_a_bgra_sender_into_the_inbox_and_publishe
             spout.publish("TD out", rgba(frame), DXGI_B8G8R8A8)
             wait_until(lambda: session.stats()["frames_in"] == index + 1, f"frame {index} to be taken in")
         assert chunk_complete.is_set()
-        chunk = session.take_chunk(frames_after=4)
+        chunk = session.claim(Claim(take_chunk=True, frames_after=4))
         assert np.array_equal(np.stack([frame.rgb for frame in chunk]), frames)  # read as BGRA, reordered
         assert [frame.seq for frame in chunk] == list(range(len(frames)))
         assert spout.receivers[0].receive_formats[-1] == GL_BGRA_EXT  # in the sender's own byte order
 
-        session.add_outputs(paced_outputs(chunk, frames, time.monotonic_ns()), 0.1)
+        session.record(outputs=paced_outputs(chunk, frames, time.monotonic_ns()), step_seconds=0.1)
         wait_until(lambda: session.stats()["frames_out"] == len(frames), "the outputs to be published")
         published = spout.senders["engine out"]
         assert (published.width, published.height, published.dxgi_format) == (SIZE, SIZE, DXGI_B8G8R8A8)
@@ -129,7 +129,7 @@ def test_a_spout_sessions_thread_reads_a_bgra_sender_into_the_inbox_and_publishe
         for index, frame in enumerate(cli.test_pattern(4, 48, 80)):  # another size: fitted to the session's
             spout.publish("TD out", rgba(frame))
             wait_until(lambda: session.stats()["frames_in"] == len(frames) + index + 1, "a resized frame")
-        assert [frame.rgb.shape for frame in session.take_chunk(frames_after=4)] == [(SIZE, SIZE, 3)] * 4
+        assert [frame.rgb.shape for frame in session.claim(Claim(take_chunk=True, frames_after=4))] == [(SIZE, SIZE, 3)] * 4
     finally:
         session.close()
         spout_io.stop()

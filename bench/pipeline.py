@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import parse_size
 from engine.config import SpeedOptions, get_preset  # noqa: E402
+from engine.executor import LocalExecutor  # noqa: E402
 from engine.models.dit import CausalWanDiT  # noqa: E402
 from engine.models.taehv import TAEW2_1, TINY_TAEHV, TAEHV  # noqa: E402
 from engine.models.text import TinyTextEncoder  # noqa: E402
@@ -60,9 +61,10 @@ class Setting:
     decoder: str = "wan"
     cache: str = "default"
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    cuda_graphs: bool = False  # the executor's static steps (engine/static_step.py), graphs on a GPU
 
     def describe(self) -> str:
-        on = [k for k, v in vars(self.speed).items() if v]
+        on = [k for k, v in vars(self.speed).items() if v] + (["cuda_graphs"] if self.cuda_graphs else [])
         return (f"encoder={self.encoder} decoder={self.decoder} cache={self.cache} "
                 f"speed={','.join(on) or 'none'}")
 
@@ -74,10 +76,11 @@ OPTIONS = {  # name -> the setting that changes one thing against eager
     "fast-cache": Setting("fast-cache", cache="fast"),
     "vae-channels-last": Setting("vae-channels-last", speed=SpeedOptions(vae_channels_last=True)),
     "cudnn-benchmark": Setting("cudnn-benchmark", speed=SpeedOptions(cudnn_benchmark=True)),
+    "cuda-graphs": Setting("cuda-graphs", cuda_graphs=True),  # on the CPU: the same static steps, eager
 }
 # Options that leave the frames the same (up to rounding): "all" turns these on together.
-EXACT = ("vae-channels-last", "cudnn-benchmark")
-NOT_IMPLEMENTED = ("torch.compile", "CUDA graphs", "decode on a second stream", "FlashAttention-3", "FP8 linears")
+EXACT = ("vae-channels-last", "cudnn-benchmark", "cuda-graphs")
+NOT_IMPLEMENTED = ("torch.compile", "decode on a second stream", "FlashAttention-3", "FP8 linears")
 
 
 class Models:
@@ -110,7 +113,7 @@ class Models:
     def pipeline(self, setting: Setting, height: int, width: int, steps: int) -> StreamPipeline:
         autoencoders = {"wan": self.wan, "taehv": self.taehv}
         encoder, decoder = autoencoders[setting.encoder], autoencoders[setting.decoder]
-        return StreamPipeline(self.dit, encoder, self.text,
+        return StreamPipeline(LocalExecutor(self.dit, cuda_graphs=setting.cuda_graphs), encoder, self.text,
                               StreamSettings(height=height, width=width, steps=steps, prompt="x"),
                               decoder=decoder if decoder is not encoder else None)
 
@@ -323,7 +326,7 @@ def main() -> None:
 def combined(names: list[str]) -> Setting:
     """One setting with the speed options of ``names`` all on."""
     speed = SpeedOptions(**{k: any(getattr(OPTIONS[n].speed, k) for n in names) for k in vars(SpeedOptions())})
-    return replace(EAGER, name="all exact", speed=speed)
+    return replace(EAGER, name="all exact", speed=speed, cuda_graphs=any(OPTIONS[n].cuda_graphs for n in names))
 
 
 if __name__ == "__main__":

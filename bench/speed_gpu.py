@@ -4,13 +4,17 @@
 
 1. bench/pipeline.py's table for wan2.1-1.3b (random weights, bf16) at 512x512 and
    832x480, 1 to 4 steps, each option alone and all together against eager in the same
-   run, with host-device waits and kernels per steady chunk (target: 0 waits).
+   run, with host-device waits and kernels per steady chunk (target: 0 waits); the
+   "cuda-graphs" row is the steady step as a replayed CUDA graph (``--cuda-graphs``),
+   so its waits and kernels per chunk stand beside eager's.
 2. Time to first frame, p50 and p95 over 20 fresh streams in a warm process, with the
    5-frame and the 1-frame (low-latency) first chunk; the target is 150 ms.
 3. TAEHV against the Wan VAE: PSNR of each one's round trip on a generated clip, and of
    the two decoders on the same latents, so a user sees what the trade costs.
 
-torch.compile and CUDA graphs are not built yet (bench/pipeline.py lists what is not).
+4. The CUDA-graph step's frames against eager's, 1.3B at 512x512, 2 steps (bf16).
+
+torch.compile is not built yet (bench/pipeline.py lists what is not).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import get_preset  # noqa: E402
+from engine.executor import LocalExecutor  # noqa: E402
 from engine.models.dit import CausalWanDiT  # noqa: E402
 from engine.models.taehv import TAEW2_1, TAEHV  # noqa: E402
 from engine.models.text import TinyTextEncoder  # noqa: E402
@@ -49,6 +54,23 @@ def first_frame_times(dit, vae, text, low_latency: bool, streams: int = 20) -> l
         if index:
             times.append((time.perf_counter() - started) * 1e3)
     return times
+
+
+def graphs_against_eager(dit, vae, text, chunks: int = 10) -> None:
+    """Max difference, in uint8 levels, of the CUDA-graph step's frames from eager's."""
+    settings = StreamSettings(height=512, width=512, steps=2, prompt="x")
+    video = np.random.default_rng(0).integers(0, 255, (5 + 4 * chunks, 512, 512, 3), dtype=np.uint8)
+    outputs, replays = {}, 0
+    for graphs in (False, True):
+        executor = LocalExecutor(dit, cuda_graphs=graphs)
+        pipe = StreamPipeline(executor, vae, text, settings)
+        frames = [pipe.push(video[:5])] + [pipe.push(video[5 + 4 * c:9 + 4 * c]) for c in range(chunks)]
+        outputs[graphs] = np.concatenate(frames).astype(int)
+        if graphs:
+            replays = sum(step.replays for step in executor.static_steps.all())
+    difference = np.abs(outputs[True] - outputs[False])
+    print(f"\nCUDA-graph step against eager, 1.3B 512x512, 2 steps, {chunks} chunks ({replays} replays): "
+          f"max {difference.max()} uint8 levels, mean {difference.mean():.3f}", flush=True)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,6 +123,7 @@ def main() -> int:
         verdict = "met" if p95 <= FIRST_FRAME_TARGET_MS else "MISSED"
         print(f"  first chunk of {1 if low_latency else 5} frame(s): p50 {p50:.1f} ms, p95 {p95:.1f} ms: {verdict}",
               flush=True)
+    graphs_against_eager(dit, vae, text)
     del dit
     autoencoder_trade(device)
     return table.returncode

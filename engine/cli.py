@@ -90,9 +90,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"loading {args.model} on {device} ...", flush=True)
         models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
                               **autoencoder_flags(args))
-        _stream_clip(args, StreamPipeline(models.dit, models.vae, models.text_encoder, settings,
-                                          decoder=models.decoder), height, width)
+        _stream_clip(args, StreamPipeline(local_executor(args, models.dit, device), models.vae, models.text_encoder,
+                                          settings, decoder=models.decoder), height, width)
         return
+    if args.cuda_graphs:
+        raise SystemExit("error: --cuda-graphs runs the DiT on one rank; run without torchrun to use it")
 
     import torch.distributed as dist
 
@@ -224,6 +226,8 @@ def serve(args: argparse.Namespace) -> None:
 
         if args.lora:
             raise SystemExit("error: --lora: LoRA adapters run on one rank; serve without torchrun to use them")
+        if args.cuda_graphs:
+            raise SystemExit("error: --cuda-graphs runs the DiT on one rank; serve without torchrun to use it")
         device = rank_device(args.device)
         init_ranks(device)
         if dist.get_rank() != 0:
@@ -235,12 +239,13 @@ def serve(args: argparse.Namespace) -> None:
     stages = []  # rank 0's stage executor, once the models are loaded over the ranks
 
     def load_models():
-        if world == 1:
-            logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
-            return build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
-                                **autoencoder_flags(args))
         from dataclasses import replace
 
+        if world == 1:
+            logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
+            models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
+                                  **autoencoder_flags(args))
+            return replace(models, executor=local_executor(args, models.dit, device)) if args.cuda_graphs else models
         from .parallel import BlockBalancer, model_source, start_ranks
 
         logging.getLogger(__name__).info("loading %s over %d ranks (%s) ...", args.model, world, device.type)
@@ -503,6 +508,24 @@ def add_autoencoder_flags(parser: argparse.ArgumentParser) -> None:
                              "5 frames with 2 sinks, adaptive sinks off (StreamDiffusionV2's fast config)")
 
 
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """--cuda-graphs: off by default until a GPU measurement shows it faster (bench/speed_gpu.py)."""
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each steady DiT step as a CUDA graph (static buffers, no host-device waits "
+                             "in the step); needs a CUDA device and one rank")
+
+
+def local_executor(args: argparse.Namespace, dit, device):
+    """The DiT's executor in this process as --cuda-graphs asks (engine/static_step.py)."""
+    import torch
+
+    from .executor import LocalExecutor
+
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise SystemExit(f"error: --cuda-graphs needs a CUDA device; the DiT runs on {device}")
+    return LocalExecutor(dit, cuda_graphs=args.cuda_graphs)
+
+
 def autoencoder_flags(args: argparse.Namespace) -> dict:
     """build_models' arguments from add_autoencoder_flags' flags."""
     return dict(encoder=args.encoder, decoder=args.decoder, cache=args.preset)
@@ -591,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--no-stream-batch", action="store_true", help="run the steps one after another")
     run_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
     add_autoencoder_flags(run_parser)
+    add_speed_flags(run_parser)
     run_parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda where torch finds a GPU, else cpu)")
     run_parser.add_argument("--output", metavar="FILE",
                             help="write the frames that come out to this video (.mp4); without it nothing is written")
@@ -610,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda where torch finds a GPU, else cpu)")
     serve_parser.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
     add_autoencoder_flags(serve_parser)
+    add_speed_flags(serve_parser)
     serve_parser.add_argument("--size", metavar="WxH",
                               help="sessions' model size WIDTHxHEIGHT, multiples of 16, unless a session sets "
                                    "model_width and model_height (default 64x64 for tiny, else 512x512)")

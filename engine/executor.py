@@ -5,7 +5,9 @@ groups calls of the same size into one forward and hands each group to the
 pipelines' executor:
 
 - :class:`LocalExecutor` runs the whole DiT in this process: ``submit`` computes the
-  forward at once (``depth`` 1: a result is ready before the next call is made);
+  forward at once (``depth`` 1: a result is ready before the next call is made). With
+  ``cuda_graphs`` a steady call runs as a static step (engine/static_step.py): on
+  buffers that stay put, replayed as a CUDA graph on a GPU;
 - the pipeline-stage executor (engine/parallel/stage.py) runs the DiT's blocks over
   torch.distributed ranks: ``submit`` runs rank 0's blocks and sends the activations on,
   and the flow comes back round the ring later. Its ``depth`` is the number of ranks:
@@ -24,6 +26,7 @@ import torch
 
 from .models.dit import CausalWanDiT, StreamInput
 from .models.kv_cache import KVCache
+from .static_step import StaticSteps
 
 
 class ExecutorFailed(RuntimeError):
@@ -62,12 +65,18 @@ class Done:
 
 class LocalExecutor:
     """The whole DiT in this process. A shared forward that fails is run again call by call,
-    so that a failure (running out of memory, say) falls on the stream that causes it."""
+    so that a failure (running out of memory, say) falls on the stream that causes it.
+
+    ``cuda_graphs``: run each steady call (one stream, no LoRA adapters, its cache full)
+    as a static step, captured once as a CUDA graph and replayed where the DiT is on a
+    GPU; on the CPU the same step runs eagerly on its buffers (what the tests check).
+    Off by default: no GPU measurement says yet that it is faster (bench/speed_gpu.py)."""
 
     depth = 1
 
-    def __init__(self, dit: CausalWanDiT):
+    def __init__(self, dit: CausalWanDiT, *, cuda_graphs: bool = False):
         self.dit = dit
+        self.static_steps = StaticSteps(dit) if cuda_graphs else None
 
     def new_cache(self, batch: int, height: int, width: int) -> KVCache:
         return self.dit.new_cache(batch, height, width)
@@ -79,8 +88,10 @@ class LocalExecutor:
         return Done(self._forward(calls))
 
     def _forward(self, calls: list[StreamInput]) -> list[torch.Tensor | Exception]:
-        positions = [call.cache.save_position() for call in calls]
+        positions = [call.cache.save_position() for call in calls] if len(calls) > 1 else None
         try:
+            if self.static_steps is not None and self.static_steps.is_steady(calls):
+                return [self.static_steps.run(calls[0])]
             return self.dit.forward_streams(calls)
         except Exception as error:  # noqa: BLE001 - retried alone below, or returned for its stream
             if len(calls) == 1:

@@ -26,7 +26,10 @@ PUBLISHED_STEPS = (700, 500, 400, 200)
 
 
 @functools.cache
-def _grid() -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid, made on the CPU and kept on each device once (not copied per lookup)."""
+    if device.type != "cpu":
+        return tuple(g.to(device) for g in _grid())
     sigmas = torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64)[:-1]
     sigmas = SHIFT * sigmas / (1 + (SHIFT - 1) * sigmas)
     return sigmas, NUM_TRAIN_TIMESTEPS * sigmas
@@ -46,7 +49,7 @@ def sigma_for_timestep(timestep: float | torch.Tensor) -> torch.Tensor:
     the same device.
     """
     timestep = torch.as_tensor(timestep)
-    sigmas, timesteps = (g.to(timestep.device) for g in _grid())
+    sigmas, timesteps = _grid(timestep.device)
     distance = (timesteps - timestep.to(torch.float64).reshape(-1, 1)).abs()
     return sigmas[distance.argmin(dim=1)].reshape(timestep.shape)
 

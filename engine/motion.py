@@ -13,6 +13,10 @@ smearing it; a still scene can take more noise and so more stylisation. Per chun
 With the published defaults (0.8, 0.1, 0.9, 0.2, 100) s stays in [0.7, 0.8] and
 t0 in [600, 700]. The latent is noised at sigma = s while the model is told t0,
 about 0.1 less: that mismatch is deliberate in the published method.
+
+After the first chunk, s and t0 are computed where the frames are, as 0-dim tensors
+(float64 and int64), so a chunk on a GPU costs the host no wait; float64 on the
+device rounds each operation as Python's floats do, so the values are the same.
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ class MotionNoiseController:
         self.noise_scale = self.settings.noise_scale
         self._last_frame: torch.Tensor | None = None
 
-    def first_timestep(self, noise_scale: float) -> int:
-        """t0 = int(1000 * s) - 100 with the published settings."""
+    def first_timestep(self, noise_scale: float | torch.Tensor) -> int | torch.Tensor:
+        """t0 = int(1000 * s) - 100 with the published settings (an int64 tensor for a tensor s)."""
         s = self.settings
+        if isinstance(noise_scale, torch.Tensor):  # s > 0, so int()'s truncation is the floor
+            return (s.num_train_timesteps * noise_scale).floor().long() - s.timestep_offset
         return int(s.num_train_timesteps * noise_scale) - s.timestep_offset
 
     def first_chunk(self, frames: torch.Tensor) -> tuple[float, int]:
@@ -81,8 +87,9 @@ class MotionNoiseController:
         self._remember_last(frames)
         return self.noise_scale, self.first_timestep(self.noise_scale)
 
-    def update(self, frames: torch.Tensor) -> tuple[float, int]:
-        """The ``(noise_scale, t0)`` for this chunk, which follows the previous one."""
+    def update(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(noise_scale, t0)`` for this chunk, which follows the previous one, as 0-dim
+        tensors on the frames' device (float64, int64)."""
         frames = _as_batched_video(frames)
         if self._last_frame is None:
             raise RuntimeError("call first_chunk() with the stream's first chunk before update()")
@@ -94,7 +101,7 @@ class MotionNoiseController:
         previous_and_chunk = torch.cat([self._last_frame.unsqueeze(2), frames.to(self._last_frame)], dim=2)
         differences = previous_and_chunk[:, :, 1:] - previous_and_chunk[:, :, :-1]
         rms_per_frame = differences.square().mean(dim=(0, 1, 3, 4)).sqrt()
-        motion = min(max(rms_per_frame.max().item() / s.diff_scale, 0.0), 1.0)
+        motion = (rms_per_frame.max().double() / s.diff_scale).clamp(0.0, 1.0)
         self.noise_scale = (s.noise_scale - s.slope * motion) * s.ema + (1 - s.ema) * self.noise_scale
         self._remember_last(frames)
         return self.noise_scale, self.first_timestep(self.noise_scale)
@@ -114,6 +121,7 @@ def _as_batched_video(frames: torch.Tensor) -> torch.Tensor:
                          f"got shape {list(frames.shape)}")
     if not batched.is_floating_point():
         raise ValueError(f"frames must be floating point in [-1, 1], got {batched.dtype}")
-    if not torch.isfinite(batched).all():
+    # Checked where it costs no device wait; the pipeline checks its frames on the host before upload.
+    if batched.device.type == "cpu" and not torch.isfinite(batched).all():
         raise ValueError("frames contain NaN or infinite values")
     return batched

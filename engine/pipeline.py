@@ -261,6 +261,9 @@ class StreamPipeline:
         self.finished.clear()
         s = self.settings
         self.steps = list(T2V_STEPS[:s.steps]) if s.mode == "t2v" else denoising_steps(s.steps)
+        # The step list on the device once, and each step's sigma: no step copies a number up.
+        self.step_timesteps = torch.tensor(self.steps, device=self.device)
+        self.step_sigmas = sigma_for_timestep(self.step_timesteps)
         self.motion = MotionNoiseController(motion_settings(s))
         self.transition = PromptTransition.cut(self._encode_prompt(s))
         self.adapters = self._lora_mix(s)
@@ -379,7 +382,7 @@ class StreamPipeline:
         noise_scale = 1.0 if s.mode == "t2v" else self.motion.first_chunk(pixels)[0]
         frames = latents.shape[2]
         cache = self.executor.new_cache(1, self.latent_h, self.latent_w)
-        x0 = yield from self._denoise_alone(latents, noise_scale, self.steps[0], cache, chunk=0)
+        x0 = yield from self._denoise_alone(latents, noise_scale, None, cache, chunk=0)
         self.first_latents = self.next_latent = frames
         width = s.steps if s.stream_batch else 1
         self.cache = self.executor.repeat_cache(cache, width) if width > 1 else cache
@@ -389,7 +392,7 @@ class StreamPipeline:
     def _next_chunk(self, tick, latents, pixels, size) -> ChunkSteps:
         s = self.settings
         if s.mode == "t2v":
-            noise_scale, first_t = 1.0, self.steps[0]
+            noise_scale, first_t = 1.0, None
         else:
             noise_scale, first_t = self.motion.update(pixels)
         if not s.stream_batch:
@@ -404,14 +407,21 @@ class StreamPipeline:
         same frames overwrites their slots)."""
         context = self.transition.context(self.frames_in)
         x = add_noise(latents, self._noise(latents.shape, chunk, 0), noise_scale)
-        steps = [first_t] + self.steps[1:]
-        for i, t in enumerate(steps):
-            x0 = yield from self._x0(x, t, context, cache)
-            if i + 1 < len(steps):
-                x = add_noise(x0, self._noise(x0.shape, chunk, i + 1), float(sigma_for_timestep(steps[i + 1])))
+        timesteps = self._timesteps(first_t)
+        for i in range(len(self.steps)):
+            x0 = yield from self._x0(x, timesteps[i:i + 1], context, cache)
+            if i + 1 < len(self.steps):
+                x = add_noise(x0, self._noise(x0.shape, chunk, i + 1), self.step_sigmas[i + 1])
         if self.settings.clean_cache_pass:
-            yield from self._x0(x0, 0, context, cache)
+            yield from self._x0(x0, torch.zeros_like(timesteps[:1]), context, cache)
         return x0
+
+    def _timesteps(self, first_t: torch.Tensor | None) -> torch.Tensor:
+        """Each step's timestep [steps] on the device: the step list's, its first replaced by
+        the motion controller's t0 where given."""
+        if first_t is None:
+            return self.step_timesteps
+        return torch.cat([first_t.reshape(1), self.step_timesteps[1:]])
 
     def _stream_batch_step(self, tick, latents, noise_scale, first_t, size) -> ChunkSteps:
         """One batched forward, tick ``tick``: the new chunk enters slot 0 at t0, slot i
@@ -437,11 +447,11 @@ class StreamPipeline:
         context = self._conditioning(tick, chunks)
         for old in [t for t in self.history if t < tick - n * depth]:
             del self.history[old]  # no slot refers to it any more
-        x0 = yield from self._x0(batch, [first_t] + self.steps[1:], context, self.cache)
+        x0 = yield from self._x0(batch, self._timesteps(first_t), context, self.cache)
 
         renoised = batch.clone()
         for i in range(n - 1):  # slot i's x0 moves to slot i+1 at the next step's level
-            sigma = float(sigma_for_timestep(self.steps[i + 1]))
+            sigma = self.step_sigmas[i + 1]
             seed = self._as_pushed(chunks[i], i).seed
             noise = chunk_noise(x0[i:i + 1].shape, seed, chunks[i], i + 1, device=self.device, dtype=self.dtype)
             renoised[i + 1] = add_noise(x0[i:i + 1], noise, sigma)[0]
@@ -455,12 +465,12 @@ class StreamPipeline:
         chunk + step (a slot that holds no chunk yet: the newest)."""
         return self.history[chunk + step][2] if chunk >= 1 else self.settings
 
-    def _x0(self, x: torch.Tensor, timesteps, context, cache) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
-        batch = x.shape[0]
-        t = torch.as_tensor(timesteps, device=self.device).reshape(-1, 1).expand(batch, x.shape[2])
+    def _x0(self, x: torch.Tensor, timesteps: torch.Tensor, context, cache
+            ) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
+        """One DiT call on ``x`` at ``timesteps`` (one per row, or one for all; on the device)."""
+        t = timesteps.reshape(-1, 1).expand(x.shape[0], x.shape[2])
         flow = yield StreamInput(x, t, context, cache, self.adapters)
-        sigma = sigma_for_timestep(t[:, 0]).to(self.device)
-        return x0_from_flow(x, flow, sigma)
+        return x0_from_flow(x, flow, sigma_for_timestep(t[:, 0]))
 
     # -- noise ----------------------------------------------------------------
     def _noise(self, shape, chunk: int, step: int) -> torch.Tensor:

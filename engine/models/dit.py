@@ -186,12 +186,15 @@ class CausalWanDiT(nn.Module):
         time_mod = self.time_projection(time_emb.to(x.dtype)).float().view(batch, frames, 6, -1)
         return x, time_mod, time_emb
 
+    def rope_times(self, frame_numbers: list[list[int]]) -> list[list[int]]:
+        """The temporal RoPE index of frames with these absolute numbers (per batch element)."""
+        return [[rotary_position(f, self.config.num_kv_cache, self.config.rope_refresh_at) for f in row]
+                for row in frame_numbers]
+
     def rope_frequencies(self, frame_numbers: list[list[int]], grid_h: int, grid_w: int,
                          device: torch.device) -> torch.Tensor:
         """Rotations of every token of frames with these absolute numbers (per batch element)."""
-        times = [[rotary_position(f, self.config.num_kv_cache, self.config.rope_refresh_at) for f in row]
-                 for row in frame_numbers]
-        return self.rope.frequencies(torch.tensor(times, device=device), grid_h, grid_w)
+        return self.rope.frequencies(torch.tensor(self.rope_times(frame_numbers), device=device), grid_h, grid_w)
 
     def run_blocks(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, streams: list[StreamRows],
                    layers, *, mask=None) -> torch.Tensor:
@@ -218,7 +221,7 @@ class CausalWanDiT(nn.Module):
         blocks of k frames, block-causal within the cache window). With ``cache``
         they attend to each other and to the cached frames, and are written into it
         at the cache's current stream position."""
-        self._check_arguments(latents, timesteps, context, cache, block_size)
+        self.check_arguments(latents, timesteps, context, cache, block_size)
         stream = StreamInput(latents, timesteps, context, cache, adapters)
         if cache is not None:
             return self._forward(latents, timesteps, [stream])
@@ -240,7 +243,7 @@ class CausalWanDiT(nn.Module):
             if part.cache is None:
                 raise ValueError(f"inputs[{index}].cache is None: forward_streams runs cached streams")
             try:
-                self._check_arguments(part.latents, part.timesteps, part.context, part.cache, None)
+                self.check_arguments(part.latents, part.timesteps, part.context, part.cache)
             except ValueError as error:
                 raise ValueError(f"inputs[{index}]: {error}") from None
             if part.latents.shape[2:] != shape:
@@ -253,9 +256,7 @@ class CausalWanDiT(nn.Module):
 
     def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, inputs: list[StreamInput], *,
                  mask=None) -> torch.Tensor:
-        frames, height, width = latents.shape[2:]
-        _, ph, pw = self.config.patch_size
-        grid_h, grid_w = height // ph, width // pw
+        frames = latents.shape[2]
         streams, frame_numbers, start = [], [], 0
         for part in inputs:
             batch = part.latents.shape[0]
@@ -269,11 +270,26 @@ class CausalWanDiT(nn.Module):
                 frame_numbers += part.cache.frame_numbers(frames)
                 plan = part.cache.begin_write(frames)
                 streams.append(StreamRows(rows, part.cache, plan, self.cached_context_kv(part)))
+        rope_times = torch.tensor(self.rope_times(frame_numbers), device=latents.device)
         with lora_rows(self, [(stream.rows, part.adapters) for stream, part in zip(streams, inputs)]):
-            x, time_mod, time_emb = self.embed(latents, timesteps)
-            freqs = self.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
-            x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
-            return self.finish(x, time_emb, grid_h, grid_w)
+            flow = self.compute(latents, timesteps, rope_times, streams, mask=mask)
+        for stream in streams:
+            if stream.cache is not None:
+                stream.cache.end_write(stream.plan)
+        return flow
+
+    def compute(self, latents: torch.Tensor, timesteps: torch.Tensor, rope_times: torch.Tensor,
+                streams: list[StreamRows], *, mask=None) -> torch.Tensor:
+        """The device work of a forward whose host work is done (caches' plans made, text
+        K/V at hand): the flow of ``latents`` at ``timesteps`` [B, F] and RoPE times [B, F].
+        It reads no host value and changes no host state, so one call can be captured as
+        a CUDA graph and replayed on new values of the same tensors (engine/static_step.py)."""
+        _, ph, pw = self.config.patch_size
+        grid_h, grid_w = latents.shape[3] // ph, latents.shape[4] // pw
+        x, time_mod, time_emb = self.embed(latents, timesteps)
+        freqs = self.rope.frequencies(rope_times, grid_h, grid_w)
+        x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
+        return self.finish(x, time_emb, grid_h, grid_w)
 
     def cached_context_kv(self, part: StreamInput):
         """Cross-attention K/V of a cached stream's context, kept in its cache while the same
@@ -299,7 +315,8 @@ class CausalWanDiT(nn.Module):
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(batch, self.config.out_dim, frames * pt, grid_h * ph, grid_w * pw)
 
-    def _check_arguments(self, latents, timesteps, context, cache, block_size) -> None:
+    def check_arguments(self, latents, timesteps, context, cache, block_size=None) -> None:
+        """Raise a ValueError naming the argument that does not fit this model, if any."""
         cfg = self.config
         if len(self.held_layers) != len(self.blocks) or self.head is None or self.patch_embedding is None:
             raise ValueError(f"this model holds only part of the DiT (blocks {self.held_layers}); "

@@ -224,8 +224,6 @@ def serve(args: argparse.Namespace) -> None:
 
         from .parallel import init_ranks, rank_device
 
-        if args.lora:
-            raise SystemExit("error: --lora: LoRA adapters run on one rank; serve without torchrun to use them")
         if args.cuda_graphs:
             raise SystemExit("error: --cuda-graphs runs the DiT on one rank; serve without torchrun to use it")
         device = rank_device(args.device)

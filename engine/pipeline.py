@@ -279,9 +279,9 @@ class StreamPipeline:
         self.frames_out = 0  # frames finished
         self.host_size: tuple[int, int] = (s.height, s.width)  # of the latest chunk pushed
         self.sizes: dict[int, tuple[int, int]] = {}  # tick -> host size of its chunk, until it is finished
-        # tick -> (frames pushed by then, the prompt transition and settings then): what each step
-        # of a chunk runs with (one process runs chunk c's step i at push c + i)
-        self.history: dict[int, tuple[int, PromptTransition, StreamSettings]] = {}
+        # tick -> (frames pushed by then, the prompt transition, settings and LoRA mix then): what
+        # each step of a chunk runs with (one process runs chunk c's step i at push c + i)
+        self.history: dict[int, tuple[int, PromptTransition, StreamSettings, LoraMix | None]] = {}
 
     @property
     def lag_frames(self) -> int:
@@ -368,7 +368,7 @@ class StreamPipeline:
         self.host_size = size
         tick = self.chunks_in
         self.chunks_in += 1
-        self.history[tick] = (self.frames_in, self.transition, self.settings)
+        self.history[tick] = (self.frames_in, self.transition, self.settings, self.adapters)
         if first:
             return (yield from self._first_chunk(latents, pixels, size))
         return (yield from self._next_chunk(tick, latents, pixels, size))
@@ -445,9 +445,10 @@ class StreamPipeline:
         self.cache.frame_start = [self.first_latents + max(chunk, 1) - 1 for chunk in chunks]
         self.sizes[tick] = size
         context = self._conditioning(tick, chunks)
+        adapters = self._row_adapters(chunks)
         for old in [t for t in self.history if t < tick - n * depth]:
             del self.history[old]  # no slot refers to it any more
-        x0 = yield from self._x0(batch, self._timesteps(first_t), context, self.cache)
+        x0 = yield from self._x0(batch, self._timesteps(first_t), context, self.cache, adapters)
 
         renoised = batch.clone()
         for i in range(n - 1):  # slot i's x0 moves to slot i+1 at the next step's level
@@ -465,11 +466,12 @@ class StreamPipeline:
         chunk + step (a slot that holds no chunk yet: the newest)."""
         return self.history[chunk + step][2] if chunk >= 1 else self.settings
 
-    def _x0(self, x: torch.Tensor, timesteps: torch.Tensor, context, cache
+    def _x0(self, x: torch.Tensor, timesteps: torch.Tensor, context, cache, adapters=None
             ) -> Generator[StreamInput, torch.Tensor, torch.Tensor]:
-        """One DiT call on ``x`` at ``timesteps`` (one per row, or one for all; on the device)."""
+        """One DiT call on ``x`` at ``timesteps`` (one per row, or one for all; on the device),
+        with ``adapters`` (one mix, or one per row) or else the stream's."""
         t = timesteps.reshape(-1, 1).expand(x.shape[0], x.shape[2])
-        flow = yield StreamInput(x, t, context, cache, self.adapters)
+        flow = yield StreamInput(x, t, context, cache, self.adapters if adapters is None else adapters)
         return x0_from_flow(x, flow, sigma_for_timestep(t[:, 0]))
 
     # -- noise ----------------------------------------------------------------
@@ -509,6 +511,12 @@ class StreamPipeline:
         if all(context is contexts[0] for context in contexts):
             return contexts[0]
         return torch.cat(contexts)
+
+    def _row_adapters(self, chunks: list[int]) -> LoraMix | tuple[LoraMix | None, ...] | None:
+        """The LoRA adapters of each stream-batch slot: chunk c's step i as one process runs it,
+        at push c + i. One mix while all slots agree, else one per slot (during a change)."""
+        adapters = tuple(self.history[chunk + i][3] if chunk >= 1 else self.adapters for i, chunk in enumerate(chunks))
+        return adapters[0] if all(mix is adapters[0] for mix in adapters) else adapters
 
     # -- pixels ---------------------------------------------------------------
     def _to_model(self, frames, expected: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -249,7 +249,8 @@ def test_a_scale_changes_at_the_next_chunk_without_a_restart_and_500_changes_lea
         if change % 50 == 0:
             pipeline.push(frames[25:29])
     pipeline.update(loras=(("ink", -1.0),))
-    pipeline.push(frames[25:29])
+    for _ in range(pipeline.settings.steps + 1):  # until no stream-batch slot's step ran before the last change
+        pipeline.push(frames[25:29])
     assert tensor_bytes() == before
 
 
@@ -330,7 +331,7 @@ def test_a_live_scale_change_shows_at_the_next_chunk_and_500_leave_the_engine_fl
             if change % 100 == 99:
                 hosts[1].send(4)
         changed.set(loras=[["ink", -1.0]])
-        hosts[1].send(4)
+        hosts[1].send(4 * (changed.stats()["params"]["steps"] + 1))  # until no slot's step ran before the change
         hosts[1].wait_for(hosts[1].sent - 5)
         stats = changed.stats()
         assert stats["lora_memory_bytes"] == memory and stats["state"] == "streaming"

@@ -26,15 +26,25 @@ from engine.flow import denoising_steps
 from engine.models.attention import StreamRows
 from engine.models.dit import CausalWanDiT
 from engine.models.kv_cache import KVCache
+from engine.models.lora import LoraLibrary
 from engine.models.text import TinyTextEncoder
 from engine.models.vae import TINY_VAE, WanVAE
 from engine.models.weights import Models
 from engine.parallel import (BlockBalancer, BuiltModels, CostModel, LinkFailed, balanced_split, load_dit_part,
                              neighbour_step, start_ranks)
 from engine.pipeline import StreamPipeline, StreamSettings, push_streams
+from tiny_loras import random_factors, write_lora
 
 SIZE = dict(height=32, width=48)
 LAYERS = 4
+
+
+def write_loras(folder: Path) -> Path:
+    """Two LoRA adapters over every layer of tiny_models' DiT, the same in every process."""
+    config = replace(get_preset("tiny"), num_layers=LAYERS)
+    for seed, name in enumerate(("ink", "neon")):
+        write_lora(folder / f"{name}.safetensors", random_factors(config=config, seed=seed, magnitude=0.5))
+    return folder
 
 
 def tiny_models(num_layers: int = LAYERS) -> Models:
@@ -89,7 +99,19 @@ SCENARIOS = {
     "blocks moving": dict(settings=dict(steps=3), chunks=stream(5, 14),
                           events={4: [("rebalance", [0, 1, 2, 4])], 8: [("rebalance", [0, 2, 3, 4])],
                                   11: [("rebalance", [0, 1, 2, 4])]}),
+    # Adapters on every rank's blocks, a live change of their mix, and blocks moving meanwhile.
+    "LoRA adapters": dict(settings=dict(steps=2, loras=(("ink", 1.0),)), chunks=stream(5, 12),
+                          events={4: [("update", {"loras": (("ink", 0.5), ("neon", 1.0))})],
+                                  6: [("rebalance", [0, 2, 3, 4])], 8: [("rebalance", [0, 1, 2, 4])],
+                                  10: [("update", {"loras": ()})]}),
 }
+
+
+# While adapters change, a stream batch on N ranks holds slots whose steps one process ran
+# before the change and slots it ran after: each slot gets its own mix, whose low-rank
+# products, taken row by row, round differently from the whole batch's (one level in a few
+# pixels); one mix for the whole batch would put slots on the wrong side of the change.
+ROW_BY_ROW_ADAPTERS = {"LoRA adapters"}
 
 
 class Recorded:
@@ -109,14 +131,15 @@ class Recorded:
 
 
 @torch.no_grad()
-def run_scenarios(executor, models: Models, names: list[str]) -> dict[str, dict]:
+def run_scenarios(executor, models: Models, names: list[str], lora_dir: Path) -> dict[str, dict]:
     """Each scenario through one StreamPipeline on ``executor``: its frames per stream, and its forwards."""
     results = {}
+    loras = LoraLibrary(lora_dir, replace(get_preset("tiny"), num_layers=LAYERS))
     for name in names:
         scenario = SCENARIOS[name]
         recorded = Recorded(executor)
         pipe = StreamPipeline(recorded, models.vae, models.text_encoder,
-                              StreamSettings(prompt="a cat", **SIZE, **scenario["settings"]))
+                              StreamSettings(prompt="a cat", **SIZE, **scenario["settings"]), loras=loras)
         streams, lags = [[]], []
         for index, chunk in enumerate(scenario["chunks"]):
             for action, argument in scenario.get("events", {}).get(index, []):
@@ -146,7 +169,7 @@ def rank_main(rank: int, world: int, names: list[str], init: str, out: str) -> N
         stage.serve()
         report.update(mirrors=len(stage.mirrors))
     else:
-        report.update(results=run_scenarios(stage, models, names), moves=stage.moves)
+        report.update(results=run_scenarios(stage, models, names, Path(out) / "loras"), moves=stage.moves)
         stage.close()
     report.update(layers=stage.dit.held_layers, split=stage.split,
                   params=sum(p.numel() for p in stage.dit.parameters()))
@@ -155,17 +178,18 @@ def rank_main(rank: int, world: int, names: list[str], init: str, out: str) -> N
 
 
 def run_ranks(world: int, names: list[str], tmp_path: Path) -> list[dict]:
+    write_loras(tmp_path / "loras")
     mp.spawn(rank_main, args=(world, names, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
-def one_rank():
+def one_rank(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         models = tiny_models()
-        return run_scenarios(models.dit, models, list(SCENARIOS))
+        return run_scenarios(models.dit, models, list(SCENARIOS), write_loras(tmp_path_factory.mktemp("loras")))
     finally:
         torch.set_num_threads(threads)
 
@@ -193,7 +217,11 @@ def test_n_ranks_give_one_process_frames(name, world, one_rank, two_ranks, three
     for index, (parallel, alone, (lag, _, _)) in enumerate(zip(ranks["frames"], single["frames"], single["lags"])):
         # The ranks' frames are the one process's, up to where their longer lag cuts them off.
         assert len(parallel) == len(alone) - lag * (world - 1) > 0, f"stream {index}"
-        np.testing.assert_array_equal(parallel, alone[:len(parallel)], err_msg=f"{name}, stream {index}")
+        if name in ROW_BY_ROW_ADAPTERS:
+            differences = np.abs(parallel.astype(int) - alone[:len(parallel)])
+            assert differences.max() <= 1 and (differences > 0).mean() < 1e-3, f"{name}, stream {index}"
+        else:
+            np.testing.assert_array_equal(parallel, alone[:len(parallel)], err_msg=f"{name}, stream {index}")
 
 
 @pytest.mark.parametrize("world", [2, 3])

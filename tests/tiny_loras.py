@@ -15,12 +15,12 @@ TO_DIFFUSERS = {wan: diffusers for diffusers, wan in {**DIFFUSERS_BLOCK_NAMES, *
 
 
 def random_factors(preset: str = "tiny", *, rank: int = 4, alpha: float | None = 2.0, seed: int = 0,
-                   magnitude: float = 0.3) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """(down [rank, in], up [out, rank], alpha) for every linear layer of the preset's DiT."""
+                   magnitude: float = 0.3, config=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """(down [rank, in], up [out, rank], alpha) for every linear layer of the preset's DiT (or of ``config``'s)."""
     generator = torch.Generator().manual_seed(seed)
     return {layer: (torch.randn(rank, inputs, generator=generator) * magnitude,
                     torch.randn(outputs, rank, generator=generator) * magnitude, alpha)
-            for layer, (outputs, inputs) in linear_shapes(get_preset(preset)).items()}
+            for layer, (outputs, inputs) in linear_shapes(config or get_preset(preset)).items()}
 
 
 def diffusers_name(layer: str) -> str:

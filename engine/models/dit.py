@@ -27,7 +27,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import CrossAttention, SelfAttention, StreamRows, window_mask
 from .kv_cache import KVCache
-from .lora import LoraMix, lora_rows
+from .lora import Adapters, context_rows, lora_rows, row_routes
 from .rope import RotaryTable, rotary_position
 
 
@@ -104,7 +104,7 @@ class StreamInput:
     timesteps: torch.Tensor  # [rows, F]
     context: torch.Tensor  # [1 or rows, L, text_dim]
     cache: KVCache | None
-    adapters: LoraMix | None = None  # its LoRA adapters, if any
+    adapters: Adapters = None  # its LoRA adapters, if any: one mix, or one per row
 
 
 class CausalWanDiT(nn.Module):
@@ -213,7 +213,7 @@ class CausalWanDiT(nn.Module):
     # -- forward -------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
                 cache: KVCache | None = None, block_size: int | None = None,
-                adapters: LoraMix | None = None) -> torch.Tensor:
+                adapters: Adapters = None) -> torch.Tensor:
         """Predict the flow of ``latents`` [B, in_dim, F, H, W] at ``timesteps`` [B, F],
         with the LoRA ``adapters`` if given.
 
@@ -263,15 +263,17 @@ class CausalWanDiT(nn.Module):
             rows = slice(start, start + batch)
             start += batch
             if part.cache is None:
-                with lora_rows(self, [(slice(None), part.adapters)]):
-                    streams.append(StreamRows(rows, None, None, self.context_kv(part.context)))
+                with lora_rows(self, row_routes(slice(None), part.adapters)):
+                    streams.append(StreamRows(rows, None, None, self.context_kv(context_rows(part.context,
+                                                                                             part.adapters))))
                 frame_numbers += [list(range(frames))] * batch
             else:
                 frame_numbers += part.cache.frame_numbers(frames)
                 plan = part.cache.begin_write(frames)
                 streams.append(StreamRows(rows, part.cache, plan, self.cached_context_kv(part)))
         rope_times = torch.tensor(self.rope_times(frame_numbers), device=latents.device)
-        with lora_rows(self, [(stream.rows, part.adapters) for stream, part in zip(streams, inputs)]):
+        with lora_rows(self, [route for stream, part in zip(streams, inputs)
+                              for route in row_routes(stream.rows, part.adapters)]):
             flow = self.compute(latents, timesteps, rope_times, streams, mask=mask)
         for stream in streams:
             if stream.cache is not None:
@@ -295,10 +297,9 @@ class CausalWanDiT(nn.Module):
         """Cross-attention K/V of a cached stream's context, kept in its cache while the same
         context tensor and adapters are passed."""
         cache, context = part.cache, part.context
-        if (cache.context is not context or cache.context_version != context._version
-                or cache.context_adapters is not part.adapters):
-            with lora_rows(self, [(slice(None), part.adapters)]):
-                cache.cross_kv = self.context_kv(context)
+        if not cache.holds_context(context, part.adapters):
+            with lora_rows(self, row_routes(slice(None), part.adapters)):
+                cache.cross_kv = self.context_kv(context_rows(context, part.adapters))
             cache.context, cache.context_version, cache.context_adapters = context, context._version, part.adapters
         return cache.cross_kv
 

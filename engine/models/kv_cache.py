@@ -113,6 +113,11 @@ class KVCache:
         self.context, self.context_version, self.context_adapters = None, -1, None
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def holds_context(self, context: torch.Tensor, adapters) -> bool:
+        """Whether ``cross_kv`` are this context tensor's (unchanged since) with these LoRA adapters."""
+        return (self.context is context and self.context_version == context._version
+                and self.context_adapters == adapters)  # the same mix, or per row the same mixes
+
     # -- stream position -------------------------------------------------------
     def advance(self, frames: int = 1) -> None:
         """Move every element on to its next frame(s) once the current ones are final."""

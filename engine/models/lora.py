@@ -172,9 +172,13 @@ class _LoraRouter:
 
     def __init__(self, dit: nn.Module):
         self.routes: list[tuple[slice, LoraMix]] = []  # of the forward under way
-        for name, module in dit.named_modules():
-            if isinstance(module, nn.Linear):
-                module.register_forward_hook(partial(self._add_changes, name))
+        self.hook(dit)
+
+    def hook(self, module: nn.Module, prefix: str = "") -> None:
+        """Hook the linear layers of ``module``, named as in the DiT under ``prefix``."""
+        for name, layer in module.named_modules(prefix=prefix):
+            if isinstance(layer, nn.Linear):
+                layer.register_forward_hook(partial(self._add_changes, name))
 
     def _add_changes(self, layer: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         for rows, mix in self.routes:
@@ -183,6 +187,34 @@ class _LoraRouter:
                 down, up = factors
                 output[rows] += F.linear(F.linear(inputs[0][rows], down), up)
         return output
+
+
+# A stream's adapters: one mix for all its rows, or one per row (a stream batch during a change of
+# adapters, each slot's step as one process would run it), or None.
+Adapters = LoraMix | tuple[LoraMix | None, ...] | None
+
+
+def row_routes(rows: slice, adapters: Adapters) -> list[tuple[slice, LoraMix | None]]:
+    """lora_rows' routes for a stream whose rows are ``rows`` of the batch."""
+    if not isinstance(adapters, tuple):
+        return [(rows, adapters)]
+    start = rows.start or 0
+    return [(slice(start + row, start + row + 1), mix) for row, mix in enumerate(adapters)]
+
+
+def context_rows(context: torch.Tensor, adapters: Adapters) -> torch.Tensor:
+    """A text context [1 or rows, L, dim] with a row for each row's adapters where they differ
+    (each row's text K/V are adapted by its own mix)."""
+    if isinstance(adapters, tuple) and context.shape[0] == 1:
+        return context.expand(len(adapters), -1, -1)
+    return context
+
+
+def block_gained(dit: nn.Module, index: int) -> None:
+    """A block that came from another pipeline rank: adapters reach its layers too."""
+    router = dit.__dict__.get("_lora_router")
+    if router is not None:
+        router.hook(dit.blocks[index], prefix=f"blocks.{index}")
 
 
 @contextmanager

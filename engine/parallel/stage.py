@@ -14,7 +14,10 @@ which decides adaptive sink replacement, is on rank 0); the other ranks keep onl
 their layers' keys and values of each cache and follow the plan that comes with each
 forward. Caches are mirrored by number: made where a forward first names one, copied
 for a stream batch as rank 0 copies them, dropped once rank 0 lets go of one. A
-stream's text context travels (embedded) with the first forward that uses it.
+stream's text context travels (embedded) with the first forward that uses it. A
+stream's LoRA adapters travel as their files and scales with every forward: each rank
+reads the files (they are on the one machine torchrun starts the ranks on) and adapts
+its blocks' rows of that stream.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import weakref
 from collections import deque
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,6 +35,7 @@ from ..executor import Done, ExecutorFailed
 from ..models.attention import StreamRows
 from ..models.dit import CausalWanDiT, StreamInput, WanBlock
 from ..models.kv_cache import KVCache, WritePlan
+from ..models.lora import Adapters, LoraLibrary, LoraMix, block_gained, context_rows, lora_rows, row_routes
 from .links import Link
 from .split import BlockBalancer, neighbour_step
 
@@ -136,6 +141,7 @@ class _Blocks:
             block.load_state_dict({name.removeprefix(prefix): t for name, t in tensors.items()
                                    if name.startswith(prefix)}, assign=True)
             self.dit.blocks[layer] = block.eval()
+            block_gained(self.dit, layer)
             for uid, cache in caches.items():
                 keys, values = tensors.get(f"cache.{uid}.{layer}.keys"), tensors.get(f"cache.{uid}.{layer}.values")
                 if keys is not None:
@@ -257,10 +263,6 @@ class StageExecutor(_Blocks):
 
     # -- rank 0's part of a forward ------------------------------------------------------------
     def _first_stage(self, calls: list[StreamInput]) -> tuple[dict, dict[str, torch.Tensor]]:
-        for call in calls:
-            if call.adapters is not None:
-                raise ValueError("LoRA adapters are not supported with the DiT's blocks over several ranks; "
-                                 "serve on one rank to use them")
         latents = torch.cat([call.latents for call in calls])
         timesteps = torch.cat([call.timesteps for call in calls])
         frames, height, width = latents.shape[2:]
@@ -273,18 +275,23 @@ class StageExecutor(_Blocks):
             if cache.uid not in self.live:
                 entry["new"] = [cache.batch, cache.frame_tokens]
                 self._mirror(cache)
-            if cache.context is not call.context or cache.context_version != call.context._version:
-                tensors[f"context.{index}"] = self.dit.embed_context(call.context)  # new to the other ranks
+            if call.adapters is not None:
+                entry["loras"] = _described(call.adapters)
+            if not cache.holds_context(call.context, call.adapters):  # new to the other ranks
+                with lora_rows(self.dit, row_routes(slice(None), call.adapters)):
+                    tensors[f"context.{index}"] = self.dit.embed_context(context_rows(call.context, call.adapters))
             frame_numbers += cache.frame_numbers(frames)
             plan = cache.begin_write(frames)
             streams.append(StreamRows(slice(start, start + rows), cache, plan, self.dit.cached_context_kv(call)))
             entries.append(entry)
             start += rows
         now = time.perf_counter()
-        x, time_mod, time_emb = self.dit.embed(latents, timesteps)
-        freqs = self.dit.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
-        with self.clock.measure():
-            x = self.dit.run_blocks(x, time_mod, freqs, streams, self.layers)
+        with lora_rows(self.dit, [route for stream, call in zip(streams, calls)
+                                  for route in row_routes(stream.rows, call.adapters)]):
+            x, time_mod, time_emb = self.dit.embed(latents, timesteps)
+            freqs = self.dit.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
+            with self.clock.measure():
+                x = self.dit.run_blocks(x, time_mod, freqs, streams, self.layers)
         for index, stream in enumerate(streams):  # the plan as the first layer left it (sink replacement)
             tensors[f"targets.{index}"] = stream.plan.targets
             if stream.plan.mask is not None:
@@ -319,14 +326,17 @@ class RemoteStage(_Blocks):
         self.prev, self.next = links[rank - 1], links.get(rank + 1)
         self.ring = links[0] if rank == world - 1 else None
         self.mirrors: dict[int, KVCache] = {}  # rank 0's cache number -> this rank's layers of it
-        self.contexts: dict[int, tuple[torch.Tensor, dict]] = {}  # cache number -> (embedded text, its K/V)
+        # cache number -> (embedded text, its K/V, the LoRA adapters they were made with)
+        self.contexts: dict[int, tuple[torch.Tensor, dict, Adapters]] = {}
+        self.loras: LoraLibrary | None = None  # made when a stream first names adapters
 
     def caches(self) -> dict[int, KVCache]:
         return self.mirrors
 
     def gained_layers(self, layers: list[int]) -> None:
-        for embedded, kv in self.contexts.values():
-            kv.update(self.dit.blocks_context_kv(embedded, layers))
+        for embedded, kv, adapters in self.contexts.values():
+            with lora_rows(self.dit, row_routes(slice(None), adapters)):
+                kv.update(self.dit.blocks_context_kv(embedded, layers))
 
     @torch.no_grad()
     def serve(self) -> None:
@@ -372,16 +382,18 @@ class RemoteStage(_Blocks):
 
     def _run_blocks(self, header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         grid_h, grid_w = header["grid"]
-        streams = []
+        streams, adapters = [], []
         for index, entry in enumerate(header["streams"]):
             uid = entry["cache"]
             if "new" in entry:
                 batch, frame_tokens = entry["new"]
                 self.mirrors[uid] = KVCache(self.dit.config, batch, frame_tokens, layers=self.layers,
                                             dtype=self.dtype, device=self.device)
+            adapters.append(self._adapters(entry.get("loras")))
             if f"context.{index}" in tensors:
                 embedded = tensors[f"context.{index}"]
-                self.contexts[uid] = (embedded, self.dit.blocks_context_kv(embedded, self.layers))
+                with lora_rows(self.dit, row_routes(slice(None), adapters[-1])):
+                    self.contexts[uid] = (embedded, self.dit.blocks_context_kv(embedded, self.layers), adapters[-1])
             cache = self.mirrors[uid]
             mask = tensors.get(f"mask.{index}")
             plan = WritePlan(targets=tensors[f"targets.{index}"],
@@ -389,9 +401,31 @@ class RemoteStage(_Blocks):
                              mask=None if mask is None else mask.bool(), adapt=None)
             streams.append(StreamRows(slice(*entry["rows"]), cache, plan, self.contexts[uid][1]))
         freqs = self.dit.rope_frequencies(header["frame_numbers"], grid_h, grid_w, self.device)
-        with self.clock.measure():
-            x = self.dit.run_blocks(tensors["x"], tensors["time_mod"], freqs, streams, self.layers)
-        if self.ring is not None:  # the last rank: the head
-            return {"flow": self.dit.finish(x, tensors["time_emb"], grid_h, grid_w)}
+        with lora_rows(self.dit, [route for stream, mixes in zip(streams, adapters)
+                                  for route in row_routes(stream.rows, mixes)]):
+            with self.clock.measure():
+                x = self.dit.run_blocks(tensors["x"], tensors["time_mod"], freqs, streams, self.layers)
+            if self.ring is not None:  # the last rank: the head
+                return {"flow": self.dit.finish(x, tensors["time_emb"], grid_h, grid_w)}
         return {**tensors, "x": x}
+
+    def _adapters(self, described: dict | None) -> Adapters:
+        """A stream's adapters as rank 0 describes them (``_described``), read here too."""
+        if described is None:
+            return None
+        if self.loras is None:
+            self.loras = LoraLibrary(Path.cwd(), self.dit.config, device=self.device, dtype=self.dtype)
+        if "rows" in described:
+            return tuple(self.loras.mix(loras) for loras in described["rows"])
+        return self.loras.mix(described["mix"])
+
+
+def _described(adapters: Adapters) -> dict:
+    """A stream's adapters as a message carries them: each mix as its files and scales (every
+    rank reads the files: torchrun starts the ranks on one machine)."""
+    def pairs(mix: LoraMix | None) -> list:
+        return [] if mix is None else [[str(Path(adapter.path).resolve()), scale] for adapter, scale in mix.entries]
+    if isinstance(adapters, tuple):
+        return {"rows": [pairs(mix) for mix in adapters]}
+    return {"mix": pairs(adapters)}
 

@@ -62,9 +62,11 @@ class Setting:
     cache: str = "default"
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     cuda_graphs: bool = False  # the executor's static steps (engine/static_step.py), graphs on a GPU
+    compile: bool = False  # the DiT's blocks compiled by torch.compile (inductor), as --compile does
 
     def describe(self) -> str:
-        on = [k for k, v in vars(self.speed).items() if v] + (["cuda_graphs"] if self.cuda_graphs else [])
+        on = ([k for k, v in vars(self.speed).items() if v] + (["cuda_graphs"] if self.cuda_graphs else [])
+              + (["compile"] if self.compile else []))
         return (f"encoder={self.encoder} decoder={self.decoder} cache={self.cache} "
                 f"speed={','.join(on) or 'none'}")
 
@@ -77,10 +79,12 @@ OPTIONS = {  # name -> the setting that changes one thing against eager
     "vae-channels-last": Setting("vae-channels-last", speed=SpeedOptions(vae_channels_last=True)),
     "cudnn-benchmark": Setting("cudnn-benchmark", speed=SpeedOptions(cudnn_benchmark=True)),
     "cuda-graphs": Setting("cuda-graphs", cuda_graphs=True),  # on the CPU: the same static steps, eager
+    "compile": Setting("compile", compile=True),  # its compiling is in the warm-up stream, not in the row's times
 }
 # Options that leave the frames the same (up to rounding): "all" turns these on together.
-EXACT = ("vae-channels-last", "cudnn-benchmark", "cuda-graphs")
-NOT_IMPLEMENTED = ("torch.compile", "decode on a second stream", "FlashAttention-3", "FP8 linears")
+EXACT = ("vae-channels-last", "cudnn-benchmark", "cuda-graphs", "compile")
+NOT_IMPLEMENTED = ("torch.compile of the VAE and TAEHV", "decode on a second stream", "FlashAttention-3",
+                   "FP8 linears")
 
 
 class Models:
@@ -98,15 +102,18 @@ class Models:
 
     @contextmanager
     def configured(self, setting: Setting):
-        """The DiT with the setting's cache preset and the VAE in its memory layout, for one row."""
+        """The DiT with the setting's cache preset and compiled blocks, and the VAE in its memory
+        layout, for one row."""
         cudnn = torch.backends.cudnn.benchmark
         self.dit.config = get_preset(self.preset, setting.cache)  # the cache is made from the config
+        self.dit.set_compiled("inductor" if setting.compile else None)
         self.wan.set_channels_last(setting.speed.vae_channels_last)
         setting.speed.apply_globals(self.device)
         try:
             yield {"wan": self.wan, "taehv": self.taehv}
         finally:
             self.dit.config = self.config
+            self.dit.set_compiled(None)
             self.wan.set_channels_last(False)
             torch.backends.cudnn.benchmark = cudnn
 
@@ -326,7 +333,8 @@ def main() -> None:
 def combined(names: list[str]) -> Setting:
     """One setting with the speed options of ``names`` all on."""
     speed = SpeedOptions(**{k: any(getattr(OPTIONS[n].speed, k) for n in names) for k in vars(SpeedOptions())})
-    return replace(EAGER, name="all exact", speed=speed, cuda_graphs=any(OPTIONS[n].cuda_graphs for n in names))
+    return replace(EAGER, name="all exact", speed=speed, cuda_graphs=any(OPTIONS[n].cuda_graphs for n in names),
+                   compile=any(OPTIONS[n].compile for n in names))
 
 
 if __name__ == "__main__":

@@ -88,13 +88,15 @@ def run(args: argparse.Namespace) -> None:
         from .models.weights import build_models
 
         print(f"loading {args.model} on {device} ...", flush=True)
+        if args.compile:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")  # the compile's progress
         models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
-                              **autoencoder_flags(args))
+                              compile_backend=compile_backend(args, device), **autoencoder_flags(args))
         _stream_clip(args, StreamPipeline(local_executor(args, models.dit, device), models.vae, models.text_encoder,
                                           settings, decoder=models.decoder), height, width)
         return
-    if args.cuda_graphs:
-        raise SystemExit("error: --cuda-graphs runs the DiT on one rank; run without torchrun to use it")
+    for flag in one_rank_flags(args):
+        raise SystemExit(f"error: {flag} runs the DiT on one rank; run without torchrun to use it")
 
     import torch.distributed as dist
 
@@ -212,6 +214,7 @@ def serve(args: argparse.Namespace) -> None:
     limits = Limits(max_sessions=args.max_sessions, max_frame_width=frame_width, max_frame_height=frame_height,
                     max_prompt_chars=args.max_prompt_chars, max_model_size=args.max_model_size)
     device, dtype = _device_and_dtype(args.device)
+    compiled_with = compile_backend(args, device)  # checked now, not when the models load
     size = model_size(args.model, args.size)
     session_defaults = session_flag_values(args, SERVE_FLAGS, only_given=True)
     if args.lora:
@@ -224,8 +227,8 @@ def serve(args: argparse.Namespace) -> None:
 
         from .parallel import init_ranks, rank_device
 
-        if args.cuda_graphs:
-            raise SystemExit("error: --cuda-graphs runs the DiT on one rank; serve without torchrun to use it")
+        for flag in one_rank_flags(args):
+            raise SystemExit(f"error: {flag} runs the DiT on one rank; serve without torchrun to use it")
         device = rank_device(args.device)
         init_ranks(device)
         if dist.get_rank() != 0:
@@ -242,7 +245,7 @@ def serve(args: argparse.Namespace) -> None:
         if world == 1:
             logging.getLogger(__name__).info("loading %s on %s ...", args.model, device)
             models = build_models(args.model, weights=args.weights, device=device, dtype=dtype, taehv=args.taehv,
-                                  **autoencoder_flags(args))
+                                  compile_backend=compiled_with, **autoencoder_flags(args))
             return replace(models, executor=local_executor(args, models.dit, device)) if args.cuda_graphs else models
         from .parallel import BlockBalancer, model_source, start_ranks
 
@@ -507,10 +510,32 @@ def add_autoencoder_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--cuda-graphs: off by default until a GPU measurement shows it faster (bench/speed_gpu.py)."""
+    """--cuda-graphs and --compile: off by default until a GPU measurement shows them faster
+    (bench/speed_gpu.py). Together, the graph replays the compiled kernels."""
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each steady DiT step as a CUDA graph (static buffers, no host-device waits "
                              "in the step); needs a CUDA device and one rank")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the DiT's blocks (inductor): each new shape compiles on its first "
+                             "chunk, cached on disk in TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER) "
+                             "for later runs; one rank; combines with --cuda-graphs")
+
+
+def one_rank_flags(args: argparse.Namespace) -> list[str]:
+    """The speed flags given that work on one rank only."""
+    return [flag for flag, given in (("--cuda-graphs", args.cuda_graphs), ("--compile", args.compile)) if given]
+
+
+def compile_backend(args: argparse.Namespace, device) -> str | None:
+    """build_models' compile_backend as --compile asks, checked for the device."""
+    from .models.dit import compile_problem
+
+    if not args.compile:
+        return None
+    problem = compile_problem(device)
+    if problem is not None:
+        raise SystemExit(f"error: --compile: {problem}; install it, or run without --compile")
+    return "inductor"
 
 
 def local_executor(args: argparse.Namespace, dit, device):

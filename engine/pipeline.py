@@ -717,7 +717,7 @@ def model_frames(frames, expected: tuple[int, ...], settings: StreamSettings, *,
     """Validate a chunk and fit it to the model: [1, 3, T, h, w] in [-1, 1], and the host's (H, W)."""
     video = _as_video(frames, expected)
     size = tuple(video.shape[1:3])
-    video = video.to(device)
+    video = uploaded(video, device)
     rgb = video[..., :3].permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     if video.dtype == torch.uint8:
         rgb = rgb / 255.0
@@ -729,7 +729,30 @@ def host_frames(decoded: torch.Tensor, size: tuple[int, int], fit: str) -> np.nd
     """Decoded frames [1, 3, T, h, w] in [-1, 1] back at the host's size: uint8 [T, H, W, 3]."""
     rgb = (decoded[0].permute(1, 0, 2, 3).float() + 1) / 2
     restored = fit_back(rgb, *size, fit)
-    return (restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return downloaded((restored.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+
+
+def uploaded(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU through pinned memory with a non-blocking copy:
+    queued behind the work already sent, with no wait for it (torch's pinned-memory cache
+    keeps the buffer until the copy is done)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def downloaded(frames: torch.Tensor) -> np.ndarray:
+    """A device tensor as a numpy array. From a GPU through pinned memory (a direct copy,
+    not staged through a driver buffer as into pageable memory), waiting on the copy's
+    event, only for the work sent before it, where the array is needed."""
+    if not frames.is_cuda:
+        return frames.cpu().numpy()
+    host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host.numpy()
 
 
 def _as_video(frames, expected: tuple[int, ...]) -> torch.Tensor:

@@ -46,7 +46,6 @@ from bridge.protocol import FORMATS, PARAM_SPECS, ErrorCode, ProtocolError, Valu
 from bridge.shm import RingReader, RingWriter
 
 from .camera import SessionCamera
-from .flow import PUBLISHED_STEPS
 from .pipeline import LIVE_SETTINGS, StreamSettings
 from .slo import (Choice, FrameRateGate, RateMeter, SessionLoad, WaitMeter,
                   excused_wait_start, inbox_limit, percentile)

@@ -2,9 +2,7 @@
 scaled low-rank change to every adapted layer, several mix, scales change live, broken files
 are refused naming their keys, and a running engine takes all of it without a restart."""
 
-import gc
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -22,8 +20,9 @@ from engine.models.lora_files import LoraFileError, linear_shapes
 from engine.models.text import TinyTextEncoder
 from engine.models.vae import TINY_VAE, WanVAE
 from engine.pipeline import StreamPipeline, StreamSettings
+from live_tensors import tensor_storages
 from processes import PATIENCE_S, ServedEngine
-from tiny_loras import LAYOUTS, lora_state, merged, random_factors, write_lora
+from tiny_loras import lora_state, merged, random_factors, write_lora
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -208,16 +207,7 @@ def test_serve_takes_lora_flags_as_name_scale_pairs():
 
 
 def tensor_bytes() -> int:
-    """Bytes of every torch tensor alive in this process (each storage once)."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():  # isinstance touches deprecated objects of torch's that warn
-        warnings.simplefilter("ignore")
-        tensors = [thing for thing in gc.get_objects() if isinstance(thing, torch.Tensor) and not thing.is_meta]
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return tensor_storages()[1]
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """StreamPipeline on the tiny preset (CPU): frames in, stylised frames out."""
 
-import gc
 import tracemalloc
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 
 from engine.models.weights import build_models
 from engine.pipeline import StreamPipeline, StreamSettings, push_streams
+from live_tensors import tensor_storages
 
 
 @pytest.fixture(scope="module")
@@ -227,15 +227,8 @@ def memory_in_use(device: torch.device) -> dict[str, int]:
     """What a stream may pile up, each where it is counted: tensors alive (found by walking
     Python's objects, which tracemalloc does not see into) and their storages' bytes, each
     storage once; the device allocator's bytes on a GPU; Python's own allocations."""
-    gc.collect()
-    tensors, storages = 0, {}
-    for thing in gc.get_objects():
-        # type(), not isinstance(): some of torch's deprecated objects warn when asked their __class__
-        if issubclass(type(thing), torch.Tensor) and thing.layout == torch.strided:
-            tensors += 1
-            storage = thing.untyped_storage()
-            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
-    return {"live tensors": tensors, "tensor bytes": sum(storages.values()),
+    tensors, tensor_bytes = tensor_storages()
+    return {"live tensors": tensors, "tensor bytes": tensor_bytes,
             "device bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
             "python bytes": tracemalloc.get_traced_memory()[0]}
 
@@ -291,3 +284,20 @@ def test_a_low_strength_keeps_the_first_timestep_valid(models):
     assert pipe.motion.first_timestep(pipe.motion.noise_scale) >= 0
     pipe.update(strength=0.15)
     assert pipe.motion.settings.noise_scale - pipe.motion.settings.slope >= 0.1 - 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory and events)")
+def test_frames_through_pinned_memory_equal_the_pageable_path():
+    """model_frames uploads through pinned memory and host_frames downloads through it, with
+    non-blocking copies: the frames must be those of plain .to(device) and .cpu()."""
+    from engine.pipeline import downloaded, model_frames, uploaded
+
+    video = clip(5)
+    settings = StreamSettings(height=32, width=48)
+    fitted, _ = model_frames(video, (5,), settings, device="cuda", dtype=torch.float32)
+    pageable, _ = model_frames(video, (5,), settings, device="cpu", dtype=torch.float32)
+    assert fitted.is_cuda
+    torch.testing.assert_close(fitted.cpu(), pageable, rtol=0, atol=1e-4)  # the GPU's resize rounds apart
+    frames = torch.from_numpy(video).cuda()
+    torch.testing.assert_close(uploaded(torch.from_numpy(video), "cuda"), frames, rtol=0, atol=0)
+    np.testing.assert_array_equal(downloaded(frames * 2), (frames * 2).cpu().numpy())

@@ -18,7 +18,11 @@ its rows alone (engine/models/lora.py).
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +33,26 @@ from .attention import CrossAttention, SelfAttention, StreamRows, window_mask
 from .kv_cache import KVCache
 from .lora import Adapters, context_rows, lora_rows, row_routes
 from .rope import RotaryTable, rotary_position
+
+log = logging.getLogger(__name__)
+
+
+def compile_problem(device, backend: str = "inductor") -> str | None:
+    """Why torch.compile cannot compile with ``backend`` for ``device`` here, or None if it can."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch {torch.__version__} cannot compile on this platform and Python"
+    if backend != "inductor":
+        return None
+    if torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "inductor writes CUDA kernels with Triton, which is not installed (pip install triton)"
+    elif not any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+        return "inductor builds CPU kernels with a C++ compiler, and none is installed (g++ or clang++)"
+    return None
 
 
 def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
@@ -52,7 +76,14 @@ class WanBlock(nn.Module):
     """Modulated self-attention, cross-attention and feed-forward, each residual.
 
     ``modulation + time_projection(t)`` gives, per frame, the shift, scale and gate
-    of the self-attention input and of the feed-forward input."""
+    of the self-attention input and of the feed-forward input.
+
+    The work around the two attentions (``DENSE_PARTS``) reads tensors only, no stream,
+    cache or Python state, so torch.compile can fuse it into a few kernels whatever
+    the streams (:meth:`CausalWanDiT.compile_blocks`); the attentions, which write the
+    caches, run as they are."""
+
+    DENSE_PARTS = ("attention_input", "cross_attention_input", "feed_forward")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -68,17 +99,31 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, streams: list[StreamRows], *,
                 layer_index: int, mask=None) -> torch.Tensor:
-        # x: [B, F, T, dim]; time_mod: [B, F, 6, dim] float32 -> six [B, F, 1, dim] terms.
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
-            (self.modulation.float()[:, None] + time_mod).unsqueeze(3).unbind(2))
+        # x: [B, F, T, dim]; time_mod: [B, F, 6, dim] float32.
         tokens = x.shape[:1] + (-1, x.shape[-1])
-
-        h = (self.norm1(x) * (1 + scale_msa) + shift_msa).type_as(x)
+        h, terms = self.attention_input(x, time_mod)
         y = self.self_attn(h.reshape(tokens), freqs, streams, layer_index=layer_index, mask=mask)
-        x = (x.float() + y.view_as(x).float() * gate_msa).type_as(x)
+        x, h = self.cross_attention_input(x, y.view_as(x), terms)
+        x = x + self.cross_attn(h.reshape(tokens), streams, layer_index=layer_index).view_as(x)
+        return self.feed_forward(x, terms)
 
-        x = x + self.cross_attn(self.norm3(x).type_as(x).reshape(tokens), streams, layer_index=layer_index).view_as(x)
+    def attention_input(self, x: torch.Tensor, time_mod: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The self-attention's input, and the six modulation terms [B, F, 1, dim]: shift,
+        scale and gate of the self-attention input, then of the feed-forward input."""
+        terms = (self.modulation.float()[:, None] + time_mod).unsqueeze(3).unbind(2)
+        shift_msa, scale_msa = terms[:2]
+        return (self.norm1(x) * (1 + scale_msa) + shift_msa).type_as(x), terms
 
+    def cross_attention_input(self, x: torch.Tensor, y: torch.Tensor,
+                              terms: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` plus the gated self-attention output ``y``, and the cross-attention's input."""
+        gate_msa = terms[2]
+        x = (x.float() + y.float() * gate_msa).type_as(x)
+        return x, self.norm3(x).type_as(x)
+
+    def feed_forward(self, x: torch.Tensor, terms: tuple) -> torch.Tensor:
+        """``x`` plus the gated feed-forward of its modulated norm: the block's output."""
+        shift_ffn, scale_ffn, gate_ffn = terms[3:]
         h = (self.norm2(x) * (1 + scale_ffn) + shift_ffn).type_as(x)
         return (x.float() + self.ffn(h).float() * gate_ffn).type_as(x)
 
@@ -121,6 +166,28 @@ class CausalWanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self.rope = RotaryTable(config.head_dim, config.rope_max_positions)
+        self.compiled_shapes: set[tuple[int, ...]] | None = None  # latents shapes run since set_compiled; None: eager
+
+    def set_compiled(self, backend: str | None) -> None:
+        """torch.compile every block's dense parts (``WanBlock.DENSE_PARTS``) with ``backend``
+        ("inductor"; "aot_eager" traces the same graphs without generating code, which the
+        CPU tests use), or run them eagerly again (None).
+
+        Torch's default mode: the kernels are fused, not put in CUDA graphs of their own, so
+        the static step (engine/static_step.py) captures them in its graph like any others.
+        The blocks share their compiled code; a new latents shape compiles on its first
+        forward (logged, with the time it took) and, after the second, the changed sizes are
+        compiled as dynamic. Inductor keeps what it compiled on disk (its FX graph cache, in
+        ``TORCHINDUCTOR_CACHE_DIR``, by default /tmp/torchinductor_$USER), so a later run of
+        the same shapes loads the kernels instead of compiling them again."""
+        for block in self.blocks:
+            if block is None:
+                continue
+            for part in WanBlock.DENSE_PARTS:
+                vars(block).pop(part, None)  # back to the method
+                if backend is not None:
+                    setattr(block, part, torch.compile(getattr(block, part), backend=backend))
+        self.compiled_shapes = None if backend is None else set()
 
     # -- public helpers ----------------------------------------------------------
     def frame_tokens(self, height: int, width: int) -> int:
@@ -288,10 +355,28 @@ class CausalWanDiT(nn.Module):
         a CUDA graph and replayed on new values of the same tensors (engine/static_step.py)."""
         _, ph, pw = self.config.patch_size
         grid_h, grid_w = latents.shape[3] // ph, latents.shape[4] // pw
-        x, time_mod, time_emb = self.embed(latents, timesteps)
-        freqs = self.rope.frequencies(rope_times, grid_h, grid_w)
-        x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
-        return self.finish(x, time_emb, grid_h, grid_w)
+        with self._compiling(latents):
+            x, time_mod, time_emb = self.embed(latents, timesteps)
+            freqs = self.rope.frequencies(rope_times, grid_h, grid_w)
+            x = self.run_blocks(x, time_mod, freqs, streams, range(len(self.blocks)), mask=mask)
+            return self.finish(x, time_emb, grid_h, grid_w)
+
+    @contextmanager
+    def _compiling(self, latents: torch.Tensor):
+        """With compiled blocks, log the first forward of each latents shape, which compiles
+        them for it, and the time it took (waiting for the device, this once)."""
+        shape = tuple(latents.shape)
+        if self.compiled_shapes is None or shape in self.compiled_shapes:
+            yield
+            return
+        label = "x".join(map(str, shape))
+        log.info("compiling the DiT's blocks for latents %s ...", label)
+        start = time.perf_counter()
+        yield
+        if latents.is_cuda:
+            torch.cuda.synchronize(latents.device)
+        self.compiled_shapes.add(shape)
+        log.info("compiled the DiT's blocks for latents %s in %.1f s", label, time.perf_counter() - start)
 
     def cached_context_kv(self, part: StreamInput):
         """Cross-attention K/V of a cached stream's context, kept in its cache while the same

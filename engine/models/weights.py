@@ -386,7 +386,8 @@ def autoencoder_choice(encoder: str = "wan", decoder: str | None = None, taehv: 
 
 def build_models(preset: str, *, weights: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, taehv: bool = False, encoder: str = "wan",
-                 decoder: str | None = None, cache: str = "default", speed=None, seed: int = 0) -> Models:
+                 decoder: str | None = None, cache: str = "default", speed=None, compile_backend: str | None = None,
+                 seed: int = 0) -> Models:
     """The DiT, encoder, text encoder (and decoder, when not the encoder) of a preset.
 
     ``encoder`` and ``decoder`` choose the autoencoder each way: ``"wan"`` (the Wan2.1
@@ -394,6 +395,8 @@ def build_models(preset: str, *, weights: str | Path | None = None, device: str 
     encode with TAEHV decode (StreamDiffusionV2's fast mode; ``taehv=True`` says the
     same), or TAEHV both ways. ``cache`` is a cache preset of engine/config.py
     (``"default"`` or ``"fast"``); ``speed`` an :class:`~engine.config.SpeedOptions`.
+    ``compile_backend``: torch.compile the DiT's blocks with this backend (``"inductor"``;
+    see :meth:`~.dit.CausalWanDiT.set_compiled`); None runs them eagerly.
 
     ``tiny`` has no published weights: it is built from ``seed`` (the same models on
     every machine), for tests and the CPU demo. The Wan presets load from
@@ -423,6 +426,7 @@ def build_models(preset: str, *, weights: str | Path | None = None, device: str 
         tiny_autoencoder = load_taehv(files.taehv) if "taehv" in choice else None
         text = UMT5TextEncoder.load(files.text_encoder, device=device)
     dit = dit.to(device, dtype).eval()
+    dit.set_compiled(compile_backend)
     encoding, decoding = ready_autoencoders(choice, wan, tiny_autoencoder, device=device, dtype=dtype, speed=speed)
     return Models(dit, encoding, text, decoding, choice)
 

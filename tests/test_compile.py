@@ -24,23 +24,13 @@ from engine.executor import LocalExecutor
 from engine.models.dit import WanBlock, compile_problem
 from engine.models.weights import build_models
 from engine.pipeline import StreamPipeline, StreamSettings
+from test_pipeline import clip
 
 
 @pytest.fixture
 def models():
     """Fresh models per test: compiling changes the DiT's blocks."""
     return build_models("tiny")
-
-
-def clip(frames: int, height=40, width=60) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    out = np.empty((frames, height, width, 3), np.uint8)
-    for f in range(frames):
-        out[f, ..., 0] = (x * 4 + f * 9) % 256
-        out[f, ..., 1] = (y * 5 + f * 3) % 256
-        out[f, ..., 2] = rng.integers(0, 255, (height, width))
-    return out
 
 
 def pipeline(models, executor=None) -> StreamPipeline:

@@ -13,23 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.executor import LocalExecutor
 from engine.models.weights import build_models
 from engine.pipeline import StreamPipeline, StreamSettings
+from test_pipeline import clip
 
 
 @pytest.fixture(scope="module")
 def models():
     return build_models("tiny")
-
-
-def clip(frames: int, height=40, width=60) -> np.ndarray:
-    """A moving gradient with noise: uint8 [frames, h, w, 3]."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    out = np.empty((frames, height, width, 3), np.uint8)
-    for f in range(frames):
-        out[f, ..., 0] = (x * 4 + f * 9) % 256
-        out[f, ..., 1] = (y * 5 + f * 3) % 256
-        out[f, ..., 2] = rng.integers(0, 255, (height, width))
-    return out
 
 
 def run(pipe: StreamPipeline, chunks: int, changes: dict[int, dict] | None = None) -> np.ndarray:

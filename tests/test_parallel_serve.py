@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from processes import PATIENCE_S, Host, ServedEngine, child_pids, last_finished_seq
+from test_background import stream_until
+from bridge.background import BackgroundClient, SessionConfig
 from bridge.client import EngineClient
 from engine import cli
 
@@ -22,9 +25,9 @@ FRAMES = 45
 PROMPTS = {"shm": "a watercolour fox", "zmq": "an ink drawing of a city"}
 
 
-def two_rank_engine(log_dir: Path) -> ServedEngine:
+def two_rank_engine(log_dir: Path, address: str = "tcp://127.0.0.1:*") -> ServedEngine:
     """The engine over two ranks, started as a host application starts it (bridge/launcher.py: torchrun)."""
-    return ServedEngine(log_dir, model_size=MODEL_SIZE, ranks=2)
+    return ServedEngine(log_dir, model_size=MODEL_SIZE, ranks=2, address=address)
 
 
 def rank_pids(engine: ServedEngine) -> dict[int, int]:
@@ -109,8 +112,46 @@ def test_killing_rank_1_stops_every_rank_and_the_hosts_see_it(tmp_path):
         client.close()
         engine.kill_with_its_tracker()  # no-op once it has ended
     assert child_pids() == children_before
-    segments = {p.name for p in Path("/dev/shm").glob("sdb_*")} if Path("/dev/shm").is_dir() else set()
-    assert not any(client_session in name for name in segments for client_session in [host.client.session or "-"])
+    assert not any(client_session in name for name in ring_segments() for client_session in [host.client.session or "-"])
+
+
+# Ctrl-C in a terminal reaches torchrun and every rank at once (the process group); a
+# service manager's SIGTERM reaches torchrun, which passes it on to the ranks.
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
+def test_a_signal_stops_every_rank_and_the_host_resumes_when_an_engine_answers_again(tmp_path, stop):
+    children_before = child_pids()
+    first = two_rank_engine(tmp_path)
+    second = None
+    client = BackgroundClient(SessionConfig(first.address, "shm", "tiny")).start()
+    try:
+        stream_until(client, lambda: client.status().frames_shown >= 2, "the first outputs")
+        outputs = {name for name in ring_segments() if "_out" in name}  # the engine's rings (the host's are _in)
+        ranks = rank_pids(first)
+        assert sorted(ranks) == [0, 1]
+        if stop == "Ctrl-C":
+            os.killpg(first.process.pid, signal.SIGINT)
+        else:
+            first.process.send_signal(signal.SIGTERM)
+        first.process.wait(PATIENCE_S)  # torchrun ends once every rank has
+        assert not any(_alive(pid) for pid in ranks.values())
+        assert "engine stopped" in first.log()  # rank 0 stopped its server and the ring
+        assert outputs and not outputs & ring_segments()  # rank 0 unlinked them
+        stream_until(client, lambda: client.status().state == "disconnected", "the engine's loss to show")
+        shown = client.status().frames_shown
+
+        second = two_rank_engine(tmp_path, address=first.address)
+        stream_until(client, lambda: client.status().frames_shown > shown + 1, "the stream to resume")
+        assert client.status().state == "streaming"
+    finally:
+        client.close()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+        first.kill_with_its_tracker()  # no-op once it has ended
+    assert child_pids() == children_before
+
+
+def ring_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("sdb_*")} if Path("/dev/shm").is_dir() else set()
 
 
 def _alive(pid: int) -> bool:

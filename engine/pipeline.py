@@ -51,7 +51,7 @@ from bridge.protocol import PARAM_SPECS, ProtocolError
 from .executor import Executor, ExecutorFailed, Ticket, executor_for
 from .flow import add_noise, denoising_steps, sigma_for_timestep, x0_from_flow
 from .models.dit import CausalWanDiT, StreamInput
-from .models.lora import LoraLibrary, LoraMix
+from .models.lora import Adapters, LoraLibrary, LoraMix
 from .models.text import PromptCache, TextEncoder, blend_embeddings
 from .motion import MotionNoiseController, MotionSettings
 from .slo import stream_lag_frames
@@ -512,7 +512,7 @@ class StreamPipeline:
             return contexts[0]
         return torch.cat(contexts)
 
-    def _row_adapters(self, chunks: list[int]) -> LoraMix | tuple[LoraMix | None, ...] | None:
+    def _row_adapters(self, chunks: list[int]) -> Adapters:
         """The LoRA adapters of each stream-batch slot: chunk c's step i as one process runs it,
         at push c + i. One mix while all slots agree, else one per slot (during a change)."""
         adapters = tuple(self.history[chunk + i][3] if chunk >= 1 else self.adapters for i, chunk in enumerate(chunks))
@@ -742,16 +742,12 @@ def uploaded(host: torch.Tensor, device) -> torch.Tensor:
 
 
 def downloaded(frames: torch.Tensor) -> np.ndarray:
-    """A device tensor as a numpy array. From a GPU through pinned memory (a direct copy,
-    not staged through a driver buffer as into pageable memory), waiting on the copy's
-    event, only for the work sent before it, where the array is needed."""
+    """A device tensor as a numpy array. From a GPU into pinned memory: a direct copy, not
+    staged through a driver buffer as into pageable memory (it waits for the work sent before it)."""
     if not frames.is_cuda:
         return frames.cpu().numpy()
     host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-    host.copy_(frames, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    copied.synchronize()
+    host.copy_(frames)
     return host.numpy()
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import CrossAttention, SelfAttention, StreamRows, window_mask
 from .kv_cache import KVCache
-from .lora import Adapters, context_rows, lora_rows, row_routes
+from .lora import Adapters, context_rows, lora_rows
 from .rope import RotaryTable, rotary_position
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class WanBlock(nn.Module):
 
     The work around the two attentions (``DENSE_PARTS``) reads tensors only, no stream,
     cache or Python state, so torch.compile can fuse it into a few kernels whatever
-    the streams (:meth:`CausalWanDiT.compile_blocks`); the attentions, which write the
+    the streams (:meth:`CausalWanDiT.set_compiled`); the attentions, which write the
     caches, run as they are."""
 
     DENSE_PARTS = ("attention_input", "cross_attention_input", "feed_forward")
@@ -330,7 +330,7 @@ class CausalWanDiT(nn.Module):
             rows = slice(start, start + batch)
             start += batch
             if part.cache is None:
-                with lora_rows(self, row_routes(slice(None), part.adapters)):
+                with lora_rows(self, [(slice(None), part.adapters)]):
                     streams.append(StreamRows(rows, None, None, self.context_kv(context_rows(part.context,
                                                                                              part.adapters))))
                 frame_numbers += [list(range(frames))] * batch
@@ -339,8 +339,7 @@ class CausalWanDiT(nn.Module):
                 plan = part.cache.begin_write(frames)
                 streams.append(StreamRows(rows, part.cache, plan, self.cached_context_kv(part)))
         rope_times = torch.tensor(self.rope_times(frame_numbers), device=latents.device)
-        with lora_rows(self, [route for stream, part in zip(streams, inputs)
-                              for route in row_routes(stream.rows, part.adapters)]):
+        with lora_rows(self, [(stream.rows, part.adapters) for stream, part in zip(streams, inputs)]):
             flow = self.compute(latents, timesteps, rope_times, streams, mask=mask)
         for stream in streams:
             if stream.cache is not None:
@@ -383,7 +382,7 @@ class CausalWanDiT(nn.Module):
         context tensor and adapters are passed."""
         cache, context = part.cache, part.context
         if not cache.holds_context(context, part.adapters):
-            with lora_rows(self, row_routes(slice(None), part.adapters)):
+            with lora_rows(self, [(slice(None), part.adapters)]):
                 cache.cross_kv = self.context_kv(context_rows(context, part.adapters))
             cache.context, cache.context_version, cache.context_adapters = context, context._version, part.adapters
         return cache.cross_kv

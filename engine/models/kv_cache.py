@@ -227,8 +227,7 @@ class KVCache:
                              rows=torch.arange(self.batch, device=self.device)[:, None], mask=mask,
                              adapt=torch.tensor(eligible, device=self.device) if may_adapt else None)
             if may_adapt:
-                plan.sink_replacement = (torch.zeros(self.batch, dtype=torch.bool, device=self.device),
-                                         torch.zeros(self.batch, dtype=torch.long, device=self.device))
+                plan.sink_replacement = self._sink_decision(device=self.device)
         plan.planned, plan.previous_layout = targets, previous
         if may_adapt:
             # What the forward will do, known now: the host changes nothing while it runs.
@@ -242,9 +241,12 @@ class KVCache:
                 targets=StagedTensor((self.batch, frames), torch.long, self.device),
                 adapt=StagedTensor((self.batch,), torch.bool, self.device),
                 rows=torch.arange(self.batch, device=self.device)[:, None],
-                sink_replacement=(torch.zeros(self.batch, dtype=torch.bool, device=self.device),
-                                  torch.zeros(self.batch, dtype=torch.long, device=self.device)))
+                sink_replacement=self._sink_decision(device=self.device))
         return self._plan_buffers[frames]
+
+    def _sink_decision(self, **where) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for a sink decision: [B] replaced, [B] which sink (``where``: device= or pin_memory=)."""
+        return (torch.zeros(self.batch, dtype=torch.bool, **where), torch.zeros(self.batch, dtype=torch.long, **where))
 
     def end_write(self, plan: WritePlan) -> None:
         """Called once a forward with ``plan`` is sent: on a GPU, start copying its sink
@@ -253,9 +255,7 @@ class KVCache:
         if plan.sink_replacement is None or self.device.type == "cpu":
             return
         if self._sink_replacement_on_host is None:
-            self._sink_replacement_on_host = (torch.zeros(self.batch, dtype=torch.bool, pin_memory=True),
-                                              torch.zeros(self.batch, dtype=torch.long, pin_memory=True),
-                                              torch.cuda.Event())
+            self._sink_replacement_on_host = (*self._sink_decision(pin_memory=True), torch.cuda.Event())
         replaced, sink, copied = self._sink_replacement_on_host
         replaced.copy_(plan.sink_replacement[0], non_blocking=True)
         sink.copy_(plan.sink_replacement[1], non_blocking=True)

@@ -194,8 +194,8 @@ class _LoraRouter:
 Adapters = LoraMix | tuple[LoraMix | None, ...] | None
 
 
-def row_routes(rows: slice, adapters: Adapters) -> list[tuple[slice, LoraMix | None]]:
-    """lora_rows' routes for a stream whose rows are ``rows`` of the batch."""
+def _mixes_by_row(rows: slice, adapters: Adapters) -> list[tuple[slice, LoraMix | None]]:
+    """The mixes of a stream's ``rows`` of the batch: one for all, or one per row."""
     if not isinstance(adapters, tuple):
         return [(rows, adapters)]
     start = rows.start or 0
@@ -218,10 +218,12 @@ def block_gained(dit: nn.Module, index: int) -> None:
 
 
 @contextmanager
-def lora_rows(dit: nn.Module, routes: Sequence[tuple[slice, LoraMix | None]]) -> Iterator[None]:
-    """Within the block, each mix adapts its rows (a slice of dim 0, the batch) of the outputs
-    of the DiT's linear layers. Rows without a mix run the base model as it is."""
-    routes = [(rows, mix) for rows, mix in routes if mix is not None and mix.layers]
+def lora_rows(dit: nn.Module, routes: Sequence[tuple[slice, Adapters]]) -> Iterator[None]:
+    """Within the block, each stream's adapters adapt its rows (a slice of dim 0, the batch)
+    of the outputs of the DiT's linear layers: one mix all of them, or a tuple one mix per
+    row. Rows without a mix run the base model as it is."""
+    routes = [(row_slice, mix) for rows, adapters in routes for row_slice, mix in _mixes_by_row(rows, adapters)
+              if mix is not None and mix.layers]
     router = dit.__dict__.get("_lora_router")
     if router is None:
         if not routes:

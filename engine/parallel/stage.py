@@ -35,7 +35,7 @@ from ..executor import Done, ExecutorFailed
 from ..models.attention import StreamRows
 from ..models.dit import CausalWanDiT, StreamInput, WanBlock
 from ..models.kv_cache import KVCache, WritePlan
-from ..models.lora import Adapters, LoraLibrary, LoraMix, block_gained, context_rows, lora_rows, row_routes
+from ..models.lora import Adapters, LoraLibrary, LoraMix, block_gained, context_rows, lora_rows
 from .links import Link
 from .split import BlockBalancer, neighbour_step
 
@@ -278,7 +278,7 @@ class StageExecutor(_Blocks):
             if call.adapters is not None:
                 entry["loras"] = _described(call.adapters)
             if not cache.holds_context(call.context, call.adapters):  # new to the other ranks
-                with lora_rows(self.dit, row_routes(slice(None), call.adapters)):
+                with lora_rows(self.dit, [(slice(None), call.adapters)]):
                     tensors[f"context.{index}"] = self.dit.embed_context(context_rows(call.context, call.adapters))
             frame_numbers += cache.frame_numbers(frames)
             plan = cache.begin_write(frames)
@@ -286,8 +286,7 @@ class StageExecutor(_Blocks):
             entries.append(entry)
             start += rows
         now = time.perf_counter()
-        with lora_rows(self.dit, [route for stream, call in zip(streams, calls)
-                                  for route in row_routes(stream.rows, call.adapters)]):
+        with lora_rows(self.dit, [(stream.rows, call.adapters) for stream, call in zip(streams, calls)]):
             x, time_mod, time_emb = self.dit.embed(latents, timesteps)
             freqs = self.dit.rope_frequencies(frame_numbers, grid_h, grid_w, x.device)
             with self.clock.measure():
@@ -335,7 +334,7 @@ class RemoteStage(_Blocks):
 
     def gained_layers(self, layers: list[int]) -> None:
         for embedded, kv, adapters in self.contexts.values():
-            with lora_rows(self.dit, row_routes(slice(None), adapters)):
+            with lora_rows(self.dit, [(slice(None), adapters)]):
                 kv.update(self.dit.blocks_context_kv(embedded, layers))
 
     @torch.no_grad()
@@ -392,7 +391,7 @@ class RemoteStage(_Blocks):
             adapters.append(self._adapters(entry.get("loras")))
             if f"context.{index}" in tensors:
                 embedded = tensors[f"context.{index}"]
-                with lora_rows(self.dit, row_routes(slice(None), adapters[-1])):
+                with lora_rows(self.dit, [(slice(None), adapters[-1])]):
                     self.contexts[uid] = (embedded, self.dit.blocks_context_kv(embedded, self.layers), adapters[-1])
             cache = self.mirrors[uid]
             mask = tensors.get(f"mask.{index}")
@@ -401,8 +400,7 @@ class RemoteStage(_Blocks):
                              mask=None if mask is None else mask.bool(), adapt=None)
             streams.append(StreamRows(slice(*entry["rows"]), cache, plan, self.contexts[uid][1]))
         freqs = self.dit.rope_frequencies(header["frame_numbers"], grid_h, grid_w, self.device)
-        with lora_rows(self.dit, [route for stream, mixes in zip(streams, adapters)
-                                  for route in row_routes(stream.rows, mixes)]):
+        with lora_rows(self.dit, [(stream.rows, mixes) for stream, mixes in zip(streams, adapters)]):
             with self.clock.measure():
                 x = self.dit.run_blocks(tensors["x"], tensors["time_mod"], freqs, streams, self.layers)
             if self.ring is not None:  # the last rank: the head
